@@ -1,0 +1,184 @@
+"""The model bundle: a folder with ``model.onnx``, ``manifest.json`` and ``MODEL_CARD.md``.
+
+The manifest is the single source of truth for serving: findings in output order,
+input name/shape/dtype, preprocessing, calibration, operating point, provenance,
+metrics and the sha256 of every other file. The bundle's own identity
+(``Bundle.sha256``) is the sha256 of ``manifest.json``, which pins every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+from .preprocess import PreprocessSpec
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("model.onnx", "MODEL_CARD.md")
+REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "name": str,
+    "version": str,
+    "findings": list,
+    "model": dict,
+    "preprocessing": dict,
+    "calibration": dict,
+    "operating_point": dict,
+    "training": dict,
+    "metrics": dict,
+    "files": dict,
+}
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, verified bundle. Build with ``load_bundle``."""
+
+    path: Path
+    manifest: dict[str, Any]
+    sha256: str
+    preprocessing: PreprocessSpec
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def findings(self) -> list[str]:
+        return list(self.manifest["findings"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest["model"]["file"]
+
+    @property
+    def input_name(self) -> str:
+        return self.manifest["model"]["input"]["name"]
+
+    @property
+    def logits_output(self) -> str:
+        return self.manifest["model"]["outputs"]["logits"]
+
+    @property
+    def triage_finding(self) -> str:
+        return self.manifest["operating_point"]["finding"]
+
+    @property
+    def threshold(self) -> float:
+        """Calibrated-risk threshold that flagged the target rate on validation (stream mode)."""
+        return float(self.manifest["operating_point"]["threshold"])
+
+    @property
+    def flag_rate(self) -> float:
+        return float(self.manifest["operating_point"]["flag_rate"])
+
+    def temperature(self, finding: str) -> float:
+        return float(self.manifest["calibration"]["temperature"][finding])
+
+
+def _schema_problems(manifest: dict[str, Any]) -> list[str]:
+    """Every way in which a manifest breaks schema version 1, as readable strings."""
+    problems = [f"missing key {key!r}" for key in REQUIRED_KEYS if key not in manifest]
+    problems += [
+        f"{key!r} must be {kind.__name__ if isinstance(kind, type) else kind}, got {type(manifest[key]).__name__}"
+        for key, kind in REQUIRED_KEYS.items()
+        if key in manifest and not isinstance(manifest[key], kind)
+    ]
+    if problems:
+        return problems
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        problems.append(f"schema_version {manifest['schema_version']} is not {SCHEMA_VERSION}")
+    findings = manifest["findings"]
+    if not findings or not all(isinstance(f, str) for f in findings):
+        problems.append("findings must be a non-empty list of names in output order")
+    model = manifest["model"]
+    for key in ("file", "input", "outputs"):
+        if key not in model:
+            problems.append(f"model.{key} is missing")
+    if "input" in model and not {"name", "shape", "dtype"} <= set(model["input"]):
+        problems.append("model.input needs name, shape and dtype")
+    if "outputs" in model and "logits" not in model["outputs"]:
+        problems.append("model.outputs needs a 'logits' entry")
+    temperatures = manifest["calibration"].get("temperature", {})
+    for finding in findings:
+        t = temperatures.get(finding)
+        if not isinstance(t, (int, float)) or not t > 0 or not math.isfinite(t):
+            problems.append(f"calibration.temperature[{finding!r}] must be a positive number, got {t!r}")
+    op = manifest["operating_point"]
+    if op.get("finding") not in findings:
+        problems.append(f"operating_point.finding {op.get('finding')!r} is not one of the findings")
+    if not 0 < float(op.get("flag_rate", -1)) < 1:
+        problems.append("operating_point.flag_rate must be in (0, 1)")
+    if not 0 <= float(op.get("threshold", -1)) <= 1:
+        problems.append("operating_point.threshold must be a probability in [0, 1]")
+    return problems
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and verify a bundle folder: schema, then the sha256 of every listed file.
+
+    Raises ``BundleError`` naming the folder, the problem and the fix.
+    """
+    folder = Path(path)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{folder}: no {MANIFEST}. Fix: pass --bundle a bundle folder (see README, 'Model bundle')")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BundleError(f"{manifest_path}: not valid JSON ({error}). Fix: restore the bundle from its release") from error
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path}: the manifest must be a JSON object")
+    problems = _schema_problems(manifest)
+    if problems:
+        raise BundleError(f"{manifest_path}: schema check failed: " + "; ".join(problems))
+    for name in sorted(set(REQUIRED_FILES) | {manifest["model"]["file"]}):
+        if name not in manifest["files"]:
+            raise BundleError(f"{manifest_path}: files has no sha256 for {name!r}. Fix: rebuild the bundle")
+    for name, expected in sorted(manifest["files"].items()):
+        file_path = folder / name
+        if not file_path.is_file():
+            raise BundleError(f"{folder}: {name} is missing. Fix: restore the bundle from its release")
+        actual = sha256_file(file_path)
+        if actual != expected:
+            raise BundleError(
+                f"{file_path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; "
+                "the file was changed or corrupted. Fix: restore the bundle from its release"
+            )
+    return Bundle(folder, manifest, sha256_file(manifest_path), PreprocessSpec.from_dict(manifest["preprocessing"]))
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
+    """Fill in schema version and file hashes, check the schema, write ``manifest.json``.
+
+    ``manifest`` holds every key of ``REQUIRED_KEYS`` except ``files`` and
+    ``schema_version``; the model file and ``MODEL_CARD.md`` must already be in ``folder``.
+    """
+    folder = Path(folder)
+    names = sorted(set(REQUIRED_FILES) | {manifest["model"]["file"]})
+    full = {"schema_version": SCHEMA_VERSION, **manifest, "files": {n: sha256_file(folder / n) for n in names}}
+    problems = _schema_problems(full)
+    if problems:
+        raise BundleError(f"write_manifest({folder}): " + "; ".join(problems))
+    path = folder / MANIFEST
+    path.write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+    return path

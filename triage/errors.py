@@ -1,0 +1,57 @@
+"""One family of errors for the whole project.
+
+Bad-input errors subclass ``ValueError`` and carry the file, a machine-readable
+``reason`` code (recorded in the audit store) and the fix a person should apply.
+A study that raises one is still recorded and routed to human review.
+"""
+
+from __future__ import annotations
+
+
+class TriageError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class BadInputError(TriageError, ValueError):
+    """An input file that cannot be scored.
+
+    ``reason`` is a short snake_case code from ``REASONS``; ``detail`` says what was
+    found; ``fix`` says what a person can do about it.
+    """
+
+    def __init__(self, path: str, reason: str, detail: str, fix: str) -> None:
+        if reason not in REASONS:
+            raise KeyError(f"BadInputError: unknown reason code {reason!r}; add it to triage.errors.REASONS")
+        self.path, self.reason, self.detail, self.fix = str(path), reason, detail, fix
+        super().__init__(f"{self.path}: {reason}: {detail}. Fix: {fix}")
+
+
+class OutOfScopeError(BadInputError):
+    """A readable image that the model was not made for (wrong modality, anatomy, view...)."""
+
+
+class BundleError(TriageError, ValueError):
+    """A model bundle that is missing, malformed or fails its integrity check."""
+
+
+class AuditError(TriageError, RuntimeError):
+    """The audit store is unwritable, or its hash chain does not verify."""
+
+
+# Every reason code that can appear in an audit record, with what it means.
+REASONS: dict[str, str] = {
+    "not_dicom": "not a DICOM file nor a PNG/JPEG image",
+    "unreadable_image": "a PNG/JPEG file that could not be decoded",
+    "truncated": "the file ends before its pixel data does",
+    "no_pixel_data": "the DICOM has no Pixel Data (7FE0,0010)",
+    "decode_failed": "no installed codec could decode the pixel data",
+    "unsupported_pixel_format": "pixel attributes the decoder cannot interpret",
+    "not_monochrome": "colour image (Photometric Interpretation is not MONOCHROME1/2)",
+    "multi_frame": "more than one frame (Number of Frames > 1)",
+    "modality_out_of_scope": "Modality (0008,0060) is not CR or DX",
+    "body_part_out_of_scope": "Body Part Examined (0018,0015) or the descriptions name non-chest anatomy",
+    "view_out_of_scope": "View Position (0018,5101) is lateral or otherwise not frontal",
+    "image_too_small": "fewer pixels than the model's input on a side",
+    "no_scorable_image": "a study none of whose images could be scored",
+    "inference_failed": "ONNX Runtime failed on this image",
+}

@@ -1,0 +1,50 @@
+"""The in-memory form of one image, between the file reader and preprocessing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom import Dataset
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What the pipeline needs to know about an image besides its pixels.
+
+    UIDs are always set: for a PNG/JPEG file, or a DICOM lacking them, they are
+    derived deterministically from the file's sha256 (each such file is one study).
+    ``patient_id`` is the raw identifier and must be pseudonymized before it is stored.
+    """
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    patient_id: str = ""
+    patient_sex: str = ""
+    patient_age: str = ""
+    modality: str = ""
+    body_part: str = ""
+    view_position: str = ""
+    manufacturer: str = ""
+    study_date: str = ""
+    source_format: str = "dicom"  # "dicom" or "image" (PNG/JPEG)
+
+
+@dataclass(frozen=True)
+class Radiograph:
+    """One decoded, in-scope, single-frame monochrome image.
+
+    ``pixels``: (rows, cols) array of stored values exactly as decoded (any integer
+    dtype for DICOM, honouring Bits Stored (0028,0101) and Pixel Representation
+    (0028,0103); uint8 for PNG/JPEG). ``dataset`` holds the DICOM tags without
+    Pixel Data, for the modality and VOI LUT steps; ``None`` for PNG/JPEG.
+    ``photometric`` is "MONOCHROME1" (high value = dark) or "MONOCHROME2".
+    """
+
+    path: str
+    sha256: str
+    pixels: np.ndarray
+    photometric: str
+    meta: ImageMeta
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
