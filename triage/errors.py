@@ -25,6 +25,9 @@ class BadInputError(TriageError, ValueError):
         self.path, self.reason, self.detail, self.fix = str(path), reason, detail, fix
         super().__init__(f"{self.path}: {reason}: {detail}. Fix: {fix}")
 
+    def __reduce__(self):  # pickle across worker processes with all four fields
+        return (type(self), (self.path, self.reason, self.detail, self.fix))
+
 
 class OutOfScopeError(BadInputError):
     """A readable image that the model was not made for (wrong modality, anatomy, view...)."""
