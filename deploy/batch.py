@@ -1,0 +1,253 @@
+"""The hospital batch scorer: ``cxr-triage score PATH...``.
+
+Walks folders, decodes in worker processes, runs ONNX Runtime in this process,
+flags the riskiest studies of the whole run, appends every decision to the audit
+store and writes a worklist CSV. Resumable: files already audited with the same
+path, sha256 and bundle are not scored again, and finished inferences of a killed
+run are kept in the store's pending table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from triage.audit import AuditStore, Decision, default_audit_db
+from triage.bundle import Bundle, load_bundle, sha256_file
+from triage.errors import TriageError
+from triage.inference import load_model
+from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks
+from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate, flag_top_k
+from triage.preprocess import PreprocessSpec
+from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
+
+from .paths import default_bundle_dir
+
+# Files that sit beside studies and are never images: skipped when walking a folder.
+IGNORED_NAMES = {"DICOMDIR"}
+IGNORED_SUFFIXES = {".md", ".txt", ".csv", ".json", ".html", ".sqlite", ".key", ".log"}
+WORKLIST_COLUMNS = ("path", "study_uid", "status", "risk", "study_risk", "flagged", "reason",
+                    "finding", "threshold", "policy", "sha256", "detail")
+BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Known:
+    """A file skipped because this bundle already scored it (audited or pending)."""
+
+    path: str
+    sha256: str
+
+
+def list_inputs(paths: Iterable[str]) -> list[str]:
+    """Every file under ``paths`` (recursive), absolute, sorted, de-duplicated.
+
+    Hidden files, DICOMDIR and documentation/data files (IGNORED_SUFFIXES) are
+    skipped; everything else is an input, so a stray non-image is recorded as such.
+    """
+    found: set[str] = set()
+    for root in map(Path, paths):
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such file or folder. Fix: check the path given to 'cxr-triage score'")
+        candidates = [root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())
+        for path in candidates:
+            if path.name.startswith(".") or path.name in IGNORED_NAMES or path.suffix.lower() in IGNORED_SUFFIXES:
+                continue
+            found.add(str(path.resolve()))
+    return sorted(found)
+
+
+_WORKER: dict[str, object] = {}
+
+
+def _init_worker(spec: PreprocessSpec, known: frozenset[tuple[str, str]]) -> None:
+    _WORKER["spec"], _WORKER["known"] = spec, known
+
+
+def _prepare_unless_known(path: str) -> Prepared | Known:
+    """Worker task: skip a file this bundle already scored, else decode and preprocess it."""
+    try:
+        digest = sha256_file(path)
+    except OSError:
+        digest = ""
+    if (path, digest) in _WORKER["known"]:
+        return Known(path, digest)
+    return prepare(path, _WORKER["spec"])
+
+
+def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, known: frozenset[tuple[str, str]],
+                     workers: int) -> Iterator[Prepared | Known]:
+    """Prepare files in ``workers`` processes (in this process when workers <= 1), in order."""
+    if workers <= 1:
+        _init_worker(spec, known)
+        yield from map(_prepare_unless_known, files)
+        return
+    context = multiprocessing.get_context("forkserver")
+    with context.Pool(workers, initializer=_init_worker, initargs=(spec, known)) as pool:
+        yield from pool.imap(_prepare_unless_known, files, chunksize=2)
+
+
+def _batches(stream: Iterable[Prepared | Known], size: int) -> Iterator[list[Prepared | Known]]:
+    batch: list[Prepared | Known] = []
+    for item in stream:
+        batch.append(item)
+        if sum(isinstance(i, Prepared) and i.model_input is not None for i in batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def decision_from_row(row: dict) -> Decision:
+    """An audit-store row (dict) -> the Decision it records."""
+    values = {f.name: row[f.name] for f in dataclasses.fields(Decision) if f.name in row}
+    values["flagged"] = bool(values.get("flagged"))
+    return Decision(**values)
+
+
+def sort_worklist(decisions: Iterable[Decision]) -> list[Decision]:
+    """Flagged studies first, then by study risk (highest first); files with no scored image last."""
+    def key(d: Decision) -> tuple:
+        has_risk = d.study_risk is not None
+        return (not d.flagged, not has_risk, -(d.study_risk or 0.0), d.study_uid, d.path)
+    return sorted(decisions, key=key)
+
+
+def write_worklist(decisions: Sequence[Decision], out: Path) -> None:
+    """Write the worklist CSV atomically: one row per input file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", newline="", dir=out.parent, delete=False, suffix=".tmp") as handle:
+        writer = csv.DictWriter(handle, fieldnames=WORKLIST_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for d in sort_worklist(decisions):
+            row = dataclasses.asdict(d)
+            row["flagged"] = int(d.flagged)
+            for name in ("risk", "study_risk", "threshold"):
+                row[name] = "" if row[name] is None else f"{row[name]:.6f}"
+            writer.writerow(row)
+    os.replace(handle.name, out)
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work if the worklist cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"{path}: cannot write the worklist here. Fix: choose another --out")
+
+
+@dataclass
+class RunSummary:
+    files: int
+    skipped: int
+    decisions: list[Decision]
+    provider: str
+    seconds: float
+
+    def lines(self) -> list[str]:
+        scored = [d for d in self.decisions if d.status == SCORED]
+        review = Counter(d.reason for d in self.decisions if d.status != SCORED)
+        studies = {d.study_uid for d in scored}
+        flagged = {d.study_uid for d in self.decisions if d.flagged}
+        new = self.files - self.skipped
+        rate = new / self.seconds if self.seconds > 0 else 0.0
+        threshold = next((d.threshold for d in self.decisions if d.threshold is not None), None)
+        lines = [
+            f"files: {self.files} ({self.skipped} already audited with this bundle, skipped)",
+            f"scored: {len(scored)} files in {len(studies)} studies",
+            f"flagged: {len(flagged)} of {len(studies)} studies"
+            + (f" (study risk >= {threshold:.4f})" if threshold is not None else ""),
+            f"human review: {sum(review.values())} files"
+            + "".join(f"\n  {reason}: {count}" for reason, count in sorted(review.items())),
+            f"provider: {self.provider}",
+            f"throughput: {rate:.1f} files/s ({new} new files in {self.seconds:.1f} s)",
+        ]
+        return lines
+
+
+def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path, out: Path, flag_rate: float = DEFAULT_FLAG_RATE,
+              workers: int = 1, device: str = "auto", progress: bool | None = None) -> RunSummary:
+    """Score every file under ``paths``; returns the run summary. Raises on operational failure only."""
+    start = time.perf_counter()
+    check_flag_rate(flag_rate)
+    check_writable(out)
+    files = list_inputs(paths)
+    run_id = uuid.uuid4().hex
+    secret = load_or_create_secret(default_secret_path(audit_db))
+    with AuditStore(audit_db) as store:
+        decided_rows = store.decided_keys(bundle.sha256)
+        decided = {k: decision_from_row(v) for k, v in decided_rows.items()}
+        pending = {k: Decision(**v) for k, v in store.load_pending(bundle.sha256).items()}
+        known = frozenset(decided) | frozenset(pending)
+        stream = _prepared_stream(files, bundle.preprocessing, known, workers)
+        model = load_model(bundle, device)
+        fresh: list[Decision] = []
+        seen_known: list[tuple[str, str]] = []
+        with tqdm(total=len(files), unit="file", disable=None if progress is None else not progress, file=sys.stderr) as bar:
+            for batch in _batches(stream, BATCH_SIZE):
+                new = [item for item in batch if isinstance(item, Prepared)]
+                seen_known += [(item.path, item.sha256) for item in batch if isinstance(item, Known)]
+                drafts = score_prepared(model, new, lambda pid: pseudonymize(pid, secret), run_id)
+                store.save_pending([(d.path, d.sha256, bundle.sha256, dataclasses.asdict(d)) for d in drafts])
+                fresh += drafts
+                bar.update(len(batch))
+        resumed = [pending[k] for k in seen_known if k in pending]
+        previous = [decided[k] for k in seen_known if k in decided]
+        everything = fresh + resumed + previous
+        risks = scored_study_risks(everything)
+        flags = flag_top_k(risks, flag_rate)
+        final_new = finalize(fresh + resumed, flags, risks)
+        final_previous = finalize(previous, flags, risks)
+        superseding = [
+            dataclasses.replace(now, supersedes=decided_rows[(before.path, before.sha256)]["id"], run_id=run_id)
+            for before, now in zip(previous, final_previous)
+            if now.flagged != before.flagged
+        ]
+        store.append_decisions(final_new + superseding)
+        store.clear_pending([(d.path, d.sha256, bundle.sha256) for d in fresh + resumed])
+    write_worklist(final_new + final_previous, out)
+    return RunSummary(len(files), len(previous), final_new + final_previous, model.provider, time.perf_counter() - start)
+
+
+def score_command(args: argparse.Namespace) -> int:
+    """CLI entry for ``cxr-triage score``; exit 1 only for an operational failure."""
+    try:
+        bundle = load_bundle(args.bundle)
+        summary = run_score(args.paths, bundle, Path(args.audit_db), Path(args.out), args.flag_rate,
+                            args.workers, args.device)
+    except (TriageError, OSError, ValueError) as error:
+        print(f"cxr-triage score: error: {error}", file=sys.stderr)
+        return 1
+    print(f"bundle: {bundle.name} {bundle.version} (sha256 {bundle.sha256[:12]})")
+    print("\n".join(summary.lines()))
+    print(f"worklist: {args.out}\naudit: {args.audit_db}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``score`` on the main CLI."""
+    parser = subparsers.add_parser(
+        "score", help="score DICOM/PNG/JPEG files or folders, flag the riskiest studies, audit every decision",
+        description="Score every file under PATH (recursive). Writes a worklist CSV (flagged studies first) "
+                    "and appends one audit record per file. Bad files are recorded for human review, never dropped.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to score")
+    parser.add_argument("--bundle", default=str(default_bundle_dir()), help="model bundle folder (default: the bundled demo model)")
+    parser.add_argument("--flag-rate", type=float, default=DEFAULT_FLAG_RATE, help="fraction of studies to flag (default 0.05)")
+    parser.add_argument("--out", default="worklist.csv", help="worklist CSV to write (default worklist.csv)")
+    parser.add_argument("--audit-db", default=str(default_audit_db()), help="SQLite audit store (default: $CXR_TRIAGE_AUDIT_DB or ./cxr-triage-audit.sqlite)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decode worker processes (default: CPU count, at most 4)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device (default auto: CUDA if present)")
+    parser.set_defaults(func=score_command)

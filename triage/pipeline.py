@@ -1,0 +1,128 @@
+"""The whole flow in a few readable functions.
+
+    file -> Radiograph -> model input -> ONNX logits -> calibrated risk
+         -> study risk -> flag (policy) -> Decision (audit record)
+
+``prepare`` (decode + preprocess) is pure and picklable so it can run in worker
+processes; ``score_prepared`` runs the model in the main process; ``finalize``
+applies the policy to the whole set. ``triage_files`` chains them for callers
+that score a handful of files in one go.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .audit import Decision
+from .bundle import Bundle, sha256_file
+from .errors import BadInputError
+from .inference import Model
+from .ingest import read_radiograph
+from .policy import Flags, flag_top_k, study_risks
+from .preprocess import PreprocessSpec, preprocess
+from .radiograph import ImageMeta
+
+SCORED, HUMAN_REVIEW = "scored", "human_review"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One file after decode and preprocessing, or the reason it could not be.
+
+    ``model_input``: (C, H, W) float32 when the file is scorable, else ``None`` and
+    ``reason``/``detail`` say why.
+    """
+
+    path: str
+    sha256: str
+    meta: ImageMeta | None = None
+    model_input: np.ndarray | None = None
+    reason: str = ""
+    detail: str = ""
+    decode_ms: float = 0.0
+
+
+def prepare(path: str, spec: PreprocessSpec) -> Prepared:
+    """Read, check and preprocess one file. Bad input becomes a ``Prepared`` with a reason."""
+    start = time.perf_counter()
+    try:
+        radiograph = read_radiograph(path)
+        model_input = preprocess(radiograph, spec)
+    except BadInputError as error:
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        return Prepared(str(path), _sha256_or_empty(path), reason=error.reason, detail=str(error), decode_ms=elapsed_ms)
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    return Prepared(str(path), radiograph.sha256, radiograph.meta, model_input, decode_ms=elapsed_ms)
+
+
+def _sha256_or_empty(path: str) -> str:
+    """sha256 of a file, or "" when it cannot even be read (it is still recorded)."""
+    try:
+        return sha256_file(path)
+    except OSError:
+        return ""
+
+
+def draft(prepared: Prepared, bundle: Bundle, pseudonymize: Callable[[str], str], risk: float | None = None,
+          infer_ms: float | None = None, provider: str = "", run_id: str = "") -> Decision:
+    """An image-level Decision before the policy has run (not flagged, no study risk)."""
+    meta = prepared.meta
+    tags = {} if meta is None else {
+        "study_uid": meta.study_uid, "series_uid": meta.series_uid, "sop_uid": meta.sop_uid,
+        "patient_pseudo_id": pseudonymize(meta.patient_id), "patient_sex": meta.patient_sex,
+        "patient_age": meta.patient_age, "modality": meta.modality, "body_part": meta.body_part,
+        "view_position": meta.view_position, "manufacturer": meta.manufacturer,
+    }
+    return Decision(
+        path=prepared.path, sha256=prepared.sha256,
+        status=SCORED if risk is not None else HUMAN_REVIEW,
+        reason=prepared.reason, detail=prepared.detail, **tags,
+        bundle_name=bundle.name, bundle_version=bundle.version, bundle_sha256=bundle.sha256,
+        finding=bundle.triage_finding, risk=risk, decode_ms=round(prepared.decode_ms, 3),
+        infer_ms=None if infer_ms is None else round(infer_ms, 3), provider=provider, run_id=run_id,
+    )
+
+
+def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callable[[str], str],
+                   run_id: str = "") -> list[Decision]:
+    """Run the model once over the scorable files of ``batch``; drafts for all of them, in order."""
+    scorable = [p for p in batch if p.model_input is not None]
+    risks: list[float] = []
+    infer_ms = 0.0
+    if scorable:
+        start = time.perf_counter()
+        column = model.bundle.findings.index(model.bundle.triage_finding)
+        risks = model.risks(np.stack([p.model_input for p in scorable]))[:, column].tolist()
+        infer_ms = (time.perf_counter() - start) * 1000 / len(scorable)
+    by_id = {id(p): r for p, r in zip(scorable, risks)}
+    return [
+        draft(p, model.bundle, pseudonymize, by_id.get(id(p)), infer_ms if id(p) in by_id else None,
+              model.provider, run_id)
+        for p in batch
+    ]
+
+
+def finalize(drafts: Iterable[Decision], flags: Flags, risks: dict[str, float]) -> list[Decision]:
+    """Stamp every draft with its study's risk and flag and the policy in force."""
+    return [
+        replace(d, study_risk=risks.get(d.study_uid), flagged=d.study_uid in flags.flagged,
+                threshold=flags.threshold, flag_rate=flags.flag_rate, policy=flags.policy)
+        for d in drafts
+    ]
+
+
+def scored_study_risks(decisions: Iterable[Decision]) -> dict[str, float]:
+    """study_uid -> max image risk, over scored images only."""
+    return study_risks((d.study_uid, d.risk) for d in decisions if d.status == SCORED and d.risk is not None)
+
+
+def triage_files(paths: Sequence[str], model: Model, pseudonymize: Callable[[str], str],
+                 flag_rate: float, run_id: str = "") -> list[Decision]:
+    """Score ``paths`` and flag the riskiest ``flag_rate`` of their studies (batch mode)."""
+    drafts = score_prepared(model, [prepare(p, model.bundle.preprocessing) for p in paths], pseudonymize, run_id)
+    risks = scored_study_risks(drafts)
+    return finalize(drafts, flag_top_k(risks, flag_rate), risks)
