@@ -1,0 +1,78 @@
+import json
+
+import numpy as np
+import pytest
+
+from tests.tiny_bundle import SIZE, build_tiny_bundle
+from triage.bundle import load_bundle
+from triage.errors import BundleError
+from triage.inference import calibrated_risk, choose_providers, load_model
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return build_tiny_bundle(tmp_path / "tiny")
+
+
+def test_a_valid_bundle_loads_with_its_spec_and_identity(tiny):
+    bundle = load_bundle(tiny)
+    assert bundle.findings == ["pneumonia"] and bundle.preprocessing.size == (SIZE, SIZE)
+    assert len(bundle.sha256) == 64 and bundle.threshold == 0.5
+
+
+def test_a_changed_model_file_is_refused_naming_the_file(tiny):
+    with open(tiny / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(BundleError, match=r"model\.onnx: sha256 .* does not match"):
+        load_bundle(tiny)
+
+
+def test_a_missing_file_is_refused(tiny):
+    (tiny / "MODEL_CARD.md").unlink()
+    with pytest.raises(BundleError, match="MODEL_CARD.md is missing"):
+        load_bundle(tiny)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("findings"), "missing key 'findings'"),
+    (lambda m: m.update(schema_version=99), "schema_version 99"),
+    (lambda m: m["calibration"]["temperature"].update(pneumonia=0), "temperature"),
+    (lambda m: m["operating_point"].update(finding="cardiomegaly"), "not one of the findings"),
+    (lambda m: m["preprocessing"].update(colour="yes"), "unknown keys"),
+])
+def test_schema_problems_are_named(tiny, edit, message):
+    path = tiny / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(tiny)
+
+
+def test_not_a_bundle_says_how_to_fix(tmp_path):
+    with pytest.raises(BundleError, match="--bundle"):
+        load_bundle(tmp_path)
+
+
+def test_real_onnx_session_gives_calibrated_risk(tiny):
+    model = load_model(load_bundle(tiny), device="cpu")
+    assert model.provider == "CPUExecutionProvider"
+    batch = np.stack([np.full((1, SIZE, SIZE), v, np.float32) for v in (-1.0, 0.0, 1.0)])
+    risks = model.risks(batch)[:, 0]
+    assert risks.shape == (3,) and np.all(np.diff(risks) > 0)
+    np.testing.assert_allclose(risks, 1 / (1 + np.exp(-4.0 * np.array([-1.0, 0.0, 1.0]))), rtol=1e-6)
+
+
+def test_temperature_softens_risk_without_reordering():
+    logits = np.array([[-3.0], [0.5], [4.0]])
+    sharp, soft = calibrated_risk(logits, np.array([1.0])), calibrated_risk(logits, np.array([2.0]))
+    assert np.all(np.argsort(sharp[:, 0]) == np.argsort(soft[:, 0]))
+    assert np.all(np.abs(soft - 0.5) <= np.abs(sharp - 0.5))
+
+
+def test_provider_choice_prefers_cuda_and_falls_back_to_cpu():
+    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu") == ["CPUExecutionProvider"]
+    with pytest.raises(BundleError, match="gpu extra"):
+        choose_providers(["CPUExecutionProvider"], "cuda")
