@@ -1,0 +1,159 @@
+"""End-to-end: the batch scorer CLI on real files, a real ONNX session and a real SQLite store."""
+
+import csv
+import math
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deploy.cli import main
+from tests.tiny_bundle import build_tiny_bundle
+from triage.audit import AuditStore
+
+pydicom_data = pytest.importorskip("pydicom.data")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+def write_pngs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """n distinct grey PNGs whose mean brightness (and so tiny-model risk) differs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        base = np.linspace(0, 255 * (i + 1) / n, 96)[None, :].repeat(96, axis=0)
+        pixels = np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+        paths.append(folder / f"img{i:03d}.png")
+        Image.fromarray(pixels, mode="L").save(paths[-1])
+    return paths
+
+
+@pytest.fixture
+def studies(tmp_path):
+    folder = tmp_path / "in"
+    write_pngs(folder / "png", 38)
+    shutil.copy(pydicom_data.get_testdata_file("RG1_J2KI.dcm"), folder / "chest.dcm")
+    shutil.copy(pydicom_data.get_testdata_file("RG3_J2KI.dcm"), folder / "extremity.dcm")
+    (folder / "broken.dcm").write_bytes(b"DICM? no, just text")
+    (folder / "notes.txt").write_text("not an input")
+    return folder
+
+
+def read_worklist(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def score(*args) -> int:
+    return main(["score", *map(str, args)])
+
+
+def test_scores_a_folder_flags_the_riskiest_5_percent_and_audits_every_file(studies, tiny, tmp_path, capsys):
+    out, db = tmp_path / "worklist.csv", tmp_path / "audit.sqlite"
+    assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    rows = read_worklist(out)
+    assert len(rows) == 41  # 38 PNG + 3 DICOM-named files; notes.txt is not an input
+    assert {"path", "study_uid", "status", "risk", "study_risk", "flagged", "reason"} <= set(rows[0])
+
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["broken.dcm"]["status"] == "human_review" and by_name["broken.dcm"]["reason"] == "not_dicom"
+    assert by_name["extremity.dcm"]["reason"] == "body_part_out_of_scope"
+    assert by_name["chest.dcm"]["status"] == "scored" and 0 <= float(by_name["chest.dcm"]["risk"]) <= 1
+
+    scored_studies = {r["study_uid"] for r in rows if r["status"] == "scored"}
+    flagged = {r["study_uid"] for r in rows if r["flagged"] == "1"}
+    assert len(scored_studies) == 39 and len(flagged) == math.ceil(0.05 * 39) == 2
+    # Flagged first, then by study risk; the brightest PNGs are the riskiest for the tiny model.
+    assert [r["flagged"] for r in rows[:2]] == ["1", "1"]
+    risks = [float(r["study_risk"]) for r in rows if r["study_risk"]]
+    assert risks == sorted(risks, reverse=True)
+    assert {Path(r["path"]).name for r in rows[:2]} <= {"img037.png", "img036.png", "chest.dcm"}
+
+    with AuditStore(db) as store:
+        decisions = store.decisions()
+        assert len(decisions) == 41 and store.verify().ok
+    assert {d["path"] for d in decisions} == {r["path"] for r in rows}
+    summary = capsys.readouterr().out
+    assert "flagged: 2 of 39 studies" in summary and "not_dicom: 1" in summary and "CPUExecutionProvider" in summary
+
+
+def test_rerun_skips_audited_files_and_scores_only_new_ones(studies, tiny, tmp_path, capsys):
+    out, db = tmp_path / "worklist.csv", tmp_path / "audit.sqlite"
+    assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    first = read_worklist(out)
+    assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    assert "(41 already audited with this bundle, skipped)" in capsys.readouterr().out
+    assert read_worklist(out) == first
+    with AuditStore(db) as store:
+        assert len(store.decisions()) == 41
+
+    # An identical copy at a new path is a new input: scored and recorded on its own.
+    shutil.copy(studies / "chest.dcm", studies / "chest-copy.dcm")
+    assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    rows = read_worklist(out)
+    assert len(rows) == 42
+    copies = [r for r in rows if Path(r["path"]).name.startswith("chest")]
+    assert copies[0]["risk"] == copies[1]["risk"] and copies[0]["study_uid"] == copies[1]["study_uid"]
+    with AuditStore(db) as store:
+        assert len(store.decisions()) == 42 and store.verify().ok
+
+
+def test_two_workers_give_the_same_risks_as_one(studies, tiny, tmp_path):
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    assert score(studies, "--bundle", tiny, "--out", one, "--audit-db", tmp_path / "a.sqlite", "--workers", 1) == 0
+    assert score(studies, "--bundle", tiny, "--out", two, "--audit-db", tmp_path / "b.sqlite", "--workers", 2) == 0
+    strip = lambda rows: [{k: r[k] for k in ("path", "risk", "flagged", "reason")} for r in rows]
+    assert strip(read_worklist(one)) == strip(read_worklist(two))
+
+
+def test_a_changed_file_at_the_same_path_is_scored_again(studies, tiny, tmp_path):
+    out, db = tmp_path / "worklist.csv", tmp_path / "audit.sqlite"
+    assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    write_pngs(studies / "png", 1, seed=99)  # overwrites img000.png with new content
+    assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    with AuditStore(db) as store:
+        rows = [d for d in store.decisions() if d["path"].endswith("img000.png")]
+    assert len(rows) == 2 and rows[0]["sha256"] != rows[1]["sha256"]
+
+
+def test_bad_bundle_is_an_operational_failure(studies, tmp_path, capsys):
+    assert score(studies, "--bundle", tmp_path, "--out", tmp_path / "w.csv", "--audit-db", tmp_path / "a.sqlite") == 1
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_unwritable_worklist_is_an_operational_failure(studies, tiny, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "worklist.csv").mkdir()  # a folder where the file should go
+    assert score(studies, "--bundle", tiny, "--out", locked / "worklist.csv", "--audit-db", tmp_path / "a.sqlite") == 1
+    assert "worklist.csv" in capsys.readouterr().err
+
+
+def test_missing_input_path_is_named(tiny, tmp_path, capsys):
+    assert score(tmp_path / "nowhere", "--bundle", tiny, "--out", tmp_path / "w.csv", "--audit-db", tmp_path / "a.sqlite") == 1
+    assert "nowhere: no such file or folder" in capsys.readouterr().err
+
+
+def test_worklist_and_audit_hold_no_patient_identifiers(tmp_path, tiny):
+    import pydicom
+
+    ds = pydicom.dcmread(pydicom_data.get_testdata_file("RG1_J2KI.dcm"))
+    ds.PatientName, ds.PatientID = "Doe^Jane", "MRN-8675309"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ds.save_as(folder / "named.dcm")
+    out, db = tmp_path / "w.csv", tmp_path / "a.sqlite"
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    export = tmp_path / "export.csv"
+    assert main(["audit", "export", "--audit-db", str(db), "--out", str(export)]) == 0
+    for text in (out.read_text(), export.read_text(), "\n".join(map(str, sqlite3.connect(db).iterdump()))):
+        assert "Doe" not in text and "8675309" not in text
+    with AuditStore(db) as store:
+        assert len(store.decisions()[0]["patient_pseudo_id"]) == 16
