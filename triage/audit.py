@@ -1,0 +1,439 @@
+"""The audit store: every triage decision and every clinician review, append-only, hash-chained.
+
+One SQLite file (WAL mode) holds four tables:
+
+- ``decisions``: one row per input file per run (a ``Decision`` plus id, created_at,
+  software_version, prev_hash, record_hash).
+- ``reviews``: clinician verdicts on decisions, with their own hash chain.
+- ``meta``: schema version and the head (last id, last hash, count) of each chain.
+- ``pending_scores``: a work table (not chained) that keeps finished inferences of a
+  killed batch run until their decisions are appended.
+
+Each record's ``record_hash`` is sha256(prev_hash + canonical JSON of every other
+column); the first record's ``prev_hash`` is 64 zeros. Triggers refuse UPDATE and
+DELETE on both chained tables; ``verify`` detects edits, deletions and truncation
+made by someone who dropped the triggers. It cannot detect a forger who rewrites
+the whole tail and the head: keep an off-site copy of ``verify``'s head hash for that.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import AuditError
+
+SCHEMA_VERSION = 1
+DEFAULT_AUDIT_DB = "cxr-triage-audit.sqlite"
+AUDIT_DB_ENV = "CXR_TRIAGE_AUDIT_DB"
+GENESIS_HASH = "0" * 64
+BUSY_TIMEOUT_MS = 30_000
+VERDICTS = ("agree", "disagree", "not_assessable")
+
+
+def default_audit_db() -> Path:
+    """$CXR_TRIAGE_AUDIT_DB, else ``cxr-triage-audit.sqlite`` in the current folder."""
+    return Path(os.environ.get(AUDIT_DB_ENV) or DEFAULT_AUDIT_DB)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to one input file; one row of the ``decisions`` table."""
+
+    path: str
+    sha256: str            # of the source file
+    status: str            # "scored" | "human_review"
+    reason: str = ""       # code from triage.errors.REASONS; "" when scored
+    detail: str = ""       # readable message (file, problem, fix); never patient names
+    study_uid: str = ""
+    series_uid: str = ""
+    sop_uid: str = ""
+    patient_pseudo_id: str = ""
+    patient_sex: str = ""
+    patient_age: str = ""
+    modality: str = ""
+    body_part: str = ""
+    view_position: str = ""
+    manufacturer: str = ""
+    bundle_name: str = ""
+    bundle_version: str = ""
+    bundle_sha256: str = ""
+    finding: str = ""
+    risk: float | None = None        # calibrated image risk
+    study_risk: float | None = None  # max over the study's scored images
+    threshold: float | None = None   # risk threshold in force
+    flag_rate: float | None = None   # target flag rate
+    policy: str = ""                 # "batch_top_k" | "stream_threshold"
+    flagged: bool = False            # study-level flag
+    run_id: str = ""
+    decode_ms: float | None = None
+    infer_ms: float | None = None
+    provider: str = ""               # ONNX Runtime execution provider
+    supersedes: int | None = None    # id of an earlier decision this one replaces
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of ``AuditStore.verify``: ``first_bad_id`` is in ``table`` when not ok."""
+
+    ok: bool
+    n_records: int                # decisions
+    first_bad_id: int | None
+    message: str
+    n_reviews: int = 0
+    table: str = ""               # "decisions" | "reviews" when not ok
+
+
+# Column kinds: "text" (NOT NULL, "" default), "real" (nullable), "bool" (0/1), "int" (nullable).
+_KIND_OF_ANNOTATION = {"str": "text", "float | None": "real", "bool": "bool", "int | None": "int"}
+_DECISION_KINDS = {f.name: _KIND_OF_ANNOTATION[str(f.type)] for f in dataclasses.fields(Decision)}
+_HEAD_KINDS = {"id": "int", "created_at": "text", "software_version": "text"}
+_TAIL_KINDS = {"prev_hash": "text", "record_hash": "text"}
+_DECISION_ROW_KINDS = {**_HEAD_KINDS, **_DECISION_KINDS, **_TAIL_KINDS}
+DECISION_COLUMNS = tuple(_DECISION_ROW_KINDS)
+_REVIEW_KINDS = {
+    "id": "int", "created_at": "text", "software_version": "text", "decision_id": "int", "study_uid": "text",
+    "reviewer": "text", "verdict": "text", "finding": "text", "note": "text", "prev_hash": "text", "record_hash": "text",
+}
+REVIEW_COLUMNS = tuple(_REVIEW_KINDS)
+_SQL_TYPE = {"text": "TEXT NOT NULL DEFAULT ''", "real": "REAL", "bool": "INTEGER NOT NULL DEFAULT 0", "int": "INTEGER"}
+
+
+def _column_sql(name: str, kind: str) -> str:
+    if name == "id":
+        return "id INTEGER PRIMARY KEY AUTOINCREMENT"
+    if name in ("supersedes", "decision_id"):
+        not_null = " NOT NULL" if name == "decision_id" else ""
+        return f"{name} INTEGER{not_null} REFERENCES decisions(id)"
+    return f"{name} {_SQL_TYPE[kind]}"
+
+
+def _append_only_triggers(table: str) -> list[str]:
+    return [
+        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{verb.lower()} BEFORE {verb} ON {table} "
+        f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {verb} refused'); END"
+        for verb in ("UPDATE", "DELETE")
+    ]
+
+
+# One statement each: executescript would COMMIT the transaction that guards schema creation.
+SCHEMA_STATEMENTS = [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS decisions ({', '.join(_column_sql(n, k) for n, k in _DECISION_ROW_KINDS.items())})",
+    "CREATE INDEX IF NOT EXISTS decisions_by_key ON decisions (bundle_sha256, path, sha256)",
+    "CREATE INDEX IF NOT EXISTS decisions_by_study ON decisions (study_uid)",
+    f"CREATE TABLE IF NOT EXISTS reviews ({', '.join(_column_sql(n, k) for n, k in _REVIEW_KINDS.items())})",
+    "CREATE INDEX IF NOT EXISTS reviews_by_study ON reviews (study_uid)",
+    "CREATE TABLE IF NOT EXISTS pending_scores (path TEXT NOT NULL, sha256 TEXT NOT NULL, bundle_sha256 TEXT NOT NULL, "
+    "payload TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (path, sha256, bundle_sha256))",
+    *_append_only_triggers("decisions"),
+    *_append_only_triggers("reviews"),
+]
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _normalize(kinds: dict[str, str], row: dict[str, Any]) -> dict[str, Any]:
+    """Values as SQLite will store and return them, so the hash of a row read back matches."""
+    out: dict[str, Any] = {}
+    for name, kind in kinds.items():
+        value = row.get(name)
+        if kind == "text":
+            out[name] = "" if value is None else str(value)
+        elif kind == "bool":
+            out[name] = int(bool(value))
+        elif value is None:
+            out[name] = None
+        elif kind == "int":
+            out[name] = int(value)
+        else:
+            out[name] = float(value)
+            if math.isnan(out[name]):
+                raise AuditError(f"audit record: {name} is NaN, which SQLite cannot store. Fix: record None instead")
+    return out
+
+
+def _canonical_json(row: dict[str, Any]) -> str:
+    """Sorted keys, no spaces, floats as repr: the same row always gives the same text."""
+    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def record_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """sha256 hex of ``prev_hash`` + canonical JSON of ``row`` without its ``record_hash``."""
+    body = {k: v for k, v in row.items() if k != "record_hash"}
+    return hashlib.sha256((prev_hash + _canonical_json(body)).encode("utf-8")).hexdigest()
+
+
+class AuditStore:
+    """The SQLite audit store at ``path``; a context manager. Creates the schema on first use.
+
+    ``create=False`` refuses to create a new file (for read-only tools such as ``verify``).
+    Raises ``AuditError`` naming the file and the fix when it cannot be opened or written.
+    """
+
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise AuditError(f"{self.path}: no audit store here. Fix: pass --audit-db the store the scorer wrote "
+                             f"(default ${AUDIT_DB_ENV} or ./{DEFAULT_AUDIT_DB})")
+        try:
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except (OSError, sqlite3.Error) as error:
+            raise self._error("cannot open", error) from error
+        try:
+            self._db.row_factory = sqlite3.Row
+            with self._sqlite_errors("cannot set up"):
+                self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                self._db.execute("PRAGMA foreign_keys = ON")
+                self._db.execute("PRAGMA journal_mode = WAL")
+                self._db.execute("PRAGMA synchronous = FULL")
+                self._create_schema()
+        except AuditError:
+            self._db.close()
+            raise
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _error(self, doing: str, error: BaseException) -> AuditError:
+        """An AuditError for ``error`` that names the file and how to fix it."""
+        text = str(error)
+        if "append-only" in text:
+            fix = "records are never changed; append a new decision with supersedes=<old id> instead"
+        elif "FOREIGN KEY" in text:
+            fix = "supersedes and decision_id must name a decision already in this store"
+        elif isinstance(error, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+            fix = "restore the audit store from backup, or move this file aside to start a new one"
+        elif "readonly" in text or "unable to open" in text or isinstance(error, PermissionError):
+            fix = f"make the file and its folder writable, or pass --audit-db (or ${AUDIT_DB_ENV}) a writable path"
+        elif "locked" in text or "busy" in text:
+            fix = "another program holds a lock on the store; wait for it to finish and retry"
+        else:
+            fix = "check the disk and the file, or restore the audit store from backup"
+        return AuditError(f"{self.path}: {doing} the audit store ({text}). Fix: {fix}")
+
+    @contextmanager
+    def _sqlite_errors(self, doing: str) -> Iterator[None]:
+        """Turn any SQLite error inside the block into an AuditError naming the file and the fix."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise self._error(doing, error) from error
+
+    @contextmanager
+    def _transaction(self, doing: str, write: bool = True) -> Iterator[None]:
+        """BEGIN IMMEDIATE (a write lock, so concurrent writers chain in turn) or a read snapshot; COMMIT or ROLLBACK."""
+        with self._sqlite_errors(doing):
+            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+
+    def _create_schema(self) -> None:
+        with self._transaction("cannot create the schema of"):
+            for statement in SCHEMA_STATEMENTS:
+                self._db.execute(statement)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            for table in ("decisions", "reviews"):
+                head = json.dumps({"last_id": 0, "hash": GENESIS_HASH, "count": 0})
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (f"head:{table}", head))
+            found = int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        if found != SCHEMA_VERSION:
+            raise AuditError(f"{self.path}: audit schema version {found}, this software ({__version__}) reads "
+                             f"{SCHEMA_VERSION}. Fix: use the cxr-triage version that wrote it")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "AuditStore":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the chains -----------------------------------------------------------------------
+
+    def _head(self, table: str) -> dict[str, Any]:
+        return json.loads(self._db.execute("SELECT value FROM meta WHERE key = ?", (f"head:{table}",)).fetchone()[0])
+
+    def _append_chained(self, table: str, kinds: dict[str, str], rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Hash and insert ``rows`` after the chain head; caller holds the write transaction."""
+        head = self._head(table)
+        ids: list[int] = []
+        prev_hash, next_id = head["hash"], head["last_id"] + 1
+        for row in rows:
+            full = _normalize(kinds, {**row, "id": next_id, "created_at": _utc_now(), "software_version": __version__,
+                                      "prev_hash": prev_hash})
+            full["record_hash"] = record_hash(prev_hash, full)
+            names = ", ".join(full)
+            self._db.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(full))})", tuple(full.values()))
+            ids.append(next_id)
+            prev_hash, next_id = full["record_hash"], next_id + 1
+        if ids:
+            new_head = {"last_id": ids[-1], "hash": prev_hash, "count": head["count"] + len(ids)}
+            self._db.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(new_head), f"head:{table}"))
+        return ids
+
+    def append_decisions(self, decisions: Sequence[Decision]) -> list[int]:
+        """Append ``decisions`` in one transaction; returns their ids, in order."""
+        rows = [dataclasses.asdict(d) for d in decisions]
+        with self._transaction("cannot append to"):
+            return self._append_chained("decisions", _DECISION_ROW_KINDS, rows)
+
+    def append_review(self, decision_id: int, reviewer: str, verdict: str, finding: str = "", note: str = "",
+                      study_uid: str | None = None) -> int:
+        """Record a clinician's verdict on decision ``decision_id``; returns the review's id.
+
+        ``verdict`` is one of ``VERDICTS``; ``study_uid`` defaults to the decision's.
+        """
+        if verdict not in VERDICTS:
+            raise ValueError(f"append_review: verdict {verdict!r} is not one of {', '.join(VERDICTS)}")
+        if not reviewer.strip():
+            raise ValueError("append_review: reviewer is empty. Fix: record who reviewed the study")
+        with self._transaction("cannot append a review to"):
+            found = self._db.execute("SELECT study_uid FROM decisions WHERE id = ?", (decision_id,)).fetchone()
+            if found is None:
+                raise ValueError(f"append_review: no decision with id {decision_id} in {self.path}")
+            row = {"decision_id": decision_id, "study_uid": found[0] if study_uid is None else study_uid,
+                   "reviewer": reviewer, "verdict": verdict, "finding": finding, "note": note}
+            return self._append_chained("reviews", _REVIEW_KINDS, [row])[0]
+
+    # -- reading --------------------------------------------------------------------------
+
+    def decisions(self, *, study_uid: str | None = None, run_id: str | None = None, bundle_sha256: str | None = None,
+                  status: str | None = None, path: str | None = None, flagged: bool | None = None,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+        """Decision rows (dicts of every column, ``flagged`` as bool) in id order; each filter is equality."""
+        filters = {"study_uid": study_uid, "run_id": run_id, "bundle_sha256": bundle_sha256, "status": status,
+                   "path": path, "flagged": None if flagged is None else int(flagged)}
+        used = {k: v for k, v in filters.items() if v is not None}
+        where = " AND ".join(f"{k} = ?" for k in used) or "1"
+        sql = f"SELECT * FROM decisions WHERE {where} ORDER BY id" + ("" if limit is None else f" LIMIT {int(limit)}")
+        with self._sqlite_errors("cannot read"):
+            return [_decision_dict(r) for r in self._db.execute(sql, tuple(used.values()))]
+
+    def decided_keys(self, bundle_sha256: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """(path, sha256) -> the latest decision row for that file by this bundle (for resumable runs)."""
+        sql = ("SELECT * FROM decisions WHERE id IN (SELECT MAX(id) FROM decisions WHERE bundle_sha256 = ? "
+               "GROUP BY path, sha256) ORDER BY id")
+        with self._sqlite_errors("cannot read"):
+            return {(r["path"], r["sha256"]): _decision_dict(r) for r in self._db.execute(sql, (bundle_sha256,))}
+
+    def reviews_for(self, study_uid: str) -> list[dict[str, Any]]:
+        """Every review of ``study_uid``, oldest first."""
+        with self._sqlite_errors("cannot read"):
+            return [dict(r) for r in self._db.execute("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id", (study_uid,))]
+
+    # -- pending work (not chained) -------------------------------------------------------
+
+    def save_pending(self, rows: Iterable[tuple[str, str, str, dict[str, Any]]]) -> None:
+        """Keep finished inferences: rows of (path, sha256, bundle_sha256, JSON-able payload); replaces by key."""
+        now = _utc_now()
+        values = [(p, s, b, json.dumps(payload, sort_keys=True), now) for p, s, b, payload in rows]
+        with self._transaction("cannot save pending scores to"):
+            self._db.executemany("INSERT OR REPLACE INTO pending_scores VALUES (?, ?, ?, ?, ?)", values)
+
+    def load_pending(self, bundle_sha256: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """(path, sha256) -> payload of every pending score for this bundle."""
+        sql = "SELECT path, sha256, payload FROM pending_scores WHERE bundle_sha256 = ?"
+        with self._sqlite_errors("cannot read"):
+            return {(p, s): json.loads(payload) for p, s, payload in self._db.execute(sql, (bundle_sha256,))}
+
+    def clear_pending(self, keys: Iterable[tuple[str, str, str]]) -> None:
+        """Forget pending scores by (path, sha256, bundle_sha256), once their decisions are appended."""
+        with self._transaction("cannot clear pending scores in"):
+            self._db.executemany("DELETE FROM pending_scores WHERE path = ? AND sha256 = ? AND bundle_sha256 = ?",
+                                 [tuple(k) for k in keys])
+
+    # -- verification and export ----------------------------------------------------------
+
+    def verify(self) -> VerifyResult:
+        """Walk both hash chains; the first broken record, and why, when one is found."""
+        with self._transaction("cannot read", write=False):  # one consistent snapshot of both chains
+            n_decisions, bad = self._verify_chain("decisions", DECISION_COLUMNS)
+            n_reviews, bad_review = self._verify_chain("reviews", REVIEW_COLUMNS)
+        table, problem = ("decisions", bad) if bad else ("reviews", bad_review)
+        if problem is None:
+            return VerifyResult(True, n_decisions, None, f"audit chain OK: {n_decisions} decisions, {n_reviews} reviews",
+                                n_reviews)
+        bad_id, why = problem
+        return VerifyResult(False, n_decisions, bad_id, f"audit chain BROKEN in {self.path}: {table} record {bad_id}: "
+                            f"{why}", n_reviews, table)
+
+    def _verify_chain(self, table: str, columns: Sequence[str]) -> tuple[int, tuple[int, str] | None]:
+        """(records seen, (first bad id, why) or None)."""
+        prev_id, prev_hash, count = 0, GENESIS_HASH, 0
+        for row in self._db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id"):
+            row = dict(row)
+            count += 1
+            if row["id"] != prev_id + 1:
+                missing = f"{prev_id + 1}" if row["id"] == prev_id + 2 else f"{prev_id + 1}..{row['id'] - 1}"
+                return count, (prev_id + 1, f"missing (deleted): record {row['id']} follows record {prev_id}; "
+                                            f"id(s) {missing} are gone")
+            if row["prev_hash"] != prev_hash:
+                return count, (row["id"], "its prev_hash does not match the previous record's hash "
+                                          "(a record before it was deleted, replaced or inserted)")
+            if record_hash(row["prev_hash"], row) != row["record_hash"]:
+                return count, (row["id"], "its contents do not match its record_hash (the record was edited)")
+            prev_id, prev_hash = row["id"], row["record_hash"]
+        head = self._head(table)
+        if (head["last_id"], head["hash"], head["count"]) != (prev_id, prev_hash, count):
+            if count < head["count"] or prev_id < head["last_id"]:
+                why = (f"missing (truncated): the chain head records {head['count']} records ending at id "
+                       f"{head['last_id']}, the table ends at id {prev_id}")
+                return count, (prev_id + 1, why)
+            why = (f"not in the chain head (inserted): the head records {head['count']} records ending at id "
+                   f"{head['last_id']}, the table holds {count} ending at id {prev_id}")
+            return count, (head["last_id"] + 1, why)
+        return count, None
+
+    def export_csv(self, out_path: str | Path) -> int:
+        """Write every decision (all columns, one header row) to ``out_path`` atomically; returns rows written.
+
+        The store holds pseudonyms only, so the export holds no patient IDs or names.
+        """
+        out = Path(out_path)
+        count = 0
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=out.parent, delete=False,
+                                             prefix=f".{out.name}.", suffix=".tmp") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(DECISION_COLUMNS)
+                with self._sqlite_errors("cannot read"):
+                    for row in self._iter_rows("decisions", DECISION_COLUMNS):
+                        writer.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in row])
+                        count += 1
+            os.replace(handle.name, out)
+        except OSError as error:
+            raise AuditError(f"{out}: cannot write the export ({error.strerror or error}). "
+                             "Fix: choose a writable --out") from error
+        return count
+
+    def _iter_rows(self, table: str, columns: Sequence[str]) -> Iterator[tuple]:
+        yield from self._db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id")
+
+
+def _decision_dict(row: sqlite3.Row) -> dict[str, Any]:
+    values = dict(row)
+    values["flagged"] = bool(values["flagged"])
+    return values
