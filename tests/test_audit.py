@@ -88,7 +88,7 @@ def test_update_and_delete_are_refused_while_the_triggers_stand(db):
 def test_an_edited_decision_is_named(db):
     tamper(db, "UPDATE decisions SET risk = 0.99 WHERE id = 3")
     result = verify(db)
-    assert not result.ok and result.first_bad_id == 3 and result.table == "decisions"
+    assert not result.ok and result.first_bad_id == 3 and result.table == "decisions" and result.n_records == 5
     assert "decisions record 3" in result.message and "edited" in result.message
 
 
@@ -112,14 +112,25 @@ def test_an_inserted_decision_is_caught_by_the_chain_head(db):
 
 
 def test_a_rehashed_edit_still_breaks_the_next_link(db):
-    # The attacker recomputes the edited record's hash but cannot fix every later record without the head.
+    # The attacker recomputes the edited record's hash; the next record's link still points at the old one.
+    from triage.audit import record_hash
     with AuditStore(db) as store:
         row = store.decisions()[2]
-    from triage.audit import record_hash
     row = {**row, "risk": 0.99, "flagged": int(row["flagged"])}
     tamper(db, f"UPDATE decisions SET risk = 0.99, record_hash = '{record_hash(row['prev_hash'], row)}' WHERE id = 3")
     result = verify(db)
     assert not result.ok and result.first_bad_id == 4 and "prev_hash" in result.message
+
+
+def test_a_rehashed_edit_of_the_last_record_is_caught_by_the_chain_head(db):
+    from triage.audit import record_hash
+    with AuditStore(db) as store:
+        row = store.decisions()[-1]
+    row = {**row, "flagged": 1, "risk": 0.99}
+    tamper(db, f"UPDATE decisions SET risk = 0.99, flagged = 1, record_hash = '{record_hash(row['prev_hash'], row)}' "
+               "WHERE id = 5")
+    result = verify(db)
+    assert not result.ok and result.first_bad_id == 5 and "chain head" in result.message
 
 
 def test_edited_and_deleted_reviews_are_named(db, tmp_path):

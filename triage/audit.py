@@ -106,7 +106,7 @@ _DECISION_ROW_KINDS = {**_HEAD_KINDS, **_DECISION_KINDS, **_TAIL_KINDS}
 DECISION_COLUMNS = tuple(_DECISION_ROW_KINDS)
 _REVIEW_KINDS = {
     "id": "int", "created_at": "text", "software_version": "text", "decision_id": "int", "study_uid": "text",
-    "reviewer": "text", "verdict": "text", "finding": "text", "note": "text", "prev_hash": "text", "record_hash": "text",
+    "reviewer": "text", "verdict": "text", "finding": "text", "note": "text", **_TAIL_KINDS,
 }
 REVIEW_COLUMNS = tuple(_REVIEW_KINDS)
 _SQL_TYPE = {"text": "TEXT NOT NULL DEFAULT ''", "real": "REAL", "bool": "INTEGER NOT NULL DEFAULT 0", "int": "INTEGER"}
@@ -220,7 +220,7 @@ class AuditStore:
             fix = "supersedes and decision_id must name a decision already in this store"
         elif isinstance(error, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
             fix = "restore the audit store from backup, or move this file aside to start a new one"
-        elif "readonly" in text or "unable to open" in text or isinstance(error, PermissionError):
+        elif "readonly" in text or "unable to open" in text or isinstance(error, OSError):
             fix = f"make the file and its folder writable, or pass --audit-db (or ${AUDIT_DB_ENV}) a writable path"
         elif "locked" in text or "busy" in text:
             fix = "another program holds a lock on the store; wait for it to finish and retry"
@@ -238,7 +238,7 @@ class AuditStore:
 
     @contextmanager
     def _transaction(self, doing: str, write: bool = True) -> Iterator[None]:
-        """BEGIN IMMEDIATE (a write lock, so concurrent writers chain in turn) or a read snapshot; COMMIT or ROLLBACK."""
+        """BEGIN IMMEDIATE (so concurrent writers chain in turn) or a read snapshot; COMMIT, or ROLLBACK on error."""
         with self._sqlite_errors(doing):
             self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
             try:
@@ -284,8 +284,8 @@ class AuditStore:
             full = _normalize(kinds, {**row, "id": next_id, "created_at": _utc_now(), "software_version": __version__,
                                       "prev_hash": prev_hash})
             full["record_hash"] = record_hash(prev_hash, full)
-            names = ", ".join(full)
-            self._db.execute(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(full))})", tuple(full.values()))
+            names, marks = ", ".join(full), ", ".join("?" * len(full))
+            self._db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", tuple(full.values()))
             ids.append(next_id)
             prev_hash, next_id = full["record_hash"], next_id + 1
         if ids:
@@ -341,7 +341,8 @@ class AuditStore:
     def reviews_for(self, study_uid: str) -> list[dict[str, Any]]:
         """Every review of ``study_uid``, oldest first."""
         with self._sqlite_errors("cannot read"):
-            return [dict(r) for r in self._db.execute("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id", (study_uid,))]
+            rows = self._db.execute("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id", (study_uid,))
+            return [dict(r) for r in rows]
 
     # -- pending work (not chained) -------------------------------------------------------
 
@@ -373,64 +374,81 @@ class AuditStore:
             n_reviews, bad_review = self._verify_chain("reviews", REVIEW_COLUMNS)
         table, problem = ("decisions", bad) if bad else ("reviews", bad_review)
         if problem is None:
-            return VerifyResult(True, n_decisions, None, f"audit chain OK: {n_decisions} decisions, {n_reviews} reviews",
-                                n_reviews)
+            message = f"audit chain OK: {n_decisions} decisions, {n_reviews} reviews"
+            return VerifyResult(True, n_decisions, None, message, n_reviews)
         bad_id, why = problem
         return VerifyResult(False, n_decisions, bad_id, f"audit chain BROKEN in {self.path}: {table} record {bad_id}: "
                             f"{why}", n_reviews, table)
 
     def _verify_chain(self, table: str, columns: Sequence[str]) -> tuple[int, tuple[int, str] | None]:
-        """(records seen, (first bad id, why) or None)."""
-        prev_id, prev_hash, count = 0, GENESIS_HASH, 0
+        """(records in the table, (first bad id, why) or None)."""
+        prev_id, prev_hash, count, problem = 0, GENESIS_HASH, 0, None
         for row in self._db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id"):
-            row = dict(row)
             count += 1
-            if row["id"] != prev_id + 1:
-                missing = f"{prev_id + 1}" if row["id"] == prev_id + 2 else f"{prev_id + 1}..{row['id'] - 1}"
-                return count, (prev_id + 1, f"missing (deleted): record {row['id']} follows record {prev_id}; "
-                                            f"id(s) {missing} are gone")
-            if row["prev_hash"] != prev_hash:
-                return count, (row["id"], "its prev_hash does not match the previous record's hash "
-                                          "(a record before it was deleted, replaced or inserted)")
-            if record_hash(row["prev_hash"], row) != row["record_hash"]:
-                return count, (row["id"], "its contents do not match its record_hash (the record was edited)")
-            prev_id, prev_hash = row["id"], row["record_hash"]
-        head = self._head(table)
-        if (head["last_id"], head["hash"], head["count"]) != (prev_id, prev_hash, count):
-            if count < head["count"] or prev_id < head["last_id"]:
-                why = (f"missing (truncated): the chain head records {head['count']} records ending at id "
-                       f"{head['last_id']}, the table ends at id {prev_id}")
-                return count, (prev_id + 1, why)
-            why = (f"not in the chain head (inserted): the head records {head['count']} records ending at id "
-                   f"{head['last_id']}, the table holds {count} ending at id {prev_id}")
-            return count, (head["last_id"] + 1, why)
-        return count, None
+            if problem is None:
+                problem = _link_problem(prev_id, prev_hash, dict(row))
+                prev_id, prev_hash = row["id"], row["record_hash"]
+        return count, problem or _head_problem(self._head(table), prev_id, prev_hash, count)
 
     def export_csv(self, out_path: str | Path) -> int:
         """Write every decision (all columns, one header row) to ``out_path`` atomically; returns rows written.
 
-        The store holds pseudonyms only, so the export holds no patient IDs or names.
+        Floats are written as repr (exact); None as an empty cell; ``flagged`` as 0/1. The
+        store holds pseudonyms only, so the export holds no patient IDs or names.
         """
         out = Path(out_path)
-        count = 0
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=out.parent, delete=False,
-                                             prefix=f".{out.name}.", suffix=".tmp") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(DECISION_COLUMNS)
-                with self._sqlite_errors("cannot read"):
-                    for row in self._iter_rows("decisions", DECISION_COLUMNS):
-                        writer.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in row])
-                        count += 1
-            os.replace(handle.name, out)
+            handle = tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=out.parent, delete=False,
+                                                 prefix=f".{out.name}.", suffix=".tmp")
         except OSError as error:
             raise AuditError(f"{out}: cannot write the export ({error.strerror or error}). "
                              "Fix: choose a writable --out") from error
+        try:
+            with handle, self._transaction("cannot read", write=False):
+                writer = csv.writer(handle)
+                writer.writerow(DECISION_COLUMNS)
+                count = 0
+                for row in self._db.execute(f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions ORDER BY id"):
+                    writer.writerow([_csv_cell(value) for value in row])
+                    count += 1
+            os.replace(handle.name, out)
+        except OSError as error:
+            raise AuditError(f"{out}: cannot write the export ({error.strerror or error}). "
+                             "Fix: choose a writable --out with free space") from error
+        finally:
+            if os.path.exists(handle.name):
+                os.unlink(handle.name)
         return count
 
-    def _iter_rows(self, table: str, columns: Sequence[str]) -> Iterator[tuple]:
-        yield from self._db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id")
+
+def _link_problem(prev_id: int, prev_hash: str, row: dict[str, Any]) -> tuple[int, str] | None:
+    """Why ``row`` does not follow the record (prev_id, prev_hash), as (bad id, why); None when it does."""
+    if row["id"] != prev_id + 1:
+        missing = f"{prev_id + 1}" if row["id"] == prev_id + 2 else f"{prev_id + 1}..{row['id'] - 1}"
+        return prev_id + 1, f"missing (deleted): record {row['id']} follows record {prev_id}; id(s) {missing} are gone"
+    if row["prev_hash"] != prev_hash:
+        return row["id"], ("its prev_hash does not match the previous record's hash "
+                           "(the record before it was edited and rehashed, or this one was replaced or inserted)")
+    if record_hash(row["prev_hash"], row) != row["record_hash"]:
+        return row["id"], "its contents do not match its record_hash (the record was edited)"
+    return None
+
+
+def _head_problem(head: dict[str, Any], last_id: int, last_hash: str, count: int) -> tuple[int, str] | None:
+    """Why an intact chain ending at (last_id, last_hash) with ``count`` records disagrees with the head."""
+    recorded = f"the chain head records {head['count']} records ending at id {head['last_id']}"
+    if (head["last_id"], head["hash"], head["count"]) == (last_id, last_hash, count):
+        return None
+    if last_id < head["last_id"] or count < head["count"]:
+        return last_id + 1, f"missing (truncated): {recorded}, the table ends at id {last_id}"
+    if last_id > head["last_id"] or count > head["count"]:
+        return head["last_id"] + 1, f"inserted after the chain head: {recorded}, the table ends at id {last_id}"
+    return last_id, "its record_hash differs from the chain head's (the last record was edited and rehashed)"
+
+
+def _csv_cell(value: Any) -> Any:
+    return "" if value is None else repr(value) if isinstance(value, float) else value
 
 
 def _decision_dict(row: sqlite3.Row) -> dict[str, Any]:
