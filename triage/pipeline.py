@@ -11,6 +11,7 @@ that score a handful of files in one go.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -100,10 +101,17 @@ def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callab
         infer_ms = (time.perf_counter() - start) * 1000 / len(scorable)
     by_id = {id(p): r for p, r in zip(scorable, risks)}
     return [
-        draft(p, model.bundle, pseudonymize, by_id.get(id(p)), infer_ms if id(p) in by_id else None,
-              model.provider, run_id)
+        draft(p, model.bundle, pseudonymize, by_id[id(p)], infer_ms, model.provider, run_id)
+        if math.isfinite(by_id.get(id(p), math.nan))
+        else draft(_non_finite(p) if id(p) in by_id else p, model.bundle, pseudonymize, provider=model.provider, run_id=run_id)
         for p in batch
     ]
+
+
+def _non_finite(prepared: Prepared) -> Prepared:
+    """A scorable file whose model output was NaN/inf: routed to human review."""
+    detail = f"{prepared.path}: inference_failed: the model returned a non-finite risk. Fix: report this file to the model's maintainers"
+    return replace(prepared, model_input=None, reason="inference_failed", detail=detail)
 
 
 def finalize(drafts: Iterable[Decision], flags: Flags, risks: dict[str, float]) -> list[Decision]:
