@@ -43,6 +43,7 @@ class AuditError(TriageError, RuntimeError):
 
 # Every reason code that can appear in an audit record, with what it means.
 REASONS: dict[str, str] = {
+    "file_unreadable": "the file could not be opened or read (missing, permissions, I/O error)",
     "not_dicom": "not a DICOM file nor a PNG/JPEG image",
     "unreadable_image": "a PNG/JPEG file that could not be decoded",
     "truncated": "the file ends before its pixel data does",

@@ -1,0 +1,292 @@
+"""Read one file (DICOM, PNG or JPEG) into a ``Radiograph``, or say exactly why not.
+
+``read_radiograph`` is the only entry point. For bad input it raises only
+``BadInputError`` (``OutOfScopeError`` for readable images the model was not made
+for), each with a reason code from ``triage.errors.REASONS``, the file, what was
+found and what a person can do; never anything else.
+
+DICOM decoding is pydicom's: native (implicit/explicit VR little endian, explicit VR
+big endian), deflated and RLE need nothing extra; JPEG, JPEG-LS and JPEG 2000 need
+``pylibjpeg`` with ``pylibjpeg-libjpeg`` and ``pylibjpeg-openjpeg``. Old ACR-NEMA files
+without preamble or file meta are read too, their Transfer Syntax UID (0002,0010)
+taken from how the data set is actually encoded. The scope checks of
+``triage.scope`` run on the header before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom import Dataset, dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.pixels import get_decoder, pixel_array
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from .errors import BadInputError, OutOfScopeError
+from .radiograph import ImageMeta, Radiograph
+from .scope import MIN_SIDE_PX, check_scope, integer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+PIXEL_DATA_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010), little and big endian
+ACR_NEMA_FIRST_GROUPS = (0x0000, 0x0002, 0x0008)  # a data set without preamble starts with one of these
+UNDEFINED_LENGTH = 0xFFFFFFFF
+REEXPORT = "re-export the study from PACS uncompressed (Explicit VR Little Endian)"
+PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, struct.error, ValueError, KeyError,
+                IndexError, NotImplementedError, TypeError)
+DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError, IndexError,
+                 EOFError, struct.error)
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX) -> Radiograph:
+    """Read a DICOM, PNG or JPEG file into a checked, decoded ``Radiograph``.
+
+    The file is read once; its sha256 is of those bytes. ``pixels`` is (rows, cols):
+    for DICOM the stored values as pydicom decodes them (honouring Bits Stored
+    (0028,0101) and Pixel Representation (0028,0103)); for PNG/JPEG uint8 grey, or
+    uint16 for a 16-bit PNG. Images with fewer than ``min_side_px`` rows or columns are
+    out of scope. Raises ``BadInputError``/``OutOfScopeError`` for any bad input.
+    """
+    data = read_bytes(path)
+    sha256 = hashlib.sha256(data).hexdigest()
+    if is_dicom_part10(data):
+        return read_dicom(str(path), data, sha256, min_side_px)
+    if data.startswith((PNG_MAGIC, JPEG_MAGIC)):
+        return read_image(str(path), data, sha256, min_side_px)
+    if may_be_acr_nema(data):
+        return read_dicom(str(path), data, sha256, min_side_px)
+    raise BadInputError(
+        str(path), "not_dicom", f"the file ({len(data)} bytes) has no DICOM 'DICM' prefix at byte 128, "
+        "is not an ACR-NEMA data set and is not a PNG or JPEG image",
+        "send DICOM files (or PNG/JPEG images); remove other files from the input folder")
+
+
+def read_bytes(path: str | PathLike[str]) -> bytes:
+    """The whole file; an unreadable path becomes a ``BadInputError``."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise BadInputError(
+            str(path), "file_unreadable", f"the file could not be read ({type(error).__name__}: {error.strerror or error})",
+            "check that the file exists and that this program may read it") from None
+
+
+def is_dicom_part10(data: bytes) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble then 'DICM'."""
+    return data[128:132] == b"DICM"
+
+
+def may_be_acr_nema(data: bytes) -> bool:
+    """A data set without preamble/file meta (ACR-NEMA style) starts with a low group number."""
+    return len(data) >= 8 and struct.unpack("<H", data[:2])[0] in ACR_NEMA_FIRST_GROUPS
+
+
+def derived_uid(sha256: str, part: str) -> str:
+    """A UID derived deterministically from the file's sha256 (one study per such file)."""
+    return generate_uid(entropy_srcs=[sha256, part])
+
+
+# --- DICOM -----------------------------------------------------------------------------------
+
+
+def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int) -> Radiograph:
+    """DICOM bytes -> Radiograph: parse, check the header, then decode."""
+    ds = parse_dicom(path, data)
+    check_pixel_data_present(ds, path)
+    check_scope(ds, path, min_side_px)
+    check_pixel_attributes(ds, path)
+    ensure_transfer_syntax(ds, path)
+    pixels = decode_pixels(ds, path)
+    del ds.PixelData
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    return Radiograph(path, sha256, pixels, photometric, dicom_meta(ds, sha256), ds)
+
+
+def parse_dicom(path: str, data: bytes) -> Dataset:
+    """Parse the whole data set and convert every element (pixel data stays undecoded bytes)."""
+    try:
+        ds = dcmread(io.BytesIO(data), force=True)
+        cut = where_cut(ds, data)
+        if not cut:
+            for _ in ds.iterall():  # convert raw values now, so a damaged element fails here, not later
+                pass
+    except PARSE_ERRORS as error:
+        raise BadInputError(
+            path, "not_dicom", f"the DICOM header could not be parsed ({type(error).__name__}: {error})",
+            f"{REEXPORT}; the file may be damaged") from None
+    if cut:
+        raise truncated(path, cut)
+    if not is_dicom_part10(data) and not any(tag.group in (0x0008, 0x0028) for tag in ds.keys()):
+        raise BadInputError(
+            path, "not_dicom", "no preamble or 'DICM' prefix, and no (0008,xxxx) or (0028,xxxx) element could be read",
+            "send DICOM files (or PNG/JPEG images); remove other files from the input folder")
+    return ds
+
+
+def where_cut(ds: Dataset, data: bytes) -> str:
+    """How the file was cut short, from the still-raw elements; "" when it was not."""
+    raw = ds.get_item("PixelData")
+    if isinstance(raw, RawDataElement):
+        if raw.length != UNDEFINED_LENGTH and len(raw.value or b"") < raw.length:
+            return f"Pixel Data (7FE0,0010) declares {raw.length} bytes but the file ends after {len(raw.value or b'')}"
+        return ""
+    if any(tag in data for tag in PIXEL_DATA_TAG_BYTES):
+        return f"the file ({len(data)} bytes) ends inside Pixel Data (7FE0,0010): its fragments are not terminated"
+    tags = list(ds.keys())
+    last = ds.get_item(tags[-1]) if tags else None
+    if last is None or (isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH and (
+            len(last.value or b"") < last.length or last.value_tell + last.length < len(data) - 1)):
+        return f"the file ({len(data)} bytes) ends inside the header, before Pixel Data (7FE0,0010)"
+    return ""
+
+
+def check_pixel_data_present(ds: Dataset, path: str) -> None:
+    """Pixel Data (7FE0,0010) present, else ``no_pixel_data`` (``unsupported_pixel_format`` for float data)."""
+    if "PixelData" in ds:
+        return
+    other = [name for name in ("FloatPixelData", "DoubleFloatPixelData") if name in ds]
+    sop_class = ds.get("SOPClassUID")
+    sop = f"; SOP Class UID (0008,0016) is {UID(str(sop_class)).name!r}" if sop_class else ""
+    if "Rows" in ds and not other:
+        sop += "; Rows (0028,0010) is set, so the file may have been cut short"
+    raise BadInputError(
+        path, "unsupported_pixel_format" if other else "no_pixel_data",
+        f"the data set has {other[0] if other else 'no Pixel Data (7FE0,0010)'}{sop}",
+        "send image objects only (not reports, key-object notes or presentation states)")
+
+
+def truncated(path: str, detail: str) -> BadInputError:
+    """The error for a file cut short."""
+    return BadInputError(path, "truncated", detail, f"copy the file again from its source, or {REEXPORT}")
+
+
+def check_pixel_attributes(ds: Dataset, path: str) -> None:
+    """Group 0028 attributes a decoder needs are present and consistent, else ``unsupported_pixel_format``."""
+    problems = []
+    for keyword, tag in (("Rows", "(0028,0010)"), ("Columns", "(0028,0011)")):
+        value = integer(ds, keyword)
+        if value is None or value < 1:
+            problems.append(f"{keyword} {tag} is {ds.get(keyword)!r}")
+    allocated, stored = integer(ds, "BitsAllocated"), integer(ds, "BitsStored")
+    if allocated not in (8, 16, 32):
+        problems.append(f"Bits Allocated (0028,0100) is {ds.get('BitsAllocated')!r}, not 8, 16 or 32")
+    elif stored is None or not 1 <= stored <= allocated:
+        problems.append(f"Bits Stored (0028,0101) is {ds.get('BitsStored')!r} with Bits Allocated {allocated}")
+    if integer(ds, "PixelRepresentation") not in (0, 1):
+        problems.append(f"Pixel Representation (0028,0103) is {ds.get('PixelRepresentation')!r}, not 0 or 1")
+    if integer(ds, "SamplesPerPixel") not in (None, 1):
+        problems.append(f"Samples per Pixel (0028,0002) is {ds.get('SamplesPerPixel')!r} for a monochrome image")
+    if not str(ds.get("PhotometricInterpretation") or "").strip():
+        problems.append("Photometric Interpretation (0028,0004) is missing")
+    if problems:
+        raise BadInputError(path, "unsupported_pixel_format", "; ".join(problems),
+                            f"{REEXPORT}; report the modality's export settings to its vendor")
+    if "SamplesPerPixel" not in ds:
+        ds.SamplesPerPixel = 1  # Type 1, but missing from some old files; 1 is the only monochrome value
+
+
+def ensure_transfer_syntax(ds: Dataset, path: str) -> None:
+    """Give a file without file meta the Transfer Syntax UID (0002,0010) it was actually read with."""
+    if "TransferSyntaxUID" in ds.file_meta:
+        return
+    if ds["PixelData"].is_undefined_length:
+        raise BadInputError(
+            path, "decode_failed", "Transfer Syntax UID (0002,0010) is missing and Pixel Data (7FE0,0010) is "
+            "compressed (encapsulated), so its codec is unknown", REEXPORT)
+    implicit, little = ds.original_encoding
+    ds.file_meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def decode_pixels(ds: Dataset, path: str) -> np.ndarray:
+    """Pixel Data -> (rows, cols) stored values, with the codec's failure turned into a reason."""
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    syntax_text = f"Transfer Syntax UID (0002,0010) {str(syntax)!r} ({syntax.name})"
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise BadInputError(path, "decode_failed", f"no decoder exists for {syntax_text}", REEXPORT) from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        raise BadInputError(path, "decode_failed", f"no installed plugin decodes {syntax_text}",
+                            f"install the decoder ({missing}), or {REEXPORT}")
+    if not syntax.is_compressed:
+        check_native_length(ds, path)
+    try:
+        pixels = pixel_array(ds)
+    except DECODE_ERRORS as error:
+        message = " ".join(str(error).split())
+        if any(word in message.lower() for word in ("truncat", "premature", "end of file", "less than expected")):
+            raise truncated(path, f"{syntax_text}: {message}") from None
+        raise BadInputError(path, "decode_failed", f"{syntax_text} could not be decoded: {message}",
+                            f"{REEXPORT}; the compressed data may be corrupt") from None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if pixels.shape != (rows, cols):
+        raise BadInputError(
+            path, "unsupported_pixel_format", f"decoded shape {pixels.shape} is not Rows x Columns "
+            f"(0028,0010)/(0028,0011) {rows} x {cols}", REEXPORT)
+    return pixels
+
+
+def check_native_length(ds: Dataset, path: str) -> None:
+    """Uncompressed Pixel Data holds at least Rows x Columns x Bits Allocated / 8 bytes."""
+    expected = int(ds.Rows) * int(ds.Columns) * (integer(ds, "NumberOfFrames") or 1) * int(ds.BitsAllocated) // 8
+    found = len(ds.PixelData)
+    if found < expected:
+        raise truncated(path, f"Pixel Data (7FE0,0010) holds {found} bytes; Rows x Columns x Bits Allocated "
+                              f"(0028,0010/0011/0100) need {expected}")
+
+
+def dicom_meta(ds: Dataset, sha256: str) -> ImageMeta:
+    """ImageMeta from the tags; missing UIDs derived from the file's sha256."""
+    def tag(keyword: str) -> str:
+        value = ds.get(keyword)
+        return "" if value is None else str(value).strip()
+
+    return ImageMeta(
+        study_uid=tag("StudyInstanceUID") or derived_uid(sha256, "study"),
+        series_uid=tag("SeriesInstanceUID") or derived_uid(sha256, "series"),
+        sop_uid=tag("SOPInstanceUID") or derived_uid(sha256, "sop"),
+        patient_id=tag("PatientID"), patient_sex=tag("PatientSex"), patient_age=tag("PatientAge"),
+        modality=tag("Modality").upper(), body_part=tag("BodyPartExamined").upper(),
+        view_position=tag("ViewPosition").upper(), manufacturer=tag("Manufacturer"), study_date=tag("StudyDate"),
+        source_format="dicom",
+    )
+
+
+# --- PNG / JPEG ------------------------------------------------------------------------------
+
+
+def read_image(path: str, data: bytes, sha256: str, min_side_px: int) -> Radiograph:
+    """PNG/JPEG bytes -> Radiograph (one study per file, MONOCHROME2, no dataset)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            pixels = grey_pixels(ImageOps.exif_transpose(image))
+    except IMAGE_ERRORS as error:
+        kind = "PNG" if data.startswith(PNG_MAGIC) else "JPEG"
+        raise BadInputError(path, "unreadable_image", f"the {kind} image could not be decoded ({error})",
+                            "export the image again, or send the DICOM original") from None
+    rows, cols = pixels.shape
+    if min(rows, cols) < min_side_px:
+        raise OutOfScopeError(path, "image_too_small", f"the image is {rows} x {cols} pixels, below the minimum of "
+                                                        f"{min_side_px} pixels a side",
+                              "send the full-resolution image, not a thumbnail")
+    meta = ImageMeta(derived_uid(sha256, "study"), derived_uid(sha256, "series"), derived_uid(sha256, "sop"),
+                     source_format="image")
+    return Radiograph(path, sha256, pixels, "MONOCHROME2", meta, None)
+
+
+def grey_pixels(image: Image.Image) -> np.ndarray:
+    """(rows, cols) grey values: uint16 for 16-bit grey PNG modes, else uint8 from mode 'L'."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
+    return np.asarray(image.convert("L"), dtype=np.uint8)
