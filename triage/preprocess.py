@@ -98,16 +98,25 @@ def window_unit(values: np.ndarray, center: float, width: float, function: str =
     if function == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     if function == "LINEAR_EXACT":
+        if width <= 0:  # invalid (Window Width shall be > 0): the limit, a threshold at the center
+            return (values > center).astype(np.float64)
         return np.clip((values - (center - width / 2.0)) / width, 0.0, 1.0)
-    width = max(width, 1.0)
+    if width <= 1:  # the standard's width-1 case (and invalid smaller widths): a threshold, no 0/0
+        return (values > center - 0.5).astype(np.float64)
     return np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
 
-def voi_lut_unit(values: np.ndarray, item: Dataset) -> np.ndarray:
-    """Apply one VOI LUT Sequence item (0028,3010) and scale its output to [0, 1]."""
+def voi_lut_unit(values: np.ndarray, item: Dataset, little_endian: bool = True) -> np.ndarray:
+    """Apply one VOI LUT Sequence item (0028,3010) and scale its output to [0, 1].
+
+    ``little_endian``: byte order of an OW LUT Data (0028,3006), that of the file's transfer syntax.
+    """
     count, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
     count = count or 65536
-    lut = np.frombuffer(item.LUTData, dtype="<u2") if isinstance(item.LUTData, bytes) else np.asarray(item.LUTData)
+    if isinstance(item.LUTData, bytes):
+        lut = np.frombuffer(item.LUTData, dtype="<u2" if little_endian else ">u2")
+    else:
+        lut = np.atleast_1d(np.asarray(item.LUTData))
     lut = lut[:count].astype(np.float64)
     index = np.clip(np.round(values - first_mapped), 0, count - 1).astype(np.int64)
     return lut[index] / float(2**bits - 1)
@@ -129,7 +138,7 @@ def unit_image(radiograph: Radiograph, spec: PreprocessSpec) -> np.ndarray:
         bits = 16 if radiograph.pixels.dtype == np.uint16 else 8
         unit = values / float(2**bits - 1)
     elif spec.voi == "dicom_window_else_percentile" and "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        unit = voi_lut_unit(values, ds.VOILUTSequence[0])
+        unit = voi_lut_unit(values, ds.VOILUTSequence[0], little_endian=ds.original_encoding[1] is not False)
     elif spec.voi == "dicom_window_else_percentile" and ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
         unit = window_unit(values, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")))
     else:
