@@ -233,7 +233,7 @@ def decode_pixels(ds: Dataset, path: str) -> np.ndarray:
         raise BadInputError(
             path, "unsupported_pixel_format", f"decoded shape {pixels.shape} is not Rows x Columns "
             f"(0028,0010)/(0028,0011) {rows} x {cols}", REEXPORT)
-    return pixels
+    return pixels.astype(pixels.dtype.newbyteorder("="), copy=False)
 
 
 def check_native_length(ds: Dataset, path: str) -> None:
