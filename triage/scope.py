@@ -127,7 +127,7 @@ def check_image(ds: Dataset, path: str, min_side_px: int = MIN_SIDE_PX) -> None:
             path, "multi_frame", f"Number of Frames (0028,0008) is {frames}; one frame per image is scored",
             "send each radiograph as its own single-frame image")
     rows, cols = integer(ds, "Rows"), integer(ds, "Columns")
-    if rows is not None and cols is not None and min(rows, cols) < min_side_px:
+    if rows and cols and 0 < min(rows, cols) < min_side_px:  # absent or zero: a pixel-format problem
         raise OutOfScopeError(
             path, "image_too_small", f"Rows x Columns (0028,0010)/(0028,0011) is {rows} x {cols}, "
             f"below the minimum of {min_side_px} pixels a side",
