@@ -402,6 +402,7 @@ def test_real_file_without_file_meta_gets_its_transfer_syntax(shared_data):
     assert radiograph.pixels.max() < 2**10
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the dental file's UIDs are not valid UIDs
 @pytest.mark.parametrize("name", NOT_CHEST)
 def test_real_non_chest_files_are_out_of_scope(shared_data, name):
     expect_error(shared_data / "dicom" / "out-of-scope" / name, "body_part_out_of_scope", OutOfScopeError)
@@ -431,6 +432,7 @@ def test_real_undecodable_file(shared_data, tmp_path):
     assert "JPEG Extended" in error.detail and "(0002,0010)" in error.detail
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 @pytest.mark.parametrize("name, syntax", [
     ("fuji-cr-hip-mono2-jpegls-lossless.dcm", "1.2.840.10008.1.2.4.80"),
     ("dental-panoramic-mono1-jpeg-lossless-modality-lut.dcm", "1.2.840.10008.1.2.4.70"),
@@ -450,4 +452,6 @@ def test_same_study_through_three_codecs_gives_the_same_model_input(shared_data)
     np.testing.assert_array_equal(radiographs[0].pixels, radiographs[1].pixels)
     uncompressed, j2k, jpeg_ls = (preprocess(r, spec) for r in radiographs)
     assert np.abs(uncompressed - j2k).max() == 0
-    assert np.abs(uncompressed - jpeg_ls).mean() < 0.01 and np.abs(uncompressed - jpeg_ls).max() < 0.1
+    assert np.abs(uncompressed - jpeg_ls).mean() < 1e-3 and np.abs(uncompressed - jpeg_ls).max() < 1e-2
+    lossy = preprocess(read_radiograph(shared_data / "dicom" / "chest" / "philips-cr-pa-mono1-j2k-lossy.dcm"), spec)
+    assert np.abs(uncompressed - lossy).mean() < 5e-3  # JPEG 2000 lossy of the same study: still close
