@@ -220,7 +220,7 @@ def test_tiny_image_against_the_minimum_size(make_dicom):
 
 
 @pytest.mark.parametrize("content", [b"", b"DICM? no, just text", b"hello\n" * 100, bytes(range(256)) * 4,
-                                     b"%PDF-1.4\n" + bytes(300)])
+                                     b"%PDF-1.4\n" + bytes(300), b"\x08\x00" + bytes(range(256)) * 2])
 def test_not_dicom(tmp_path, content):
     path = tmp_path / "not-dicom.dcm"
     path.write_bytes(content)

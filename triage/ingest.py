@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -122,13 +123,19 @@ def parse_dicom(path: str, data: bytes) -> Dataset:
         raise BadInputError(
             path, "not_dicom", f"the DICOM header could not be parsed ({type(error).__name__}: {error})",
             f"{REEXPORT}; the file may be damaged") from None
+    if not is_dicom_part10(data) and not looks_like_data_set(ds):
+        raise BadInputError(
+            path, "not_dicom", "no preamble or 'DICM' prefix, and the bytes do not read as DICOM data elements",
+            "send DICOM files (or PNG/JPEG images); remove other files from the input folder")
     if cut:
         raise truncated(path, cut)
-    if not is_dicom_part10(data) and not any(tag.group in (0x0008, 0x0028) for tag in ds.keys()):
-        raise BadInputError(
-            path, "not_dicom", "no preamble or 'DICM' prefix, and no (0008,xxxx) or (0028,xxxx) element could be read",
-            "send DICOM files (or PNG/JPEG images); remove other files from the input folder")
     return ds
+
+
+def looks_like_data_set(ds: Dataset) -> bool:
+    """Without a 'DICM' prefix: at least 3 standard elements and no unknown public tag (garbage reads as those)."""
+    public = [tag for tag in ds.keys() if not tag.is_private and tag.element != 0]  # (gggg,0000): group lengths
+    return len(public) >= 3 and all(dictionary_has_tag(tag) for tag in public)
 
 
 def where_cut(ds: Dataset, data: bytes) -> str:
