@@ -1,14 +1,14 @@
 """Kermany labels, a leak-free patient-level split, and images through triage's preprocessing.
 
-Images go through ``triage.preprocess.preprocess`` with the same ``PreprocessSpec``
-that the bundle stores, so training and serving cannot drift apart. Random
+Images are read by ``triage.ingest.read_radiograph`` and go through
+``triage.preprocess.preprocess`` with the same ``PreprocessSpec`` that the bundle
+stores, so training and serving cannot drift apart. Random
 augmentation lives in ``training.augment``, never in ``triage``.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from triage.ingest import read_radiograph
 from triage.preprocess import PreprocessSpec, preprocess
-from triage.radiograph import ImageMeta, Radiograph
+from triage.radiograph import Radiograph
 
 FINDINGS = ("pneumonia",)
 LABELS_FILE = "labels.csv"
@@ -117,14 +117,8 @@ def split_summary(examples: Sequence[Example], idx: Sequence[int]) -> dict[str, 
 
 
 def read_image_radiograph(path: str | Path) -> Radiograph:
-    """A PNG/JPEG file -> a grey uint8 MONOCHROME2 ``Radiograph`` (dataset None), one study per file."""
-    data = Path(path).read_bytes()
-    sha256 = hashlib.sha256(data).hexdigest()
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("L"), dtype=np.uint8)
-    uid = lambda kind: f"2.25.{int(hashlib.sha256(f'{sha256}:{kind}'.encode()).hexdigest()[:30], 16)}"  # noqa: E731
-    meta = ImageMeta(study_uid=uid("study"), series_uid=uid("series"), sop_uid=uid("sop"), source_format="image")
-    return Radiograph(str(path), sha256, pixels, "MONOCHROME2", meta)
+    """A PNG/JPEG file -> grey uint8 MONOCHROME2 ``Radiograph`` (dataset None), read by ``triage.ingest``."""
+    return read_radiograph(path)
 
 
 def load_images(data_dir: str | Path, examples: Sequence[Example], spec: PreprocessSpec) -> np.ndarray:

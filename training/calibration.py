@@ -1,0 +1,104 @@
+"""Temperature scaling, the flag-rate threshold and the metrics stored in a bundle.
+
+Serving computes ``sigmoid(logit / T)`` (``triage.inference.calibrated_risk``); this
+module fits ``T`` and describes the resulting risks on the validation set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import roc_auc_score
+
+from triage.inference import calibrated_risk, sigmoid
+
+
+def binary_nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean binary cross-entropy of (N,) logits against (N,) 0/1 labels, numerically stable."""
+    z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+
+
+class TemperatureScaling:
+    """One temperature per finding, fitted by minimizing the validation NLL.
+
+    ``fit(logits (N, F), labels (N, F))`` sets ``temperature_`` (F,) and returns self;
+    ``predict_proba(logits)`` gives ``sigmoid(logits / temperature_)`` (N, F) float64.
+    """
+
+    def __init__(self, log_t_bounds: tuple[float, float] = (-3.0, 3.0)) -> None:
+        self.log_t_bounds = log_t_bounds
+
+    def fit(self, logits: np.ndarray, labels: np.ndarray) -> "TemperatureScaling":
+        logits, labels = np.atleast_2d(np.asarray(logits, np.float64).T).T, np.atleast_2d(np.asarray(labels, np.float64).T).T
+        if logits.shape != labels.shape or len(logits) == 0:
+            raise ValueError(f"TemperatureScaling.fit: logits {logits.shape} and labels {labels.shape} must be the same non-empty (N, F)")
+        temps = []
+        for f in range(logits.shape[1]):
+            z, y = logits[:, f], labels[:, f]
+            result = minimize_scalar(lambda log_t: binary_nll(z / np.exp(log_t), y), bounds=self.log_t_bounds,
+                                     method="bounded", options={"xatol": 1e-6})
+            temps.append(float(np.exp(result.x)) if binary_nll(z / np.exp(result.x), y) <= binary_nll(z, y) else 1.0)
+        self.temperature_ = np.array(temps)
+        return self
+
+    def predict_proba(self, logits: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "temperature_"):
+            raise AttributeError("TemperatureScaling is not fitted yet. Fix: call fit(logits, labels) first")
+        return calibrated_risk(np.atleast_2d(np.asarray(logits).T).T, self.temperature_)
+
+
+def flag_threshold_for_rate(risks: np.ndarray, flag_rate: float) -> float:
+    """The risk at the (1 - flag_rate) quantile: about ``flag_rate`` of ``risks`` are >= it."""
+    if not 0 < flag_rate < 1:
+        raise ValueError(f"flag_rate={flag_rate!r} must be in (0, 1), e.g. 0.05")
+    return float(np.quantile(np.asarray(risks, np.float64), 1 - flag_rate, method="higher"))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """ECE over ``n_bins`` equal-width bins of predicted probability (binary, positive class)."""
+    probs, labels = np.asarray(probs, np.float64).ravel(), np.asarray(labels, np.float64).ravel()
+    bins = np.minimum((probs * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(probs[in_bin].mean() - labels[in_bin].mean())
+    return float(ece)
+
+
+def operating_metrics(risks: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """Sensitivity, specificity, PPV and flagged fraction for ``risk >= threshold``."""
+    flagged, positive = np.asarray(risks).ravel() >= threshold, np.asarray(labels).ravel() > 0.5
+    tp, fp = int((flagged & positive).sum()), int((flagged & ~positive).sum())
+    fn, tn = int((~flagged & positive).sum()), int((~flagged & ~positive).sum())
+    ratio = lambda a, b: float(a / b) if b else float("nan")  # noqa: E731
+    return {"sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp), "ppv": ratio(tp, tp + fp),
+            "flagged_fraction": ratio(tp + fp, len(flagged))}
+
+
+def risk_histogram(risks: np.ndarray, n_bins: int = 20) -> dict[str, list]:
+    """Counts of risks in ``n_bins`` equal bins over [0, 1]: the drift monitor's reference."""
+    counts, edges = np.histogram(np.clip(np.asarray(risks, np.float64).ravel(), 0, 1), bins=n_bins, range=(0.0, 1.0))
+    return {"bin_edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def validation_report(logits: np.ndarray, labels: np.ndarray, flag_rate: float = 0.05) -> dict:
+    """Fit the temperature and compute every validation figure the manifest stores (first finding)."""
+    scaler = TemperatureScaling().fit(logits, labels)
+    z, y = np.asarray(logits)[:, 0], np.asarray(labels)[:, 0]
+    risks = scaler.predict_proba(logits)[:, 0]
+    threshold = flag_threshold_for_rate(risks, flag_rate)
+    return {
+        "temperature": float(scaler.temperature_[0]),
+        "threshold": threshold,
+        "operating": operating_metrics(risks, y, threshold),
+        "auroc": float(roc_auc_score(y, z)),
+        "n": int(len(y)),
+        "n_positive": int(y.sum()),
+        "nll_before": binary_nll(z, y),
+        "nll_after": binary_nll(z / scaler.temperature_[0], y),
+        "ece_before": expected_calibration_error(sigmoid(z.astype(np.float64)), y),
+        "ece_after": expected_calibration_error(risks, y),
+        "risk_histogram": risk_histogram(risks),
+    }
