@@ -63,7 +63,9 @@ radiograph shows {finding}, so that a triage tool can put the riskiest studies f
 Validation prevalence is {val['n_positive'] / val['n']:.0%}, far above any real worklist, so PPV here
 overstates PPV in practice; sensitivity at a {op['flag_rate']:.0%} flag rate is low by construction
 (most positives cannot fit in the flagged {op['flag_rate']:.0%}). The temperature and threshold were
-fitted on the same validation images they are reported on. For reference, Kermany et al. report
+fitted on the same validation images they are reported on. Training used a positive-class weight
+(pos_weight < 1 for this pneumonia-heavy data), which shifts the logits; a temperature alone cannot
+remove a shift, so some calibration error remains (see ECE after). For reference, Kermany et al. report
 AUROC 0.968 on their held-out test set at full resolution; these figures are not comparable to it.
 
 ## Attribution

@@ -1,0 +1,181 @@
+"""training/: weights, split, fine-tune mechanics, ONNX parity, calibration, samples. Fast, on CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="training tests need the train extra (torch, monai)")
+pytest.importorskip("monai", reason="training tests need the train extra (torch, monai)")
+
+from training import data  # noqa: E402
+from training.calibration import (  # noqa: E402
+    TemperatureScaling, binary_nll, expected_calibration_error, flag_threshold_for_rate, operating_metrics,
+    validation_report)
+from training.model import build_model, freeze_body, layer_groups, unfreeze  # noqa: E402
+from training.train import fit_one_cycle, predict_logits  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pretrained() -> torch.nn.Module:
+    """EfficientNet-Lite0 with ImageNet weights (strict load), 1 channel, one logit."""
+    torch.manual_seed(0)
+    return build_model(1, in_channels=1, image_size=64)
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def test_imagenet_weights_load_strict_into_one_channel_stem(pretrained):
+    assert pretrained._conv_stem.in_channels == 1
+    logits = predict_logits(pretrained, np.random.default_rng(0).normal(size=(3, 1, 64, 64)).astype(np.float32))
+    assert logits.shape == (3, 1) and np.isfinite(logits).all()
+
+
+def test_grey_stem_matches_rgb_stem_on_a_repeated_grey_image():
+    rgb, grey = build_model(1000, in_channels=3).eval(), build_model(1000, in_channels=1).eval()
+    grey._fc = rgb._fc
+    x = torch.rand(2, 1, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(rgb(x.repeat(1, 3, 1, 1)), grey(x), atol=1e-4)
+
+
+def test_frozen_body_keeps_weights_and_batchnorm_statistics():
+    net = build_model(1, image_size=64)
+    net.train()
+    freeze_body(net)
+    before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("_fc")}
+    head = net._fc.weight.clone()
+    x, y = np.random.default_rng(1).normal(size=(16, 1, 64, 64)).astype(np.float32), np.ones((16, 1), np.float32)
+    fit_one_cycle(net, x, y, 1, [1e-2], [list(net._fc.parameters())], 64, 8, 0.01, 1.0, torch.Generator().manual_seed(0),
+                  is_frozen=True, pct_start=0.5)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "body weights or BatchNorm statistics changed"
+    assert not torch.equal(head, net._fc.weight)
+    unfreeze(net)
+    assert all(p.requires_grad for p in net.parameters())
+    assert sum(len(g) for g in layer_groups(net)) == len(list(net.parameters()))
+
+
+def test_tiny_fine_tune_decreases_the_loss():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    y = (np.arange(32) % 2).astype(np.float32)[:, None]
+    x = rng.normal(0, 0.3, size=(32, 1, 64, 64)).astype(np.float32)
+    x[y[:, 0] == 1, :, 16:48, 16:48] += 1.5  # positives carry a bright square
+    net = build_model(1, image_size=64)
+    losses = fit_one_cycle(net, x, y, 3, [1e-4, 5e-4, 2e-3], layer_groups(net), 64, 8, 0.01, 1.0,
+                           torch.Generator().manual_seed(0), is_frozen=False, pct_start=0.3)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# --- split -----------------------------------------------------------------------------------
+
+
+def test_patients_sharing_an_image_land_in_one_split():
+    rows = [data.Example(f"{p}.jpeg", i % 2, "normal", p, m) for i, (p, m) in
+            enumerate([("A", "x"), ("B", "x"), ("B", "y"), ("C", "y"), *[(f"P{i}", f"m{i}") for i in range(40)]])]
+    groups = data.patient_groups(rows)
+    assert any({rows[i].patient_id for i in g} == {"A", "B", "C"} for g in groups.values())
+    for seed in range(5):
+        train, val = data.split_patients(rows, 0.3, seed)
+        assert sorted(train + val) == list(range(len(rows)))
+        assert data.leakage(rows, train, val) == {"patient_id": [], "md5": []}
+
+
+def test_leakage_is_reported():
+    rows = [data.Example("a", 0, "normal", "A", "x"), data.Example("b", 1, "virus", "A", "y")]
+    with pytest.raises(AssertionError, match="leaks 1 patients"):
+        data.assert_no_leakage(rows, [0], [1])
+
+
+def test_real_kermany_split_has_no_patient_or_md5_leakage(shared_data):
+    folder = shared_data / "kermany-pneumonia-224"
+    if not (folder / "labels.csv").is_file():
+        pytest.skip(f"needs ../shared/data/kermany-pneumonia-224/labels.csv ({folder}), absent here")
+    rows = data.read_labels(folder)
+    train, val = data.split_patients(rows, 0.2, seed=0)
+    assert data.assert_no_leakage(rows, train, val) == {"patient_id": [], "md5": []}
+    assert 0.15 < len(val) / len(rows) < 0.25
+    assert len(set(train) | set(val)) == len(rows) == 5216
+
+
+# --- export and calibration ------------------------------------------------------------------
+
+
+def test_onnx_export_matches_torch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from training.export import check_parity, export_onnx, onnx_logits
+
+    torch.manual_seed(0)
+    net = build_model(1, image_size=64, pretrained=False).eval()
+    path = export_onnx(net, tmp_path / "model.onnx", channels=1, size=(64, 64))
+    x = np.random.default_rng(0).normal(size=(5, 1, 64, 64)).astype(np.float32)  # batch 5: the axis is dynamic
+    ort = onnx_logits(path, x)
+    assert ort.shape == (5, 1)
+    assert check_parity(predict_logits(net, x), ort, min_images=5)["max_abs_risk_diff"] <= 1e-4
+
+
+def test_parity_failure_is_loud():
+    from training.export import ParityError, check_parity
+
+    with pytest.raises(ParityError, match="differs from PyTorch"):
+        check_parity(np.zeros((64, 1)), np.full((64, 1), 0.01))
+
+
+def test_temperature_scaling_does_not_worsen_nll_on_overconfident_logits():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 4000)
+    labels = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(float)
+    logits = 4.0 * z  # four times over-confident
+    scaler = TemperatureScaling().fit(logits[:, None], labels[:, None])
+    assert 3.0 < scaler.temperature_[0] < 5.0
+    calibrated = scaler.predict_proba(logits[:, None])[:, 0]
+    assert binary_nll(logits / scaler.temperature_[0], labels) <= binary_nll(logits, labels)
+    assert expected_calibration_error(calibrated, labels) < expected_calibration_error(1 / (1 + np.exp(-logits)), labels)
+
+
+def test_threshold_flags_about_five_percent():
+    risks = np.random.default_rng(0).beta(2, 5, 2000)
+    threshold = flag_threshold_for_rate(risks, 0.05)
+    assert 0.045 <= float((risks >= threshold).mean()) <= 0.055
+    labels = (risks > 0.5).astype(float)
+    assert operating_metrics(risks, labels, threshold)["ppv"] == 1.0
+    report = validation_report(np.log(risks / (1 - risks))[:, None], labels[:, None], 0.05)
+    assert sum(report["risk_histogram"]["counts"]) == 2000 and len(report["risk_histogram"]["counts"]) == 20
+    assert 0.045 <= report["operating"]["flagged_fraction"] <= 0.055
+
+
+# --- CLI and samples -------------------------------------------------------------------------
+
+
+def test_cli_registers_train_and_export_without_importing_torch():
+    code = ("import argparse, sys; from training.cli import add_parsers; p = argparse.ArgumentParser(); "
+            "add_parsers(p.add_subparsers()); a = p.parse_args(['train', '--out', 'r', '--limit', '8']); "
+            "b = p.parse_args(['export', 'r', '--out', 'b']); "
+            "print(a.epochs_frozen, a.epochs, a.size, a.limit, b.run_dir, callable(a.func), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1", "224", "8", "r", "True", "False"]
+
+
+def test_sample_dicom_reads_back_as_the_training_input(tmp_path):
+    from triage.ingest import read_radiograph
+    from triage.preprocess import PreprocessSpec, preprocess, standardize
+
+    from training.samples import to_dicom
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(224, 224), dtype=np.uint8)
+    example = data.Example("images/x.jpeg", 1, "virus", "P1", "abc")
+    path = tmp_path / "s.dcm"
+    to_dicom(pixels, example).save_as(path, enforce_file_format=True)
+    radiograph = read_radiograph(path)
+    assert (radiograph.meta.modality, radiograph.meta.body_part, radiograph.meta.view_position) == ("CR", "CHEST", "AP")
+    assert radiograph.meta.patient_id == "P1" and radiograph.photometric == "MONOCHROME2"
+    spec = PreprocessSpec()
+    np.testing.assert_array_equal(preprocess(radiograph, spec), standardize(pixels / np.float32(255), spec))
