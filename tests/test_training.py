@@ -52,7 +52,7 @@ def test_frozen_body_keeps_weights_and_batchnorm_statistics():
     freeze_body(net)
     before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("_fc")}
     head = net._fc.weight.clone()
-    x, y = np.random.default_rng(1).normal(size=(16, 1, 64, 64)).astype(np.float32), np.ones((16, 1), np.float32)
+    x, y = np.random.default_rng(1).normal(size=(32, 1, 64, 64)).astype(np.float32), np.ones((32, 1), np.float32)
     fit_one_cycle(net, x, y, 1, [1e-2], [list(net._fc.parameters())], 64, 8, 0.01, 1.0, torch.Generator().manual_seed(0),
                   is_frozen=True, pct_start=0.5)
     after = net.state_dict()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,11 @@ def export_onnx(net: nn.Module, path: str | Path, channels: int = 1, size: tuple
     net = net.eval().to(memory_format=torch.contiguous_format)
     dummy = torch.zeros(2, channels, *size, dtype=torch.float32)
     path = Path(path)
-    torch.onnx.export(net, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                      dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
-                      do_constant_folding=True, dynamo=False)
+    with warnings.catch_warnings():  # MONAI's same-padding slices cannot be folded; harmless
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+        torch.onnx.export(net, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
 

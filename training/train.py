@@ -78,9 +78,12 @@ def framework_versions() -> dict[str, str]:
 
 def one_cycle(optimizer: torch.optim.Optimizer, max_lrs: Sequence[float], total_steps: int, pct_start: float,
               div: float = 25.0) -> torch.optim.lr_scheduler.OneCycleLR:
-    """fastai's one-cycle: cosine warm-up to ``max_lrs`` over ``pct_start``, cosine down; momentum 0.95-0.85-0.95."""
+    """fastai's one-cycle: cosine warm-up to ``max_lrs`` over ``pct_start``, cosine down; momentum 0.95-0.85-0.95.
+
+    Fewer than 4 steps are scheduled as 4 (torch's OneCycleLR needs >= 1 step per phase).
+    """
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=list(max_lrs), total_steps=max(total_steps, 1), pct_start=pct_start, div_factor=div,
+        optimizer, max_lr=list(max_lrs), total_steps=max(total_steps, 4), pct_start=pct_start, div_factor=div,
         final_div_factor=1e5 / div, base_momentum=0.85, max_momentum=0.95, cycle_momentum=True)
 
 
