@@ -425,11 +425,18 @@ def as_chest(source: Path, folder: Path) -> Path:
     return path
 
 
-def test_real_undecodable_file(shared_data, tmp_path):
+def test_real_undecodable_file_names_the_decode_failure(shared_data, tmp_path):
     source = shared_data / "dicom" / UNDECODABLE
-    expect_error(source, "body_part_out_of_scope", OutOfScopeError)  # the header is checked before any decoding
-    error = expect_error(as_chest(source, tmp_path), "decode_failed")
+    error = expect_error(source, "decode_failed")  # decoding comes before the anatomy check: a person can't read it either
     assert "JPEG Extended" in error.detail and "(0002,0010)" in error.detail
+    assert error.meta.study_uid and error.meta.body_part == "HIP"  # the record still names the study
+    assert expect_error(as_chest(source, tmp_path), "decode_failed").reason == "decode_failed"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_out_of_scope_errors_carry_the_study_identity(shared_data):
+    error = expect_error(shared_data / "dicom" / "out-of-scope" / NOT_CHEST[0], "body_part_out_of_scope", OutOfScopeError)
+    assert error.meta.study_uid and error.meta.modality == "CR"
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")

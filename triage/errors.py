@@ -7,6 +7,8 @@ A study that raises one is still recorded and routed to human review.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TriageError(Exception):
     """Base of every error this project raises on purpose."""
@@ -16,17 +18,19 @@ class BadInputError(TriageError, ValueError):
     """An input file that cannot be scored.
 
     ``reason`` is a short snake_case code from ``REASONS``; ``detail`` says what was
-    found; ``fix`` says what a person can do about it.
+    found; ``fix`` says what a person can do about it; ``meta`` carries the image's
+    UIDs and tags when they could be read, so the record still names the study.
     """
 
-    def __init__(self, path: str, reason: str, detail: str, fix: str) -> None:
+    def __init__(self, path: str, reason: str, detail: str, fix: str, meta: Any = None) -> None:
         if reason not in REASONS:
             raise KeyError(f"BadInputError: unknown reason code {reason!r}; add it to triage.errors.REASONS")
         self.path, self.reason, self.detail, self.fix = str(path), reason, detail, fix
+        self.meta = meta  # triage.radiograph.ImageMeta when the header could be read
         super().__init__(f"{self.path}: {reason}: {detail}. Fix: {fix}")
 
-    def __reduce__(self):  # pickle across worker processes with all four fields
-        return (type(self), (self.path, self.reason, self.detail, self.fix))
+    def __reduce__(self):  # pickle across worker processes with every field
+        return (type(self), (self.path, self.reason, self.detail, self.fix, self.meta))
 
 
 class OutOfScopeError(BadInputError):
@@ -55,7 +59,7 @@ REASONS: dict[str, str] = {
     "modality_out_of_scope": "Modality (0008,0060) is not CR or DX",
     "body_part_out_of_scope": "Body Part Examined (0018,0015) or the descriptions name non-chest anatomy",
     "view_out_of_scope": "View Position (0018,5101) is lateral or otherwise not frontal",
-    "image_too_small": "fewer pixels than the model's input on a side",
+    "image_too_small": "fewer rows or columns than the minimum (64 px by default): a thumbnail, not a radiograph",
     "no_scorable_image": "a study none of whose images could be scored",
     "inference_failed": "ONNX Runtime failed on this image",
 }

@@ -32,7 +32,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from .errors import BadInputError, OutOfScopeError
 from .radiograph import ImageMeta, Radiograph
-from .scope import MIN_SIDE_PX, check_scope, integer
+from .scope import MIN_SIDE_PX, check_anatomy, check_format, integer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -101,11 +101,16 @@ def derived_uid(sha256: str, part: str) -> str:
 def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int) -> Radiograph:
     """DICOM bytes -> Radiograph: parse, check the header, then decode."""
     ds = parse_dicom(path, data)
-    check_pixel_data_present(ds, path)
-    check_scope(ds, path, min_side_px)
-    check_pixel_attributes(ds, path)
-    ensure_transfer_syntax(ds, path)
-    pixels = decode_pixels(ds, path)
+    try:
+        check_pixel_data_present(ds, path)
+        check_format(ds, path, min_side_px)
+        check_pixel_attributes(ds, path)
+        ensure_transfer_syntax(ds, path)
+        pixels = decode_pixels(ds, path)
+        check_anatomy(ds, path)
+    except BadInputError as error:
+        error.meta = dicom_meta(ds, sha256)  # so the human-review record still names the study
+        raise
     del ds.PixelData
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     return Radiograph(path, sha256, pixels, photometric, dicom_meta(ds, sha256), ds)

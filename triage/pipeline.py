@@ -55,7 +55,8 @@ def prepare(path: str, spec: PreprocessSpec) -> Prepared:
         model_input = preprocess(radiograph, spec)
     except BadInputError as error:
         elapsed_ms = (time.perf_counter() - start) * 1000
-        return Prepared(str(path), _sha256_or_empty(path), reason=error.reason, detail=str(error), decode_ms=elapsed_ms)
+        return Prepared(str(path), _sha256_or_empty(path), error.meta, reason=error.reason, detail=str(error),
+                        decode_ms=elapsed_ms)
     elapsed_ms = (time.perf_counter() - start) * 1000
     return Prepared(str(path), radiograph.sha256, radiograph.meta, model_input, decode_ms=elapsed_ms)
 

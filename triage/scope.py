@@ -1,4 +1,4 @@
-"""Is this image one the model was made for? Header-only checks, run before decoding.
+"""Is this image one the model was made for? Header-only checks (format before decoding, anatomy after).
 
 Each check raises ``OutOfScopeError`` with a reason code from ``triage.errors.REASONS``:
 
@@ -134,9 +134,18 @@ def check_image(ds: Dataset, path: str, min_side_px: int = MIN_SIDE_PX) -> None:
             "send the full-resolution image, not a thumbnail")
 
 
-def check_scope(ds: Dataset, path: str, min_side_px: int = MIN_SIDE_PX) -> None:
-    """Raise ``OutOfScopeError`` unless the header describes a frontal chest CR/DX image."""
+def check_format(ds: Dataset, path: str, min_side_px: int = MIN_SIDE_PX) -> None:
+    """Before decoding: raise ``OutOfScopeError`` unless this is a single-frame monochrome CR/DX image."""
     check_modality(ds, path)
+    check_image(ds, path, min_side_px)
+
+
+def check_anatomy(ds: Dataset, path: str) -> None:
+    """After decoding: raise ``OutOfScopeError`` unless the header describes a frontal chest.
+
+    Run after the decode so that a damaged file is reported as such (a person cannot
+    read it either), whatever its anatomy.
+    """
     check_body_part(ds, path)
     check_view(ds, path)
-    check_image(ds, path, min_side_px)
+
