@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[cpu]"
+log=.venv/install.log
+{ .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[cpu]"; } >"$log" 2>&1 \
+  || { cat "$log"; echo "install failed (log: $log)"; exit 1; }
 mkdir -p out
 .venv/bin/cxr-triage score samples --out out/worklist.csv --audit-db out/audit.sqlite
 .venv/bin/cxr-triage audit verify --audit-db out/audit.sqlite
