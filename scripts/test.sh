@@ -4,6 +4,18 @@
 # CPU build, set PIP_TORCH_INDEX=https://download.pytorch.org/whl/cpu before running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# System programs used by the tests as real peers: dcmtk (DICOM network peer), Chromium (dashboard e2e).
+need=()
+command -v storescp >/dev/null || need+=(dcmtk)
+command -v chromium >/dev/null || need+=(chromium chromium-driver)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } >/tmp/cxr-apt.log 2>&1 \
+      || { cat /tmp/cxr-apt.log; echo "apt-get install ${need[*]} failed"; exit 1; }
+  else
+    echo "note: install the Debian packages ${need[*]} (as root) or the tests that need them skip" >&2
+  fi
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 log=.venv/install.log
 { .venv/bin/python -m pip install -q --upgrade pip \
