@@ -462,3 +462,23 @@ def test_same_study_through_three_codecs_gives_the_same_model_input(shared_data)
     assert np.abs(uncompressed - jpeg_ls).mean() < 1e-3 and np.abs(uncompressed - jpeg_ls).max() < 1e-2
     lossy = preprocess(read_radiograph(shared_data / "dicom" / "chest" / "philips-cr-pa-mono1-j2k-lossy.dcm"), spec)
     assert np.abs(uncompressed - lossy).mean() < 5e-3  # JPEG 2000 lossy of the same study: still close
+
+
+# --- resource guards -------------------------------------------------------------------------
+
+
+def test_header_claiming_a_huge_image_is_refused_before_decoding(make_dicom):
+    path = make_dicom(rows=128, cols=128)
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 40000, 40000  # 3 GB decoded at 16 bits; the pixel data is only 32 KB
+    ds.save_as(path)
+    error = expect_error(path, "too_large", OutOfScopeError)
+    assert "over the 512 MiB limit" in error.detail and "(0028,0010)" in error.detail
+
+
+def test_oversized_file_is_refused_before_reading(make_dicom, monkeypatch):
+    import triage.ingest
+
+    path = make_dicom(rows=128, cols=128)
+    monkeypatch.setattr(triage.ingest, "MAX_FILE_BYTES", 1000)
+    assert "over the 0 MiB limit" in expect_error(path, "too_large").detail

@@ -59,6 +59,7 @@ REASONS: dict[str, str] = {
     "modality_out_of_scope": "Modality (0008,0060) is not CR or DX",
     "body_part_out_of_scope": "Body Part Examined (0018,0015) or the descriptions name non-chest anatomy",
     "view_out_of_scope": "View Position (0018,5101) is lateral or otherwise not frontal",
+    "too_large": "file or decoded pixel data over the size limit (a decompression bomb, or not a radiograph)",
     "image_too_small": "fewer rows or columns than the minimum (64 px by default): a thumbnail, not a radiograph",
     "no_scorable_image": "a study none of whose images could be scored",
     "inference_failed": "ONNX Runtime failed on this image",

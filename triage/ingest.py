@@ -39,6 +39,7 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 PIXEL_DATA_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010), little and big endian
 ACR_NEMA_FIRST_GROUPS = (0x0000, 0x0002, 0x0008)  # a data set without preamble starts with one of these
 UNDEFINED_LENGTH = 0xFFFFFFFF
+MAX_FILE_BYTES = 1024 * 2**20  # refuse to read larger files into memory
 REEXPORT = "re-export the study from PACS uncompressed (Explicit VR Little Endian)"
 PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, struct.error, ValueError, KeyError,
                 IndexError, NotImplementedError, TypeError)
@@ -73,6 +74,11 @@ def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX
 def read_bytes(path: str | PathLike[str]) -> bytes:
     """The whole file; an unreadable path becomes a ``BadInputError``."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise BadInputError(
+                str(path), "too_large", f"the file is {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB limit",
+                "check what this file is; a chest radiograph is well under 100 MiB")
         return Path(path).read_bytes()
     except OSError as error:
         raise BadInputError(

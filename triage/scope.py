@@ -43,6 +43,8 @@ DESCRIPTION_TAGS = (
     ("SeriesDescription", "(0008,103E) Series Description"),
     ("ProtocolName", "(0018,1030) Protocol Name"),
 )
+MAX_DECODED_BYTES = 512 * 2**20
+"""Largest decoded pixel data accepted: refused before decoding (decompression bombs)."""
 MIN_SIDE_PX = 64
 """Default smallest Rows/Columns accepted: below this nothing is left to triage (the
 model input is resampled to the bundle's size anyway)."""
@@ -65,6 +67,20 @@ def integer(ds: Dataset, keyword: str) -> int | None:
         return int(ds.get(keyword))
     except (TypeError, ValueError):
         return None
+
+
+def check_decoded_size(ds: Dataset, path: str, limit_bytes: int = MAX_DECODED_BYTES) -> None:
+    """Refuse before decoding when Rows x Columns x frames x samples x bytes exceeds the limit."""
+    bytes_per_sample = max(1, (integer(ds, "BitsAllocated") or 16) // 8)
+    size = 1
+    for keyword in ("Rows", "Columns", "NumberOfFrames", "SamplesPerPixel"):
+        size *= max(1, integer(ds, keyword) or 1)
+    size *= bytes_per_sample
+    if size > limit_bytes:
+        raise OutOfScopeError(
+            path, "too_large", f"Rows x Columns x frames x samples x bytes (0028,0010)/(0028,0011)/(0028,0008)/"
+            f"(0028,0002)/(0028,0100) is {size / 2**20:.0f} MiB, over the {limit_bytes / 2**20:.0f} MiB limit",
+            "check the file with the modality vendor; a chest radiograph decodes to well under 100 MiB")
 
 
 def check_modality(ds: Dataset, path: str) -> None:
@@ -127,6 +143,7 @@ def check_image(ds: Dataset, path: str, min_side_px: int = MIN_SIDE_PX) -> None:
             path, "multi_frame", f"Number of Frames (0028,0008) is {frames}; one frame per image is scored",
             "send each radiograph as its own single-frame image")
     rows, cols = integer(ds, "Rows"), integer(ds, "Columns")
+    check_decoded_size(ds, path)
     if rows and cols and 0 < min(rows, cols) < min_side_px:  # absent or zero: a pixel-format problem
         raise OutOfScopeError(
             path, "image_too_small", f"Rows x Columns (0028,0010)/(0028,0011) is {rows} x {cols}, "
