@@ -13,6 +13,8 @@ from PIL import Image
 from deploy.cli import main
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import AuditStore
+from triage.bundle import load_bundle
+from triage.errors import AuditError
 
 pydicom_data = pytest.importorskip("pydicom.data")
 
@@ -157,3 +159,49 @@ def test_worklist_and_audit_hold_no_patient_identifiers(tmp_path, tiny):
         assert "Doe" not in text and "8675309" not in text
     with AuditStore(db) as store:
         assert len(store.decisions()[0]["patient_pseudo_id"]) == 16
+
+
+def test_a_rerun_with_riskier_new_studies_supersedes_the_old_flag(tmp_path, tiny):
+    folder, out, db = tmp_path / "in", tmp_path / "w.csv", tmp_path / "a.sqlite"
+    write_pngs(folder / "day1", 20)
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    with AuditStore(db) as store:
+        first_flagged = [d for d in store.decisions() if d["flagged"]]
+    assert [Path(d["path"]).name for d in first_flagged] == ["img019.png"]
+
+    brighter = folder / "day2"
+    brighter.mkdir()
+    for i in range(20):  # brighter than anything on day 1
+        Image.fromarray(np.full((96, 96), 200 + i, np.uint8), mode="L").save(brighter / f"late{i:02d}.png")
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    with AuditStore(db) as store:
+        rows = store.decisions()
+        assert store.verify().ok
+    superseding = [d for d in rows if d["supersedes"] is not None]
+    assert len(superseding) == 1 and superseding[0]["supersedes"] == first_flagged[0]["id"]
+    assert not superseding[0]["flagged"] and superseding[0]["path"] == first_flagged[0]["path"]
+    assert len(rows) == 41  # 20 + 20 new + 1 superseding; nothing rewritten
+    flagged_now = {Path(r["path"]).name for r in read_worklist(out) if r["flagged"] == "1"}
+    assert flagged_now == {"late19.png", "late18.png"}
+
+
+def test_inferences_of_a_failed_run_are_kept_and_recorded_by_the_next(studies, tiny, tmp_path, monkeypatch):
+    out, db = tmp_path / "w.csv", tmp_path / "a.sqlite"
+
+    def disk_full(self, decisions):
+        raise AuditError(f"{db}: database or disk is full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AuditStore, "append_decisions", disk_full)
+        assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 1
+    with AuditStore(db) as store:
+        assert store.decisions() == []
+        pending = store.load_pending(load_bundle(tiny).sha256)
+    assert len(pending) == 41
+    first_run = {payload["run_id"] for payload in pending.values()}
+
+    assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    with AuditStore(db) as store:
+        rows = store.decisions()
+        assert store.load_pending(load_bundle(tiny).sha256) == {}
+    assert len(rows) == 41 and {r["run_id"] for r in rows} == first_run  # recorded, not scored again
