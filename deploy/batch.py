@@ -19,7 +19,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from triage.audit import AuditStore, Decision, default_audit_db
 from triage.bundle import Bundle, load_bundle, sha256_file
 from triage.errors import TriageError
-from triage.inference import load_model
+from triage.inference import Model, load_model
 from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks
 from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate, flag_top_k
 from triage.preprocess import PreprocessSpec
@@ -190,35 +190,41 @@ def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path, out: Path, f
         decided_rows = store.decided_keys(bundle.sha256)
         decided = {k: decision_from_row(v) for k, v in decided_rows.items()}
         pending = {k: Decision(**v) for k, v in store.load_pending(bundle.sha256).items()}
-        known = frozenset(decided) | frozenset(pending)
-        stream = _prepared_stream(files, bundle.preprocessing, known, workers)
         model = load_model(bundle, device)
-        fresh: list[Decision] = []
-        seen_known: list[tuple[str, str]] = []
-        with tqdm(total=len(files), unit="file", disable=None if progress is None else not progress, file=sys.stderr) as bar:
-            for batch in _batches(stream, BATCH_SIZE):
-                new = [item for item in batch if isinstance(item, Prepared)]
-                seen_known += [(item.path, item.sha256) for item in batch if isinstance(item, Known)]
-                drafts = score_prepared(model, new, lambda pid: pseudonymize(pid, secret), run_id)
-                store.save_pending([(d.path, d.sha256, bundle.sha256, dataclasses.asdict(d)) for d in drafts])
-                fresh += drafts
-                bar.update(len(batch))
-        resumed = [pending[k] for k in seen_known if k in pending]
+        fresh, seen_known = _score_new_files(
+            files, model, store, frozenset(decided) | frozenset(pending), workers,
+            lambda pid: pseudonymize(pid, secret), run_id, progress)
+        new = fresh + [pending[k] for k in seen_known if k in pending]
         previous = [decided[k] for k in seen_known if k in decided]
-        everything = fresh + resumed + previous
-        risks = scored_study_risks(everything)
+        risks = scored_study_risks(new + previous)
         flags = flag_top_k(risks, flag_rate)
-        final_new = finalize(fresh + resumed, flags, risks)
-        final_previous = finalize(previous, flags, risks)
+        final_new, final_previous = finalize(new, flags, risks), finalize(previous, flags, risks)
         superseding = [
             dataclasses.replace(now, supersedes=decided_rows[(before.path, before.sha256)]["id"], run_id=run_id)
             for before, now in zip(previous, final_previous)
             if now.flagged != before.flagged
         ]
         store.append_decisions(final_new + superseding)
-        store.clear_pending([(d.path, d.sha256, bundle.sha256) for d in fresh + resumed])
+        store.clear_pending([(d.path, d.sha256, bundle.sha256) for d in new])
     write_worklist(final_new + final_previous, out)
     return RunSummary(len(files), len(previous), final_new + final_previous, model.provider, time.perf_counter() - start)
+
+
+def _score_new_files(files: Sequence[str], model: Model, store: AuditStore, known: frozenset[tuple[str, str]],
+                     workers: int, pseudonymize_id: Callable[[str], str], run_id: str,
+                     progress: bool | None) -> tuple[list[Decision], list[tuple[str, str]]]:
+    """Drafts for the files this bundle has not scored (saved as pending per batch), and the keys it had."""
+    fresh: list[Decision] = []
+    seen_known: list[tuple[str, str]] = []
+    stream = _prepared_stream(files, model.bundle.preprocessing, known, workers)
+    with tqdm(total=len(files), unit="file", disable=None if progress is None else not progress, file=sys.stderr) as bar:
+        for batch in _batches(stream, BATCH_SIZE):
+            seen_known += [(item.path, item.sha256) for item in batch if isinstance(item, Known)]
+            drafts = score_prepared(model, [item for item in batch if isinstance(item, Prepared)], pseudonymize_id, run_id)
+            store.save_pending([(d.path, d.sha256, model.bundle.sha256, dataclasses.asdict(d)) for d in drafts])
+            fresh += drafts
+            bar.update(len(batch))
+    return fresh, seen_known
 
 
 def score_command(args: argparse.Namespace) -> int:
