@@ -1,0 +1,133 @@
+"""Workstation settings: a TOML file, then command-line flags on top.
+
+Every key of the file has a flag of the same name (``allow_ae`` -> ``--allow-ae``);
+a flag given on the command line wins over the file.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash/control
+_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-:\[\]]+):(?P<port>\d{1,5})$")
+
+
+class ConfigError(ValueError):
+    """A workstation setting that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-STORE SCP that receives our reports: ``AE@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        match = _DESTINATION.match(text.strip())
+        if match is None or not _AE_TITLE.match(match["ae"]) or not 0 < int(match["port"]) < 65536:
+            raise ConfigError(f"destination {text!r} is not AE@HOST:PORT. Fix: e.g. PACS@10.0.0.5:104")
+        return cls(match["ae"].strip(), match["host"].strip("[]"), int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the service needs; ``load_config`` builds and validates it."""
+
+    port: int = 11112
+    host: str = "127.0.0.1"
+    ae_title: str = "CXR_TRIAGE"
+    allow_ae: tuple[str, ...] = ()          # empty: refuse every caller (safe default)
+    inbox: Path = Path("cxr-triage-inbox")
+    audit_db: Path = Path("cxr-triage-audit.sqlite")
+    bundle: Path | None = None              # None: the bundled demo model
+    destinations: tuple[Destination, ...] = ()
+    flag_rate: float = DEFAULT_FLAG_RATE
+    quiet_period_s: float = 5.0
+    max_wait_s: float = 4 * 3600.0          # starvation guard
+    window: int = 200                       # studies per site in the rolling recalibration window
+    min_history: int = 20                   # studies before the site's own quantile replaces the bundle threshold
+    poll_s: float = 0.5                     # watched-folder poll interval
+    retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+    notify_command: tuple[str, ...] = ()    # argv run for each flagged study (no shell)
+    device: str = "auto"
+
+    @property
+    def incoming_dir(self) -> Path:
+        return self.inbox / "incoming"
+
+    @property
+    def studies_dir(self) -> Path:
+        return self.inbox / "studies"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.inbox / "outbox"
+
+    @property
+    def state_file(self) -> Path:
+        return self.inbox / "workstation.json"
+
+
+_PATHS = {"inbox", "audit_db", "bundle"}
+_TUPLES = {"allow_ae", "notify_command"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """A raw file/flag value -> the type ``Config`` holds for ``key``."""
+    if key in _PATHS:
+        return None if value is None else Path(value)
+    if key in _TUPLES:
+        return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+    if key == "destinations":
+        return tuple(Destination.parse(v) for v in ([value] if isinstance(value, str) else value))
+    return value
+
+
+def validate(config: Config) -> Config:
+    """Return ``config`` if every value is usable, else raise ConfigError naming the key."""
+    for ae in (config.ae_title, *config.allow_ae):
+        if not _AE_TITLE.match(ae) or not ae.strip():
+            raise ConfigError(f"AE title {ae!r} is not 1-16 printable characters without backslash. Fix: e.g. CXR_TRIAGE")
+    if not 0 <= config.port < 65536:
+        raise ConfigError(f"port {config.port} is not in 0..65535 (0 picks a free port)")
+    try:
+        check_flag_rate(config.flag_rate)
+    except ValueError as error:
+        raise ConfigError(f"flag_rate: {error}") from error
+    for key in ("quiet_period_s", "max_wait_s", "poll_s", "retry_base_s", "retry_max_s"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key} is {getattr(config, key)}; it must be >= 0 seconds")
+    if config.window < 1 or config.min_history < 1:
+        raise ConfigError("window and min_history must be >= 1 study")
+    if config.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device {config.device!r} is not one of auto, cpu, cuda")
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file at ``path`` (when given), then ``overrides`` whose value is not None."""
+    known = {f.name for f in fields(Config)}
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"{path}: cannot read the config file ({error}). Fix: see deploy/workstation/README.md") from error
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in known})
+    return validate(replace(Config(), **{k: _coerce(k, v) for k, v in values.items()}))

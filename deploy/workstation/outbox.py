@@ -1,0 +1,113 @@
+"""The persistent outbox: reports wait as files until every destination has accepted them.
+
+``outbox/<destination key>/<SOP Instance UID>.dcm``, one copy per destination, written
+atomically. A sender thread C-STOREs them; a file is deleted only on a success status,
+otherwise retried with exponential backoff (``retry_base_s`` doubling up to
+``retry_max_s``). Files left by a previous run are sent after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pynetdicom import AE
+
+from .config import Destination
+from .inbox import PART_SUFFIX, write_atomic
+
+log = logging.getLogger("cxr_triage.workstation")
+
+
+def destination_key(destination: Destination) -> str:
+    """A folder name for ``destination`` built from a hash, never from the configured text itself."""
+    return hashlib.sha256(str(destination).encode()).hexdigest()[:16]
+
+
+def send(dataset: Dataset, destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> int | None:
+    """C-STORE ``dataset`` to ``destination``; the status (0 = success), or None when no association."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_store(dataset)
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()
+
+
+class Outbox:
+    """Queue reports for ``destinations`` and deliver them from one background thread."""
+
+    def __init__(self, folder: Path, destinations: Sequence[Destination], calling_ae: str,
+                 retry_base_s: float = 2.0, retry_max_s: float = 300.0) -> None:
+        self.folder, self.destinations, self.calling_ae = folder, tuple(destinations), calling_ae
+        self.retry_base_s, self.retry_max_s = retry_base_s, retry_max_s
+        self._attempts: dict[Path, tuple[int, float]] = {}  # path -> (failures, next try, monotonic)
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def put(self, dataset: Dataset) -> list[Path]:
+        """Write one copy of ``dataset`` per destination; returns the files."""
+        from io import BytesIO
+
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        paths = [self.folder / destination_key(d) / f"{dataset.SOPInstanceUID}.dcm" for d in self.destinations]
+        for path in paths:
+            write_atomic(path, buffer.getvalue())
+        self._wake.set()
+        return paths
+
+    def pending(self) -> list[Path]:
+        return sorted(p for p in self.folder.glob("*/*.dcm")) if self.folder.is_dir() else []
+
+    def deliver_once(self) -> int:
+        """Try every file that is due; returns how many were delivered."""
+        delivered = 0
+        for destination in self.destinations:
+            folder = self.folder / destination_key(destination)
+            for part in folder.glob(f"*{PART_SUFFIX}"):
+                part.unlink(missing_ok=True)
+            for path in sorted(folder.glob("*.dcm")) if folder.is_dir() else []:
+                failures, next_try = self._attempts.get(path, (0, 0.0))
+                if time.monotonic() < next_try or self._stop.is_set():
+                    continue
+                status = send(dcmread(path), destination, self.calling_ae)
+                if status == 0:
+                    path.unlink()
+                    self._attempts.pop(path, None)
+                    delivered += 1
+                    log.info("sent %s to %s", path.name, destination)
+                    continue
+                delay = min(self.retry_max_s, self.retry_base_s * 2**failures)
+                self._attempts[path] = (failures + 1, time.monotonic() + delay)
+                log.warning("could not send %s to %s (status %s); retry in %.0f s", path.name, destination,
+                            "no association" if status is None else f"0x{status:04X}", delay)
+        return delivered
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.deliver_once()
+            waits = [t for _, t in self._attempts.values()]
+            timeout = max(0.05, min(waits) - time.monotonic()) if waits else 5.0
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)

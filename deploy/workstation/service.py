@@ -1,0 +1,269 @@
+"""The workstation service: inputs (SCP, watched folder) -> assembler -> scoring -> audit, report, notification.
+
+All audit-store work happens in the thread that calls ``Workstation.run``; the SCP
+and the folder watcher only write files into the inbox and queue an ``Arrival``.
+On start, ``.part`` leftovers are removed and every inbox file that this bundle has
+not decided (by path and sha256) is queued again, so nothing received is lost and
+nothing decided is decided twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from triage.audit import AuditStore, Decision
+from triage.bundle import load_bundle, sha256_file
+from triage.inference import load_model
+from triage.pipeline import SCORED, finalize, prepare, score_prepared, scored_study_risks
+from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
+
+from ..batch import decision_from_row
+from ..paths import default_bundle_dir
+from .assembler import StudyAssembler
+from .config import Config
+from .inbox import Arrival, claim_dropped, remove_partials, stored_instances, write_atomic
+from .outbox import Outbox
+from .report import build_report
+from .scp import StorageSCP
+from .stream import STARVATION_GUARD, SiteRecalibrator, StarvationGuard
+
+log = logging.getLogger("cxr_triage.workstation")
+RECOVERED_SITE = "inbox"
+
+
+class Workstation:
+    """Build with a validated ``Config``; ``run(stop)`` serves until ``stop`` is set."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.bundle = load_bundle(config.bundle or default_bundle_dir())
+        self.model = load_model(self.bundle, config.device)
+        self.arrivals: queue.Queue[Arrival] = queue.Queue()
+        self.assembler = StudyAssembler(config.quiet_period_s)
+        self.recalibrator = SiteRecalibrator(self.bundle.threshold, config.flag_rate, config.window, config.min_history)
+        self.guard = StarvationGuard(config.max_wait_s)
+        self.scp = StorageSCP(config.ae_title, config.allow_ae, config.studies_dir, self.arrivals.put,
+                              config.host, config.port)
+        self.outbox = Outbox(config.outbox_dir, config.destinations, config.ae_title,
+                             config.retry_base_s, config.retry_max_s)
+        self.latencies_ms: list[tuple[str, float]] = []  # (study, last receipt -> audited), for the benchmark
+        self.ready = threading.Event()
+        self._received_at: dict[str, float] = {}
+        self._study_sites: dict[str, str] = {}
+        self._decided: dict[tuple[str, str], int] = {}
+        self._latest_by_path: dict[str, int] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Recover, start the inputs and the outbox, then score studies as they complete, until ``stop``."""
+        for folder in (self.config.incoming_dir, self.config.studies_dir, self.config.outbox_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        secret = load_or_create_secret(default_secret_path(self.config.audit_db))
+        self._pseudonymize = lambda pid: pseudonymize(pid, secret)
+        self._run_id = uuid.uuid4().hex
+        with AuditStore(self.config.audit_db) as store:
+            self._load_state(store)
+            self.scp.start()
+            self.outbox.start()
+            watcher = threading.Thread(target=self._watch_incoming, args=(stop,), name="incoming", daemon=True)
+            watcher.start()
+            self._save_state()
+            self.ready.set()
+            log.info("workstation ready: port %d, provider %s, bundle %s %s", self.scp.port, self.model.provider,
+                     self.bundle.name, self.bundle.version)
+            try:
+                self._serve(store, stop)
+            finally:
+                self.scp.stop()
+                watcher.join(timeout=5)
+                self.outbox.stop()
+
+    def _serve(self, store: AuditStore, stop: threading.Event) -> None:
+        next_guard = 0.0
+        while not stop.is_set():
+            wait = self.assembler.next_due_in(time.monotonic())
+            try:
+                self._accept(self.arrivals.get(timeout=0.2 if wait is None else min(wait, 0.2)))
+                while True:
+                    self._accept(self.arrivals.get_nowait())
+            except queue.Empty:
+                pass
+            for key, site in self.assembler.ready(time.monotonic()):
+                self.decide_study(store, key, site)
+            if time.monotonic() >= next_guard:
+                self.promote_starving(store, time.time())
+                next_guard = time.monotonic() + 1.0
+
+    def _accept(self, arrival: Arrival) -> None:
+        now = time.monotonic()
+        self.assembler.add(arrival.study_uid, arrival.site, now)
+        self._received_at[arrival.study_uid] = now
+        self._study_sites.setdefault(arrival.study_uid, arrival.site)
+
+    def _watch_incoming(self, stop: threading.Event) -> None:
+        """Claim files dropped into ``incoming/`` once their size and mtime are stable over one poll."""
+        seen: dict[Path, tuple[int, int]] = {}
+        while not stop.wait(self.config.poll_s):
+            current = {}
+            for path in sorted(self.config.incoming_dir.iterdir()):
+                if path.name.startswith(".") or not path.is_file():
+                    continue
+                stat = path.stat()
+                current[path] = (stat.st_size, stat.st_mtime_ns)
+                if seen.get(path) == current[path]:
+                    try:
+                        study, target = claim_dropped(path, self.config.studies_dir)
+                    except OSError as error:
+                        log.error("%s: cannot claim the dropped file (%s); will retry", path, error)
+                        continue
+                    self.arrivals.put(Arrival(study, target, RECOVERED_SITE))
+            seen = current
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _load_state(self, store: AuditStore) -> None:
+        """Rebuild what was decided, the per-site windows and the guard; queue undecided inbox files."""
+        removed = remove_partials(self.config.studies_dir)
+        if removed:
+            log.warning("removed %d partial file(s) of an interrupted transfer (their senders saw no success)", removed)
+        for row in store.decided_keys(self.bundle.sha256).values():
+            self._decided[(row["path"], row["sha256"])] = row["id"]
+            self._latest_by_path[row["path"]] = max(row["id"], self._latest_by_path.get(row["path"], 0))
+        saved = self._read_state()
+        for site, risks in saved.get("sites", {}).items():
+            for risk in risks[-self.config.window:]:
+                self.recalibrator.observe(site, float(risk))
+        self._study_sites.update(saved.get("study_sites", {}))
+        latest = {}
+        for row in store.decisions(bundle_sha256=self.bundle.sha256, status=SCORED):
+            latest[row["study_uid"]] = row
+        for uid, row in latest.items():
+            decided_at = datetime.fromisoformat(row["created_at"]).timestamp()
+            self.guard.track(uid, decided_at, row["flagged"] or bool(store.reviews_for(uid)))
+        for key, path in stored_instances(self.config.studies_dir):
+            if (str(path), sha256_file(path)) not in self._decided:
+                self._accept(Arrival(key, path, self._study_sites.get(key, RECOVERED_SITE)))
+        if len(self.assembler):
+            log.info("recovered %d undecided stud(y/ies) from the inbox", len(self.assembler))
+
+    def _read_state(self) -> dict:
+        try:
+            return json.loads(self.config.state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self) -> None:
+        state = {
+            "pid": os.getpid(), "port": self.scp.port, "ae_title": self.config.ae_title,
+            "provider": self.model.provider, "bundle": f"{self.bundle.name} {self.bundle.version}",
+            "bundle_sha256": self.bundle.sha256, "audit_db": str(self.config.audit_db),
+            "sites": {site: list(risks) for site, risks in self.recalibrator.risks_.items()},
+            "study_sites": self._study_sites,
+        }
+        write_atomic(self.config.state_file, json.dumps(state, indent=1).encode())
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def decide_study(self, store: AuditStore, key: str, site: str) -> list[Decision]:
+        """Score every instance of study ``key`` when any is new; append, report, notify. Returns what was appended."""
+        files = sorted((self.config.studies_dir / key).glob("*.dcm"))
+        digests = {str(p): sha256_file(p) for p in files}
+        if all((p, s) in self._decided for p, s in digests.items()):
+            return []  # a resend of what was already decided
+        prepared = [prepare(str(p), self.bundle.preprocessing) for p in files]
+        drafts = score_prepared(self.model, prepared, self._pseudonymize, self._run_id)
+        risks = scored_study_risks(drafts)
+        study_uid = next((d.study_uid for d in drafts if d.study_uid), key)
+        flags = self.recalibrator.decide(site, study_uid, max(risks.values()) if risks else None)
+        final = [dataclasses.replace(d, supersedes=self._latest_by_path.get(d.path))
+                 for d in finalize(drafts, dataclasses.replace(flags, flagged=frozenset(risks) & flags.flagged), risks)]
+        ids = store.append_decisions(final)
+        for decision, record_id in zip(final, ids):
+            self._decided[(decision.path, decision.sha256)] = record_id
+            self._latest_by_path[decision.path] = record_id
+        if key in self._received_at:
+            self.latencies_ms.append((key, (time.monotonic() - self._received_at.pop(key)) * 1000))
+        if risks:
+            self.guard.track(study_uid, time.time(), bool(flags.flagged))
+        self._study_sites.pop(key, None)
+        self._save_state()
+        self._log_decision(final, site)
+        self._send_report(final, files)
+        return final
+
+    def promote_starving(self, store: AuditStore, now: float) -> list[Decision]:
+        """Starvation guard: flag unflagged, unreviewed studies decided more than ``max_wait_s`` ago."""
+        promoted: list[Decision] = []
+        for study_uid in self.guard.due(now):
+            if store.reviews_for(study_uid):
+                continue
+            latest: dict[str, dict] = {}
+            for row in store.decisions(study_uid=study_uid, bundle_sha256=self.bundle.sha256):
+                latest[row["path"]] = row
+            if not latest or any(row["flagged"] for row in latest.values()):
+                continue
+            detail = f"promoted by the starvation guard: unreviewed for more than {self.config.max_wait_s:.0f} s"
+            final = [dataclasses.replace(decision_from_row(row), flagged=True, policy=STARVATION_GUARD, supersedes=row["id"],
+                                         run_id=self._run_id, detail=detail) for row in latest.values()]
+            for decision, record_id in zip(final, store.append_decisions(final)):
+                self._latest_by_path[decision.path] = record_id
+                self._decided[(decision.path, decision.sha256)] = record_id
+            self._log_decision(final, "guard")
+            self._send_report(final, [Path(d.path) for d in final])
+            promoted += final
+        return promoted
+
+    def _log_decision(self, final: Sequence[Decision], site: str) -> None:
+        first = final[0]
+        risk = "none" if first.study_risk is None else f"{first.study_risk:.4f}"
+        reasons = ",".join(sorted({d.reason for d in final if d.reason})) or "-"
+        log.info("decided study %s from %s: risk %s threshold %s policy %s flagged %s reasons %s",
+                 first.study_uid, site, risk, first.threshold, first.policy, first.flagged, reasons)
+        if first.flagged:
+            log.warning("FLAGGED study %s (risk %s): read first", first.study_uid, risk)
+            self._notify(first, risk)
+
+    def _notify(self, decision: Decision, risk: str) -> None:
+        """Run ``notify_command`` (argv, no shell) with the study in its environment; never blocks scoring."""
+        if not self.config.notify_command:
+            return
+        env = {**os.environ, "CXR_STUDY_UID": decision.study_uid, "CXR_RISK": risk, "CXR_POLICY": decision.policy}
+        threading.Thread(target=_run_hook, args=(list(self.config.notify_command), env), daemon=True).start()
+
+    def _send_report(self, final: Sequence[Decision], files: Sequence[Path]) -> None:
+        """Queue the SR for every destination (skipped when none, or the study has no DICOM header)."""
+        if not self.config.destinations:
+            return
+        headers = []
+        for path in files:
+            try:
+                headers.append(dcmread(path, stop_before_pixels=True))
+            except (InvalidDicomError, OSError, ValueError):
+                continue
+        headers = [h for h in headers if "StudyInstanceUID" in h and "SOPInstanceUID" in h and "SOPClassUID" in h]
+        if not headers:
+            return
+        instances = [(str(h.get("SeriesInstanceUID", "")), str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers]
+        self.outbox.put(build_report(final, headers[0], instances))
+
+
+def _run_hook(argv: list[str], env: dict[str, str]) -> None:
+    try:
+        subprocess.run(argv, env=env, timeout=30, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.error("notify_command %s failed: %s", argv[0], error)

@@ -1,0 +1,266 @@
+"""The workstation app against real DICOM peers: pynetdicom SCP, dcmtk echoscu/storescu/storescp/dsrdump."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, ComputedRadiographyImageStorage
+
+from deploy.workstation.config import Config, ConfigError, Destination, load_config
+from deploy.workstation.inbox import InvalidUIDError, check_uid, instance_path
+from deploy.workstation.service import Workstation
+from deploy.workstation.status import status_lines
+from triage.audit import AuditStore
+
+REPO = Path(__file__).resolve().parents[1]
+needs_dcmtk = pytest.mark.skipif(not all(shutil.which(t) for t in ("echoscu", "storescu", "storescp", "dsrdump")),
+                                 reason="needs dcmtk (apt-get install dcmtk; scripts/test.sh installs it)")
+CALLER = "MODALITY"
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float = 20.0, what: str = "condition") -> object:
+    """Poll ``condition`` until truthy or the deadline; returns its value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def decisions(db: Path, **filters) -> list[dict]:
+    if not db.exists():
+        return []
+    with AuditStore(db) as store:
+        return store.decisions(**filters)
+
+
+@pytest.fixture
+def storescp(tmp_path):
+    """A real dcmtk storescp (AE DEST) receiving our reports into a folder; yields (destination, folder)."""
+    folder, port = tmp_path / "received", free_port()
+    folder.mkdir()
+    proc = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(folder), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: listening(port), 10, "storescp to listen")
+        yield Destination("DEST", "127.0.0.1", port), folder
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def start_station(config: Config):
+    station, stop = Workstation(config), threading.Event()
+    thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+    thread.start()
+    wait_for(station.ready.is_set, 30, "the workstation to start")
+    return station, stop, thread
+
+
+@pytest.fixture
+def station(tmp_path, storescp):
+    """An in-process workstation on a free port, reports to storescp; stopped at teardown."""
+    destination, _ = storescp
+    config = Config(port=0, allow_ae=(CALLER,), inbox=tmp_path / "inbox", audit_db=tmp_path / "audit.sqlite",
+                    destinations=(destination,), quiet_period_s=0.3, poll_s=0.1, retry_base_s=0.2, device="cpu")
+    station, stop, thread = start_station(config)
+    yield station
+    stop.set()
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+
+
+# storescu proposes uncompressed syntaxes unless told which compressed one the file uses.
+PROPOSE = {"1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx", "1.2.840.10008.1.2.4.70": "-xs",
+           "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu", "1.2.840.10008.1.2.4.90": "-xv",
+           "1.2.840.10008.1.2.4.91": "-xw"}
+
+
+def storescu(port: int, *files: Path, caller: str = CALLER) -> subprocess.CompletedProcess:
+    """Send each file with real dcmtk storescu, proposing its own transfer syntax; the last failure or success."""
+    result = None
+    for path in files:
+        syntax = str(dcmread(path, stop_before_pixels=True).file_meta.get("TransferSyntaxUID", ""))
+        result = subprocess.run(["storescu", PROPOSE.get(syntax, "-x="), "-aet", caller, "-aec", "CXR_TRIAGE",
+                                 "127.0.0.1", str(port), str(path)], capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            return result
+    return result
+
+
+# -- real peers ---------------------------------------------------------------------------------
+
+
+@needs_dcmtk
+def test_echo_from_allowed_ae_and_refusal_of_an_unlisted_one(station):
+    ok = subprocess.run(["echoscu", "-aet", CALLER, "-aec", "CXR_TRIAGE", "127.0.0.1", str(station.scp.port)],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "CXR_TRIAGE", "127.0.0.1", str(station.scp.port)],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0
+    assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+
+
+@needs_dcmtk
+def test_real_chest_and_non_chest_studies_are_audited_and_the_sr_comes_back(station, storescp, shared_data, tmp_path):
+    chest = shared_data / "dicom" / "chest" / "siim-cr-mono2-jpeg-baseline.dcm"
+    hip = shared_data / "dicom" / "out-of-scope" / "fuji-cr-hip-mono2-jpegls-lossless.dcm"
+    sent = storescu(station.scp.port, chest, hip)
+    assert sent.returncode == 0, sent.stderr
+    db = station.config.audit_db
+    chest_uid, hip_uid = (str(dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in (chest, hip))
+    row = wait_for(lambda: decisions(db, study_uid=chest_uid), what="the chest decision")[0]
+    assert row["status"] == "scored" and 0 <= row["risk"] <= 1 and row["policy"] == "stream_threshold"
+    assert row["threshold"] == pytest.approx(station.bundle.threshold)
+    hip_row = wait_for(lambda: decisions(db, study_uid=hip_uid), what="the hip decision")[0]
+    assert hip_row["status"] == "human_review" and hip_row["reason"] == "body_part_out_of_scope"
+
+    _, received = storescp
+    reports = wait_for(lambda: len(list(received.glob("SR*"))) == 2 and sorted(received.glob("SR*")), what="2 SRs")
+    dumps = {}
+    for report in reports:
+        dump = subprocess.run(["dsrdump", "+Pu", str(report)], capture_output=True, text=True, timeout=30)
+        assert dump.returncode == 0, dump.stderr
+        dumps[str(dcmread(report).StudyInstanceUID)] = dump.stdout
+    chest_dump = dumps[chest_uid]
+    assert "Comprehensive SR" in chest_dump and "Not for diagnostic use" in chest_dump
+    assert f"{station.bundle.name} {station.bundle.version}" in chest_dump
+    assert f"{row['study_risk']:.6f}" in chest_dump and "Flag threshold" in chest_dump
+    assert str(dcmread(chest, stop_before_pixels=True).SOPInstanceUID) in chest_dump
+    assert "body_part_out_of_scope" in dumps[hip_uid]
+    assert not list(station.config.outbox_dir.glob("*/*.dcm"))  # delivered, so removed
+
+
+def test_unsupported_sop_class_is_refused_and_bad_uids_get_cannot_understand(station, make_dicom):
+    ae = AE(ae_title=CALLER)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(ComputedRadiographyImageStorage)
+    assoc = ae.associate("127.0.0.1", station.scp.port, ae_title="CXR_TRIAGE")
+    try:
+        assert assoc.is_established
+        assert [c.abstract_syntax for c in assoc.rejected_contexts] == [CTImageStorage]
+        ds = dcmread(make_dicom(modality="CR"))
+        ds.StudyInstanceUID = "1.2.3/../../etc"
+        status = assoc.send_c_store(ds)
+        assert status.Status == 0xC000
+    finally:
+        assoc.release()
+    assert not list(station.config.studies_dir.rglob("*etc*"))
+
+
+@needs_dcmtk
+def test_late_instance_rescores_and_appends_a_superseding_record(station, make_dicom, tmp_path):
+    first = make_dicom("first.dcm", modality="CR")
+    ds = dcmread(first)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    second = tmp_path / "second.dcm"
+    ds.save_as(second)
+    study, db = str(ds.StudyInstanceUID), station.config.audit_db
+    assert storescu(station.scp.port, first).returncode == 0
+    original = wait_for(lambda: decisions(db, study_uid=study), what="the first decision")
+    assert len(original) == 1 and original[0]["supersedes"] is None
+    assert storescu(station.scp.port, second).returncode == 0
+    rows = wait_for(lambda: len(decisions(db, study_uid=study)) == 3 and decisions(db, study_uid=study), what="rescore")
+    again = {r["path"]: r for r in rows[1:]}
+    assert again.pop(original[0]["path"])["supersedes"] == original[0]["id"]
+    assert [r["supersedes"] for r in again.values()] == [None]
+    assert rows[1]["study_risk"] == rows[2]["study_risk"] == max(rows[1]["risk"], rows[2]["risk"])
+    assert storescu(station.scp.port, second).returncode == 0  # a resend of the same bytes decides nothing new
+    time.sleep(0)  # the next check is bounded by the service's own loop
+    wait_for(lambda: not station.assembler.last_arrival_ and station.arrivals.empty(), what="the resend to settle")
+    assert len(decisions(db, study_uid=study)) == 3
+
+
+def test_a_file_dropped_in_the_watched_folder_is_stored_under_its_uids_and_scored(station, make_dicom):
+    path = make_dicom("export.dcm", modality="DX")
+    ds = dcmread(path, stop_before_pixels=True)
+    shutil.copy(path, station.config.incoming_dir / "weird name from modality.dcm")
+    row = wait_for(lambda: decisions(station.config.audit_db, study_uid=str(ds.StudyInstanceUID)), what="decision")[0]
+    assert row["path"] == str(instance_path(station.config.studies_dir, ds.StudyInstanceUID, ds.SOPInstanceUID))
+    assert not list(station.config.incoming_dir.iterdir())
+    lines = status_lines(station.config)
+    assert lines[0].startswith("queue: 0 instance(s)") and "provider: CPUExecutionProvider" in "\n".join(lines)
+    assert ds.StudyInstanceUID in "\n".join(lines)
+
+
+# -- killed and restarted -------------------------------------------------------------------------
+
+
+def service(tmp_path: Path, port: int, quiet_s: float) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "workstation", "--port", str(port), "--allow-ae", CALLER, "--inbox",
+         str(tmp_path / "inbox"), "--audit-db", str(tmp_path / "audit.sqlite"), "--quiet-period", str(quiet_s),
+         "--device", "cpu"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "service.log", "ab"))
+
+
+@pytest.fixture
+def processes():
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+@needs_dcmtk
+def test_killed_mid_transfer_and_restarted_loses_nothing_and_decides_once(tmp_path, make_dicom, processes):
+    port, db = free_port(), tmp_path / "audit.sqlite"
+    small = [make_dicom(f"s{i}.dcm", modality="CR") for i in range(2)]
+    big = make_dicom("big.dcm", modality="CR", rows=3000, cols=3000, bits_stored=16)  # ~18 MB: still in flight when killed
+    processes.append(service(tmp_path, port, quiet_s=30))  # long quiet period: received, not yet decided
+    wait_for(lambda: listening(port), 30, "the service to listen")
+    assert storescu(port, *small).returncode == 0
+    slow = subprocess.Popen(["storescu", "-aet", CALLER, "-aec", "CXR_TRIAGE", "--max-send-pdu", "4096",
+                             "127.0.0.1", str(port), str(big)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes.append(slow)
+    wait_for(lambda: list((tmp_path / "inbox" / "studies").rglob("*.part")), 20, "the big transfer to be in flight")
+    processes[0].send_signal(signal.SIGKILL)
+    processes[0].wait(timeout=10)
+    assert slow.wait(timeout=20) != 0  # the sender saw no success for the interrupted instance
+    assert decisions(db) == []
+
+    processes.append(service(tmp_path, port, quiet_s=0.2))
+    wait_for(lambda: listening(port), 30, "the restarted service")
+    assert storescu(port, big).returncode == 0  # the sender retries the instance that failed
+    uids = {str(dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in [*small, big]}
+    wait_for(lambda: {r["study_uid"] for r in decisions(db)} == uids, 30, "all three studies decided")
+    assert not list((tmp_path / "inbox").rglob("*.part"))
+    processes[-1].send_signal(signal.SIGTERM)
+    assert processes[-1].wait(timeout=20) == 0
+
+    processes.append(service(tmp_path, port, quiet_s=0.2))  # a third start finds nothing new to decide
+    wait_for(lambda: listening(port), 30, "the third start")
+    time_limit = time.monotonic() + 1.5
+    wait_for(lambda: time.monotonic() > time_limit, 5, "a grace period for a (wrong) duplicate")
+    rows = decisions(db)
+    assert len(rows) == 3 and len({r["path"] for r in rows}) == 3
+    with AuditStore(db) as store:
+        assert store.verify().ok
