@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import triage
 
-from . import audit_cmd, batch
+from . import audit_cmd, batch, dashboard_cmd
 from .workstation import cli as workstation
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     batch.add_parser(subparsers)
     audit_cmd.add_parser(subparsers)
+    dashboard_cmd.add_parser(subparsers)
     workstation.add_parser(subparsers)
     from training import cli as training_cli  # imports torch lazily, inside its commands
 

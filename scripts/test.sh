@@ -20,6 +20,6 @@ fi
 log=.venv/install.log
 { .venv/bin/python -m pip install -q --upgrade pip \
   && .venv/bin/python -m pip install -q "torch==2.13.0" ${PIP_TORCH_INDEX:+--index-url "$PIP_TORCH_INDEX"} \
-  && .venv/bin/python -m pip install -q -e ".[cpu,train,dev]"; } >"$log" 2>&1 \
+  && .venv/bin/python -m pip install -q -e ".[cpu,train,dashboard,dev]"; } >"$log" 2>&1 \
   || { cat "$log"; echo "install failed (log: $log)"; exit 1; }
 .venv/bin/python -m pytest -q "$@"

@@ -344,6 +344,11 @@ class AuditStore:
             rows = self._db.execute("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id", (study_uid,))
             return [dict(r) for r in rows]
 
+    def reviews(self) -> list[dict[str, Any]]:
+        """Every review of every study, oldest first (read-only; for the dashboards)."""
+        with self._sqlite_errors("cannot read"):
+            return [dict(r) for r in self._db.execute("SELECT * FROM reviews ORDER BY id")]
+
     # -- pending work (not chained) -------------------------------------------------------
 
     def save_pending(self, rows: Iterable[tuple[str, str, str, dict[str, Any]]]) -> None:

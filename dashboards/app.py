@@ -1,0 +1,377 @@
+"""The review and audit dashboard: ``streamlit run dashboards/app.py`` (or ``cxr-triage dashboard``).
+
+Pages: Worklist, Study, Audit, Active learning. Nothing is shown before a login. Settings
+come from the environment (the ``cxr-triage dashboard`` command sets them):
+``CXR_DASHBOARD_AUDIT_DB``, ``CXR_DASHBOARD_BUNDLE``, ``CXR_DASHBOARD_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from dashboards import auth, data
+from deploy.paths import default_bundle_dir
+from triage.audit import AuditStore, default_audit_db
+from triage.bundle import load_bundle
+from triage.errors import TriageError
+from triage.ingest import read_radiograph
+from triage.preprocess import PreprocessSpec, unit_image
+
+PAGES = ("Worklist", "Study", "Audit", "Active learning")
+VERDICT_LABELS = {"agree": "Agree", "disagree": "Disagree", "not_assessable": "Not assessable"}
+DISPLAY_MAX_SIDE_PX = 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    audit_db: Path
+    bundle_dir: Path
+    config: Path
+
+
+def settings_from_env() -> Settings:
+    """Paths from the environment, with the CLI's defaults."""
+    audit_db = Path(os.environ.get("CXR_DASHBOARD_AUDIT_DB") or default_audit_db())
+    bundle_dir = Path(os.environ.get("CXR_DASHBOARD_BUNDLE") or default_bundle_dir())
+    return Settings(audit_db, bundle_dir, auth.default_config_path(audit_db))
+
+
+# -- cached loaders (keyed by the store's data version, so a new record invalidates them) ---
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def load_decisions(audit_db: str, version: tuple[float, ...]) -> pd.DataFrame:
+    return data.read_decisions(audit_db)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def load_reviews(audit_db: str, version: tuple[float, ...]) -> pd.DataFrame:
+    return data.read_reviews(audit_db)
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def load_worklist(audit_db: str, version: tuple[float, ...], chosen: data.WorklistFilter) -> pd.DataFrame:
+    return data.worklist(load_decisions(audit_db, version), load_reviews(audit_db, version), chosen)
+
+
+@st.cache_data(show_spinner=False, max_entries=2)
+def load_verification(audit_db: str, version: tuple[float, ...]) -> tuple[bool, str]:
+    result = data.verify_store(audit_db)
+    return result.ok, result.message
+
+
+@st.cache_resource(show_spinner=False)
+def load_manifest(bundle_dir: str) -> tuple[dict[str, Any] | None, str]:
+    """(manifest, "") of the verified bundle, or (None, why it could not be loaded)."""
+    try:
+        return load_bundle(bundle_dir).manifest, ""
+    except TriageError as error:
+        return None, str(error)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def load_display_image(path: str, sha256: str, spec: dict[str, Any]) -> np.ndarray:
+    """The study's image in [0, 1] (bundle VOI, bone bright), at most DISPLAY_MAX_SIDE_PX a side; loaded lazily."""
+    unit = unit_image(read_radiograph(path), PreprocessSpec.from_dict(spec))
+    step = max(1, math.ceil(max(unit.shape) / DISPLAY_MAX_SIDE_PX))
+    return unit[::step, ::step]
+
+
+def windowed(unit: np.ndarray, level: float, width: float) -> np.ndarray:
+    """uint8 display of a [0, 1] image through a linear window centred on ``level``."""
+    low = level - width / 2
+    return (np.clip((unit - low) / width, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+# -- login ----------------------------------------------------------------------------------
+
+def oidc_configured() -> bool:
+    """True when .streamlit/secrets.toml has an [auth] section for st.login."""
+    try:
+        return "auth" in st.secrets
+    except FileNotFoundError:
+        return False
+
+
+def login_view(settings: Settings) -> str | None:
+    """The logged-in user's name, or draw the login form and return None."""
+    if st.session_state.get("user"):
+        return st.session_state["user"]
+    if oidc_configured() and st.user.is_logged_in:
+        return str(st.user.get("email") or st.user.get("name"))
+    st.title("cxr-triage review")
+    try:
+        users = auth.load_users(settings.config)
+    except auth.AuthConfigError as error:
+        st.error(str(error))
+        return None
+    if oidc_configured():
+        st.button("Log in with single sign-on", on_click=st.login)
+    if not users:
+        st.error(f"No dashboard users are configured in {settings.config}. "
+                 "Fix: python -m dashboards.users --config <that file> add NAME")
+        return None
+    with st.form("login"):
+        name = st.text_input("User name")
+        password = st.text_input("Password", type="password")
+        submitted = st.form_submit_button("Log in")
+    if submitted:
+        if auth.authenticate(users, name, password):
+            st.session_state["user"] = name.strip()
+            st.rerun()
+        st.error("Unknown user name or wrong password.")
+    return None
+
+
+# -- sidebar --------------------------------------------------------------------------------
+
+def sidebar_view(user: str, decisions: pd.DataFrame) -> tuple[str, data.WorklistFilter]:
+    """The chosen page and worklist filters."""
+    with st.sidebar:
+        st.markdown(f"Logged in as **{user}**")
+        if st.button("Log out"):
+            st.session_state.clear()
+            st.rerun()
+        page = st.radio("Page", PAGES, key="page")
+        st.divider()
+        st.caption("Worklist filters")
+        days = sorted(decisions["day"].unique()) if not decisions.empty else []
+        start = end = None
+        if days:
+            chosen = st.date_input("Date range", value=(days[0], days[-1]), key="dates")
+            if isinstance(chosen, (tuple, list)) and len(chosen) == 2:
+                start, end = chosen
+        status = st.selectbox("Status", ("all", "scored", "human_review"), key="status")
+        reviewed = st.selectbox("Review", ("all", "unreviewed", "reviewed"), key="reviewed")
+        flagged_only = st.checkbox("Flagged only", key="flagged_only")
+    return page, data.WorklistFilter(start, end, status, reviewed, flagged_only)
+
+
+# -- pages ----------------------------------------------------------------------------------
+
+WORKLIST_COLUMNS = ["flagged", "study_risk", "risk", "status", "reason", "verdict", "n_reviews", "view_position",
+                    "patient_sex", "patient_age", "created_at", "patient_pseudo_id", "id"]
+
+
+def open_study(decision_id: int) -> None:
+    st.session_state["decision_id"] = decision_id
+    st.session_state["page"] = "Study"
+
+
+def worklist_view(work: pd.DataFrame) -> None:
+    """The filtered worklist; choosing a row opens it on the Study page."""
+    st.header("Worklist")
+    n_flagged = int(work["flagged"].sum()) if not work.empty else 0
+    st.caption(f"{len(work)} studies, {n_flagged} flagged. Flagged first, then by study risk. Select a row to open it.")
+    if work.empty:
+        st.info("No decisions match the filters.")
+        return
+    shown = work[WORKLIST_COLUMNS]
+
+    def on_select() -> None:
+        rows = st.session_state["worklist_table"]["selection"]["rows"]
+        if rows:
+            open_study(int(shown.iloc[rows[0]]["id"]))
+
+    st.dataframe(shown, hide_index=True, on_select=on_select, selection_mode="single-row", key="worklist_table",
+                 column_config={"study_risk": st.column_config.NumberColumn(format="%.4f"),
+                                "risk": st.column_config.NumberColumn(format="%.4f")})
+    first_flagged = work[work["flagged"]]
+    if not first_flagged.empty:
+        st.button("Open the first flagged study", on_click=open_study, args=(int(first_flagged.iloc[0]["id"]),))
+
+
+def study_view(settings: Settings, user: str, work: pd.DataFrame, manifest: dict[str, Any] | None) -> None:
+    """One study: image with window/level, model output, reviews, and the reviewer's actions."""
+    st.header("Study")
+    if work.empty:
+        st.info("No decisions match the filters.")
+        return
+    ids = work["id"].tolist()
+    current = st.session_state.get("decision_id")
+    position = ids.index(current) if current in ids else 0
+    row = work.iloc[position]
+    st.session_state["decision_id"] = int(row["id"])
+    nav = st.columns([1, 1, 6])
+    nav[0].button("Previous", key="previous", disabled=position == 0, shortcut="p", on_click=open_study,
+                  args=(int(ids[max(position - 1, 0)]),))
+    nav[1].button("Next", key="next", disabled=position == len(ids) - 1, shortcut="n", on_click=open_study,
+                  args=(int(ids[min(position + 1, len(ids) - 1)]),))
+    nav[2].caption(f"{position + 1} of {len(ids)} · shortcuts: n next, p previous, a agree, d disagree")
+    image_column, info_column = st.columns([3, 2])
+    with image_column:
+        image_panel(row, manifest)
+    with info_column:
+        metadata_panel(row)
+        review_panel(settings, user, row)
+
+
+def image_panel(row: pd.Series, manifest: dict[str, Any] | None) -> None:
+    has_cam = bool(manifest and "cam" in manifest.get("model", {}).get("outputs", {}))
+    st.toggle("Heatmap overlay", value=False, disabled=not has_cam,
+              help=None if has_cam else "This bundle has no CAM (heatmap) output, so there is no overlay to show.")
+    if not has_cam:
+        st.caption("Heatmap: not available, the bundle has no CAM output.")
+    if manifest is None:
+        st.warning("The bundle could not be loaded, so the image cannot be displayed with its preprocessing.")
+        return
+    try:
+        unit = load_display_image(row["path"], row["sha256"], manifest["preprocessing"])
+    except (TriageError, OSError) as error:
+        st.warning(f"The image cannot be displayed: {error}")
+        return
+    controls = st.columns(2)
+    level = controls[0].slider("Level", 0.0, 1.0, 0.5, 0.01, key="level")
+    width = controls[1].slider("Width", 0.05, 1.0, 1.0, 0.01, key="width")
+    st.image(windowed(unit, level, width), caption=f"decision {row['id']}", clamp=True, width="stretch")
+
+
+def metadata_panel(row: pd.Series) -> None:
+    risk = "—" if pd.isna(row["study_risk"]) else f"{row['study_risk']:.4f}"
+    threshold = "—" if pd.isna(row["threshold"]) else f"{row['threshold']:.4f}"
+    st.metric("Study risk" + (" · FLAGGED" if row["flagged"] else ""), risk)
+    fields = {
+        "Threshold": threshold, "Finding": row["finding"] or "—", "Status": row["status"],
+        "Reason": row["reason"] or "—", "Detail": row["detail"] or "—",
+        "Model": f"{row['bundle_name']} {row['bundle_version']}".strip() or "—", "Policy": row["policy"] or "—",
+        "View / sex / age": f"{row['view_position'] or '?'} / {row['patient_sex'] or '?'} / {row['patient_age'] or '?'}",
+        "Manufacturer": row["manufacturer"] or "—", "Patient (pseudonym)": row["patient_pseudo_id"] or "—",
+        "Study UID": row["study_uid"], "Scored at": str(row["created_at"])[:19],
+    }
+    st.markdown("\n".join(f"- **{k}:** {v}" for k, v in fields.items()))
+
+
+def review_panel(settings: Settings, user: str, row: pd.Series) -> None:
+    st.subheader("Review")
+    finding = st.text_input("Finding (optional)", key=f"finding-{row['id']}")
+    note = st.text_area("Note (optional)", key=f"note-{row['id']}", height=80)
+    buttons = st.columns(3)
+    shortcuts = {"agree": "a", "disagree": "d", "not_assessable": None}
+    for column, (verdict, label) in zip(buttons, VERDICT_LABELS.items()):
+        if column.button(label, key=f"{verdict}-{row['id']}", shortcut=shortcuts[verdict],
+                         type="primary" if verdict == "agree" else "secondary"):
+            with AuditStore(settings.audit_db, create=False) as store:
+                review_id = store.append_review(int(row["id"]), user, verdict, finding, note)
+            st.session_state["last_review"] = f"Review {review_id} recorded: {label} by {user}."
+            st.rerun()
+    if st.session_state.get("last_review"):
+        st.success(st.session_state.pop("last_review"))
+    version = data.data_version(settings.audit_db)
+    reviews = load_reviews(str(settings.audit_db), version)
+    mine = reviews[reviews["decision_id"] == row["id"]]
+    if not mine.empty:
+        st.caption("Reviews of this decision (oldest first; never overwritten)")
+        st.dataframe(mine[["created_at", "reviewer", "verdict", "finding", "note"]], hide_index=True)
+
+
+def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFrame,
+               manifest: dict[str, Any] | None) -> None:
+    """How the model behaves on this site's studies, for the hospital's audit."""
+    st.header("Audit")
+    ok, message = load_verification(str(settings.audit_db), data.data_version(settings.audit_db))
+    (st.success if ok else st.error)(f"Audit chain: {message}")
+    if decisions.empty:
+        st.info("The audit store has no decisions yet.")
+        return
+    target = float(manifest["operating_point"]["flag_rate"]) if manifest else float(decisions["flag_rate"].median())
+
+    st.subheader("Realized flag rate vs target")
+    by_day = data.flag_rate_by_day(decisions, target)
+    st.line_chart(by_day.set_index("day")[["flag_rate", "target"]])
+
+    st.subheader("Risk distribution vs the bundle's validation reference")
+    reference = data.reference_histogram(manifest) if manifest else None
+    if reference is None:
+        st.info("The bundle has no reference risk histogram, so drift cannot be measured.")
+    else:
+        edges, ref_counts = reference
+        counts = data.risk_histogram(decisions.loc[decisions["status"] == "scored", "risk"], edges)
+        value = data.psi(ref_counts, counts)
+        alert = not math.isnan(value) and value > data.PSI_ALERT
+        st.metric("PSI (all scored studies)", "—" if math.isnan(value) else f"{value:.3f}",
+                  delta=f"alert above {data.PSI_ALERT}", delta_color="inverse" if alert else "off")
+        if alert:
+            st.error(f"Drift alert: PSI {value:.3f} > {data.PSI_ALERT}. The studies differ from the model's validation data.")
+        bins = [f"{lo:.2f}" for lo in edges[:-1]]
+        shares = pd.DataFrame({"reference": np.asarray(ref_counts) / max(sum(ref_counts), 1),
+                               "this site": counts / max(counts.sum(), 1)}, index=bins)
+        st.bar_chart(shares, stack=False)
+        st.line_chart(data.drift_by_day(decisions, edges, ref_counts).set_index("day")[["psi"]])
+
+    st.subheader("Human review by reason")
+    reasons = data.review_rates_by_reason(decisions)
+    if reasons.empty:
+        st.caption("No study was routed to human review.")
+    else:
+        st.bar_chart(reasons.set_index("reason")[["share"]], horizontal=True)
+
+    st.subheader("Agreement with clinicians")
+    figures = data.agreement(decisions, reviews)
+    cols = st.columns(3)
+    cols[0].metric("Reviewed decisions", figures["n_reviewed"])
+    cols[1].metric("Agreement", "—" if math.isnan(figures["agreement"]) else f"{figures['agreement']:.0%}")
+    cols[2].metric("PPV among flagged", "—" if math.isnan(figures["ppv_flagged"]) else f"{figures['ppv_flagged']:.0%}")
+    waits = data.waiting_times(decisions, reviews)
+    if not waits.empty:
+        st.caption("Minutes from decision to first review")
+        st.dataframe(waits, hide_index=True)
+
+    st.subheader("Subgroups")
+    st.dataframe(data.subgroup_table(decisions), hide_index=True)
+    st.subheader("Model / bundle versions")
+    st.dataframe(data.bundle_history(decisions), hide_index=True)
+    st.subheader("Export")
+    export = data.pseudonymized_export(decisions, data.site_secret(settings.audit_db))
+    st.download_button("Download decisions (pseudonymized CSV)", export.to_csv(index=False).encode(),
+                       file_name="decisions-pseudonymized.csv", mime="text/csv")
+
+
+def active_learning_view(decisions: pd.DataFrame, reviews: pd.DataFrame, manifest: dict[str, Any] | None) -> None:
+    """Studies worth labelling next, as a CSV that training reads."""
+    st.header("Active learning")
+    finding = manifest["operating_point"]["finding"] if manifest else "finding"
+    size = st.number_input("Queue size", 10, 5000, 200, 10)
+    queue = data.active_learning_queue(decisions, reviews, finding, int(size))
+    st.caption("Clinician disagreements first, then the studies the model is least sure of (risk nearest 0.5).")
+    st.dataframe(queue, hide_index=True)
+    st.download_button("Download labelled CSV", queue.to_csv(index=False).encode(), file_name="active-learning.csv",
+                       mime="text/csv")
+
+
+def main() -> None:
+    st.set_page_config(page_title="cxr-triage review", layout="wide")
+    settings = settings_from_env()
+    user = login_view(settings)
+    if user is None:
+        return
+    if not settings.audit_db.is_file():
+        st.error(f"{settings.audit_db}: no audit store here. Fix: pass --audit-db the store the scorer wrote")
+        return
+    version = data.data_version(settings.audit_db)
+    decisions = load_decisions(str(settings.audit_db), version)
+    reviews = load_reviews(str(settings.audit_db), version)
+    manifest, problem = load_manifest(str(settings.bundle_dir))
+    page, chosen = sidebar_view(user, decisions)
+    if problem:
+        st.sidebar.warning(f"Bundle: {problem}")
+    st.caption("Demonstration triage model: it orders the worklist, it does not diagnose.")
+    if page in ("Worklist", "Study"):
+        work = load_worklist(str(settings.audit_db), version, chosen) if not decisions.empty else pd.DataFrame()
+        if page == "Worklist":
+            worklist_view(work)
+        else:
+            study_view(settings, user, work, manifest)
+    elif page == "Audit":
+        audit_view(settings, decisions, reviews, manifest)
+    else:
+        active_learning_view(decisions, reviews, manifest)
+
+
+main()

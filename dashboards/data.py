@@ -1,0 +1,270 @@
+"""Read-only views of the audit store and the bundle as pandas frames, and the figures the pages plot.
+
+Everything here is plain Python (no Streamlit), so it is tested without a browser and the
+pages only draw. Frames hold one row per decision (``decisions``) or per review (``reviews``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from triage.audit import AuditStore, VerifyResult
+from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
+
+PSI_ALERT = 0.2        # population stability index above this: the risk distribution has drifted
+PSI_EPS = 1e-4         # floor for empty bins, so log(0) never happens
+# What the pseudonymized export may contain: no paths, UIDs or free-text details.
+EXPORT_COLUMNS = ("id", "created_at", "patient_pseudo_id", "study_pseudo_id", "status", "reason", "patient_sex",
+                  "patient_age", "modality", "view_position", "manufacturer", "bundle_name", "bundle_version",
+                  "finding", "risk", "study_risk", "threshold", "flag_rate", "policy", "flagged", "run_id")
+SUBGROUPS = ("patient_sex", "age_band", "view_position", "manufacturer")
+
+
+def data_version(audit_db: str | Path) -> tuple[float, ...]:
+    """Modification times of the store and its WAL: a cache key that changes whenever a record lands."""
+    path = Path(audit_db)
+    return tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (path, Path(f"{path}-wal")))
+
+
+def read_decisions(audit_db: str | Path) -> pd.DataFrame:
+    """Every decision, one row each, with ``created_at`` as UTC timestamps and ``day`` as dates."""
+    with AuditStore(audit_db, create=False) as store:
+        frame = pd.DataFrame(store.decisions())
+    if frame.empty:
+        return frame
+    frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601")
+    frame["day"] = frame["created_at"].dt.date
+    frame["age_band"] = frame["patient_age"].map(age_band)
+    return frame
+
+
+def read_reviews(audit_db: str | Path) -> pd.DataFrame:
+    """Every review, oldest first, with ``created_at`` as UTC timestamps."""
+    with AuditStore(audit_db, create=False) as store:
+        frame = pd.DataFrame(store.reviews(), columns=["id", "created_at", "decision_id", "study_uid", "reviewer",
+                                                        "verdict", "finding", "note"])
+    frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601")
+    return frame
+
+
+def verify_store(audit_db: str | Path) -> VerifyResult:
+    """The audit chains' verification result."""
+    with AuditStore(audit_db, create=False) as store:
+        return store.verify()
+
+
+def age_band(dicom_age: str) -> str:
+    """Patient's Age (0010,1010), e.g. '045Y' or '006M', as a band: '<18', '18-39', '40-64', '65+' or 'unknown'."""
+    match = re.fullmatch(r"\s*(\d{1,3})\s*([DWMY]?)\s*", dicom_age or "")
+    if not match:
+        return "unknown"
+    years = int(match.group(1)) / {"D": 365.25, "W": 52.18, "M": 12.0}.get(match.group(2), 1.0)
+    return "<18" if years < 18 else "18-39" if years < 40 else "40-64" if years < 65 else "65+"
+
+
+# -- the worklist ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    """The user's filters: inclusive date range (None = open), status, review state."""
+
+    start: date | None = None
+    end: date | None = None
+    status: str = "all"          # "all" | "scored" | "human_review"
+    reviewed: str = "all"        # "all" | "reviewed" | "unreviewed"
+    flagged_only: bool = False
+
+
+def current_decisions(decisions: pd.DataFrame) -> pd.DataFrame:
+    """The latest decision per file (path, sha256), without superseded ones."""
+    if decisions.empty:
+        return decisions
+    superseded = set(decisions["supersedes"].dropna().astype(int))
+    latest = decisions.groupby(["path", "sha256"])["id"].transform("max") == decisions["id"]
+    return decisions[latest & ~decisions["id"].isin(superseded)]
+
+
+def latest_verdicts(reviews: pd.DataFrame) -> pd.DataFrame:
+    """Per decision: the latest verdict, its reviewer and time, and how many reviews it has."""
+    if reviews.empty:
+        return pd.DataFrame(columns=["decision_id", "verdict", "reviewer", "reviewed_at", "n_reviews"])
+    ordered = reviews.sort_values("id")
+    last = ordered.groupby("decision_id").tail(1).set_index("decision_id")
+    out = pd.DataFrame({"verdict": last["verdict"], "reviewer": last["reviewer"], "reviewed_at": last["created_at"],
+                        "n_reviews": ordered.groupby("decision_id").size()})
+    return out.rename_axis("decision_id").reset_index()
+
+
+def worklist(decisions: pd.DataFrame, reviews: pd.DataFrame, chosen: WorklistFilter = WorklistFilter()) -> pd.DataFrame:
+    """Current decisions, filtered; flagged first, then by study risk (highest first), then by id.
+
+    Studies without a risk (human review) come after every scored study of the same flag.
+    """
+    frame = current_decisions(decisions)
+    if frame.empty:
+        return frame
+    frame = frame.merge(latest_verdicts(reviews), left_on="id", right_on="decision_id", how="left")
+    frame["n_reviews"] = frame["n_reviews"].fillna(0).astype(int)
+    keep = pd.Series(True, index=frame.index)
+    if chosen.start is not None:
+        keep &= frame["day"] >= chosen.start
+    if chosen.end is not None:
+        keep &= frame["day"] <= chosen.end
+    if chosen.status != "all":
+        keep &= frame["status"] == chosen.status
+    if chosen.reviewed != "all":
+        keep &= (frame["n_reviews"] > 0) == (chosen.reviewed == "reviewed")
+    if chosen.flagged_only:
+        keep &= frame["flagged"]
+    frame = frame[keep]
+    order = frame.assign(_risk=frame["study_risk"].fillna(-1.0))
+    order = order.sort_values(["flagged", "_risk", "id"], ascending=[False, False, True], kind="stable")
+    return order.drop(columns="_risk").reset_index(drop=True)
+
+
+# -- audit figures --------------------------------------------------------------------------
+
+def flag_rate_by_day(decisions: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per day: scored decisions, flagged ones, realized flag rate, and the target rate."""
+    scored = decisions[decisions["status"] == "scored"]
+    if scored.empty:
+        return pd.DataFrame(columns=["day", "n_scored", "n_flagged", "flag_rate", "target"])
+    by_day = scored.groupby("day").agg(n_scored=("id", "size"), n_flagged=("flagged", "sum")).reset_index()
+    by_day["flag_rate"] = by_day["n_flagged"] / by_day["n_scored"]
+    by_day["target"] = target
+    return by_day
+
+
+def risk_histogram(risks: pd.Series | np.ndarray, bin_edges: list[float]) -> np.ndarray:
+    """Counts of ``risks`` (NaN dropped) in the bins of ``bin_edges``; the last bin includes 1.0."""
+    values = np.asarray(pd.Series(risks).dropna(), dtype=float)
+    return np.histogram(np.clip(values, bin_edges[0], bin_edges[-1]), bins=bin_edges)[0]
+
+
+def psi(reference_counts: np.ndarray | list[int], counts: np.ndarray | list[int]) -> float:
+    """Population stability index sum((p - q) * ln(p / q)) of two histograms on the same bins; nan if either is empty."""
+    ref, cur = np.asarray(reference_counts, dtype=float), np.asarray(counts, dtype=float)
+    if ref.sum() == 0 or cur.sum() == 0:
+        return math.nan
+    q = np.maximum(ref / ref.sum(), PSI_EPS)
+    p = np.maximum(cur / cur.sum(), PSI_EPS)
+    return float(np.sum((p - q) * np.log(p / q)))
+
+
+def reference_histogram(manifest: dict[str, Any]) -> tuple[list[float], list[int]] | None:
+    """(bin edges, counts) of the bundle's validation risk histogram, or None when the bundle has none."""
+    hist = manifest.get("metrics", {}).get("validation", {}).get("risk_histogram")
+    if not hist or "bin_edges" not in hist or "counts" not in hist:
+        return None
+    return list(hist["bin_edges"]), list(hist["counts"])
+
+
+def drift_by_day(decisions: pd.DataFrame, bin_edges: list[float], reference_counts: list[int]) -> pd.DataFrame:
+    """Per day: number of scored risks and the PSI of that day's risk histogram against the reference."""
+    scored = decisions[decisions["status"] == "scored"]
+    rows = [{"day": day, "n_scored": len(group), "psi": psi(reference_counts, risk_histogram(group["risk"], bin_edges))}
+            for day, group in scored.groupby("day")]
+    return pd.DataFrame(rows, columns=["day", "n_scored", "psi"])
+
+
+def review_rates_by_reason(decisions: pd.DataFrame) -> pd.DataFrame:
+    """Per human-review reason: count and share of all decisions."""
+    routed = decisions[decisions["status"] == "human_review"]
+    counts = routed.groupby("reason").size().rename("n").reset_index().sort_values("n", ascending=False)
+    counts["share"] = counts["n"] / max(len(decisions), 1)
+    return counts.reset_index(drop=True)
+
+
+def agreement(decisions: pd.DataFrame, reviews: pd.DataFrame) -> dict[str, float | int]:
+    """Clinician agreement from each decision's latest verdict; PPV among flagged = agree / (agree + disagree)."""
+    verdicts = latest_verdicts(reviews).merge(decisions[["id", "flagged"]], left_on="decision_id", right_on="id")
+    assessed = verdicts[verdicts["verdict"] != "not_assessable"]
+    flagged = assessed[assessed["flagged"]]
+    return {
+        "n_reviewed": len(verdicts),
+        "n_assessed": len(assessed),
+        "agreement": float((assessed["verdict"] == "agree").mean()) if len(assessed) else math.nan,
+        "n_flagged_assessed": len(flagged),
+        "ppv_flagged": float((flagged["verdict"] == "agree").mean()) if len(flagged) else math.nan,
+    }
+
+
+def subgroup_table(decisions: pd.DataFrame) -> pd.DataFrame:
+    """Per subgroup value (sex, age band, view, manufacturer): counts, human-review share, flag rate, mean risk."""
+    frames = []
+    for column in SUBGROUPS:
+        values = decisions[column].replace("", "unknown")
+        grouped = decisions.assign(value=values, scored=decisions["status"] == "scored").groupby("value")
+        table = grouped.agg(n=("id", "size"), n_scored=("scored", "sum"), n_flagged=("flagged", "sum"),
+                            mean_risk=("risk", "mean")).reset_index()
+        table.insert(0, "subgroup", column)
+        frames.append(table)
+    table = pd.concat(frames, ignore_index=True)
+    table["human_review_share"] = 1 - table["n_scored"] / table["n"]
+    table["flag_rate"] = table["n_flagged"] / table["n_scored"].where(table["n_scored"] > 0)
+    return table
+
+
+def bundle_history(decisions: pd.DataFrame) -> pd.DataFrame:
+    """Each bundle that made decisions: name, version, sha256 prefix, first and last use, decisions made."""
+    used = decisions[decisions["bundle_sha256"] != ""]
+    table = used.groupby(["bundle_name", "bundle_version", "bundle_sha256"]).agg(
+        first_used=("created_at", "min"), last_used=("created_at", "max"), n_decisions=("id", "size")).reset_index()
+    table["bundle_sha256"] = table["bundle_sha256"].str[:12]
+    return table.sort_values("first_used").reset_index(drop=True)
+
+
+def waiting_times(decisions: pd.DataFrame, reviews: pd.DataFrame) -> pd.DataFrame:
+    """Median and count of minutes from decision to first review, for flagged and unflagged studies."""
+    if reviews.empty:
+        return pd.DataFrame(columns=["flagged", "n_reviewed", "median_wait_min"])
+    first = reviews.groupby("decision_id")["created_at"].min().rename("first_review")
+    joined = decisions.join(first, on="id", how="inner")
+    joined["wait_min"] = (joined["first_review"] - joined["created_at"]).dt.total_seconds() / 60
+    return joined.groupby("flagged").agg(n_reviewed=("id", "size"), median_wait_min=("wait_min", "median")).reset_index()
+
+
+def pseudonymized_export(decisions: pd.DataFrame, secret: bytes) -> pd.DataFrame:
+    """Decisions with identifiers replaced: no path, UIDs or detail; the study as a keyed pseudonym."""
+    out = decisions.assign(study_pseudo_id=decisions["study_uid"].map(lambda uid: pseudonymize(uid, secret)))
+    out = out[list(EXPORT_COLUMNS)].copy()
+    out["created_at"] = out["created_at"].map(lambda t: t.isoformat())
+    out["flagged"] = out["flagged"].astype(int)
+    return out
+
+
+def site_secret(audit_db: str | Path) -> bytes:
+    """The site's pseudonym secret (created beside the store on first use, as the scorer does)."""
+    return load_or_create_secret(default_secret_path(audit_db))
+
+
+# -- active learning ------------------------------------------------------------------------
+
+def active_learning_queue(decisions: pd.DataFrame, reviews: pd.DataFrame, finding: str, size: int = 200) -> pd.DataFrame:
+    """Studies worth labelling, as rows ``training.data.read_labels`` reads, plus why and the model's risk.
+
+    First every scored decision whose latest verdict disagreed with the model, then the
+    unreviewed ones the model is least sure of (risk nearest 0.5). The label column
+    (named after ``finding``) is 1/0 where a clinician's verdict settles it (agree keeps the
+    model's flag, disagree reverses it) and empty where it still needs a label. ``md5``
+    holds the file's sha256: training only compares it for equality to keep duplicates together.
+    """
+    frame = current_decisions(decisions)
+    frame = frame[frame["status"] == "scored"].merge(latest_verdicts(reviews), left_on="id", right_on="decision_id",
+                                                     how="left")
+    disagreed = frame[frame["verdict"] == "disagree"].assign(why="clinician disagreed")
+    unsure = frame[frame["verdict"].isna()].assign(why="model unsure", _margin=lambda f: (f["risk"] - 0.5).abs())
+    unsure = unsure.sort_values(["_margin", "id"]).drop(columns="_margin")
+    queue = pd.concat([disagreed, unsure]).head(size)
+    label = np.where(queue["verdict"] == "disagree", (~queue["flagged"]).astype(int).astype(str), "")
+    return pd.DataFrame({"path": queue["path"], finding: label, "subtype": "", "patient_id": queue["patient_pseudo_id"],
+                         "md5": queue["sha256"], "why": queue["why"], "risk": queue["risk"],
+                         "decision_id": queue["id"]}).reset_index(drop=True)

@@ -1,0 +1,74 @@
+"""``cxr-triage dashboard``: serve the Streamlit review and audit app (localhost by default)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from triage.audit import AUDIT_DB_ENV, DEFAULT_AUDIT_DB, default_audit_db
+
+from .paths import REPO_ROOT, default_bundle_dir
+
+APP = REPO_ROOT / "dashboards" / "app.py"
+
+
+def streamlit_command(args: argparse.Namespace) -> list[str]:
+    """The ``streamlit run`` command line for ``args``."""
+    return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", args.address,
+            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
+
+
+def dashboard_command(args: argparse.Namespace) -> int:
+    """Check the paths and the logins, then run Streamlit until it stops; returns its exit code."""
+    from dashboards.auth import AuthConfigError, default_config_path, is_local_address, load_users
+
+    audit_db = Path(args.audit_db)
+    config = Path(args.config) if args.config else default_config_path(audit_db)
+    if not audit_db.is_file():
+        print(f"cxr-triage dashboard: error: {audit_db}: no audit store here. Fix: pass --audit-db the store "
+              "that cxr-triage score wrote", file=sys.stderr)
+        return 1
+    try:
+        users = load_users(config)
+    except AuthConfigError as error:
+        print(f"cxr-triage dashboard: error: {error}", file=sys.stderr)
+        return 1
+    if not users and not is_local_address(args.address):
+        print(f"cxr-triage dashboard: error: refusing to listen on {args.address} with no logins configured in "
+              f"{config}. Fix: python -m dashboards.users --config {config} add NAME, or keep the default "
+              "--address 127.0.0.1", file=sys.stderr)
+        return 1
+    try:
+        import streamlit  # noqa: F401
+    except ImportError:
+        print("cxr-triage dashboard: error: Streamlit is not installed. Fix: pip install -e '.[dashboard]'",
+              file=sys.stderr)
+        return 1
+    env = {**os.environ, "CXR_DASHBOARD_AUDIT_DB": str(audit_db.resolve()),
+           "CXR_DASHBOARD_BUNDLE": str(Path(args.bundle).resolve()), "CXR_DASHBOARD_CONFIG": str(config.resolve())}
+    print(f"dashboard on http://{args.address}:{args.port} (audit store {audit_db}, logins {config})", flush=True)
+    try:
+        return subprocess.call(streamlit_command(args), env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``dashboard`` on the main CLI."""
+    parser = subparsers.add_parser("dashboard", help="serve the review and audit dashboard (Streamlit)",
+                                   description="Serve the review and audit dashboard. Logins are required; add them "
+                                               "with python -m dashboards.users add NAME.")
+    parser.add_argument("--audit-db", default=str(default_audit_db()),
+                        help=f"SQLite audit store (default: ${AUDIT_DB_ENV} or ./{DEFAULT_AUDIT_DB})")
+    parser.add_argument("--bundle", default=str(default_bundle_dir()), help="model bundle folder (default: the demo)")
+    parser.add_argument("--port", type=int, default=8501, help="TCP port (default 8501)")
+    parser.add_argument("--address", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; any other needs logins configured)")
+    parser.add_argument("--config", default=None,
+                        help="login config file (default: $CXR_DASHBOARD_CONFIG, else dashboard-users.json beside "
+                             "the audit store)")
+    parser.set_defaults(func=dashboard_command)

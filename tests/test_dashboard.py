@@ -1,0 +1,195 @@
+"""The dashboard's page logic (streamlit AppTest) and its figures (plain pandas)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("streamlit", reason="the dashboard extra is not installed: pip install -e '.[dashboard]'")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from dashboards import auth, data  # noqa: E402
+from triage.audit import AuditStore, Decision  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "dashboards" / "app.py")
+SAMPLE = REPO / "samples" / "kermany"
+PASSWORD = "correct horse battery staple"
+
+
+def decision(i: int, risk: float | None, flagged: bool = False, **kwargs) -> Decision:
+    """A scored decision on sample image ``kermany-NN.dcm`` (or a human-review one when risk is None)."""
+    status = "scored" if risk is not None else "human_review"
+    values = dict(path=str(SAMPLE / f"kermany-{(i % 12) + 1:02d}.dcm"), sha256=f"{i:064x}", status=status,
+                  reason="" if risk is not None else "not_dicom", study_uid=f"1.2.3.{i}", patient_pseudo_id=f"p{i:04d}",
+                  patient_sex="F" if i % 2 else "M", patient_age=f"{20 + i:03d}Y", view_position="AP",
+                  manufacturer="Acme", bundle_name="cxr-pneumonia-demo", bundle_version="0.1.0",
+                  bundle_sha256="b" * 64, finding="pneumonia", risk=risk, study_risk=risk, threshold=0.99,
+                  flag_rate=0.05, policy="batch_top_k", flagged=flagged, run_id="run-1")
+    return Decision(**{**values, **kwargs})
+
+
+def build_store(folder: Path) -> Path:
+    """An audit store with 6 decisions (2 flagged, 1 human review) and a login config with user 'alice'."""
+    db = folder / "audit.sqlite"
+    with AuditStore(db) as store:
+        store.append_decisions([decision(0, 0.30), decision(1, 0.995, True), decision(2, None), decision(3, 0.80),
+                                decision(4, 0.9995, True), decision(5, 0.05)])
+    auth.add_user(folder / auth.CONFIG_FILENAME, "alice", PASSWORD)
+    return db
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    db = build_store(tmp_path)
+    monkeypatch.setenv("CXR_DASHBOARD_AUDIT_DB", str(db))
+    monkeypatch.delenv(auth.CONFIG_ENV, raising=False)
+    return db
+
+
+def logged_in(app: AppTest) -> AppTest:
+    app.run()
+    app.text_input[0].input("alice")
+    app.text_input[1].input(PASSWORD)
+    app.button[0].click().run()
+    return app
+
+
+# -- auth ---------------------------------------------------------------------------------
+
+def test_password_hash_is_salted_and_checked(tmp_path: Path) -> None:
+    first, second = auth.hash_password("s3cret"), auth.hash_password("s3cret")
+    assert first != second and first.startswith("scrypt$")
+    assert auth.check_password("s3cret", first) and not auth.check_password("s3cre", first)
+    assert not auth.check_password("s3cret", "garbage")
+    config = tmp_path / "users.json"
+    auth.add_user(config, "bob", "pw1")
+    assert (config.stat().st_mode & 0o777) == 0o600
+    assert "pw1" not in config.read_text()
+    assert auth.authenticate(auth.load_users(config), "bob", "pw1")
+    assert not auth.authenticate(auth.load_users(config), "eve", "pw1")
+
+
+def test_users_helper_adds_from_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dashboards import users
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hunter22\n"))
+    config = tmp_path / "u.json"
+    assert users.main(["--config", str(config), "add", "carol", "--password-stdin"]) == 0
+    assert auth.authenticate(auth.load_users(config), "carol", "hunter22")
+
+
+def test_malformed_config_says_how_to_fix(tmp_path: Path) -> None:
+    config = tmp_path / "users.json"
+    config.write_text('{"users": ["alice"]}')
+    with pytest.raises(auth.AuthConfigError, match="dashboards.users add NAME"):
+        auth.load_users(config)
+
+
+# -- page logic -----------------------------------------------------------------------------
+
+def test_login_required_before_any_identifier(store: Path) -> None:
+    app = AppTest.from_file(APP, default_timeout=30).run()
+    assert not app.exception
+    shown = " ".join(str(e.value) for e in app.markdown) + " ".join(str(e.value) for e in app.caption)
+    assert "1.2.3." not in shown and "p0001" not in shown
+    assert not app.dataframe and not app.sidebar.radio
+    app.text_input[0].input("alice")
+    app.text_input[1].input("wrong")
+    app.button[0].click().run()
+    assert [e.value for e in app.error] == ["Unknown user name or wrong password."]
+    assert not app.dataframe
+
+
+def test_no_users_configured_explains_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with AuditStore(tmp_path / "a.sqlite") as s:
+        s.append_decisions([decision(0, 0.5)])
+    monkeypatch.setenv("CXR_DASHBOARD_AUDIT_DB", str(tmp_path / "a.sqlite"))
+    monkeypatch.delenv(auth.CONFIG_ENV, raising=False)
+    app = AppTest.from_file(APP, default_timeout=30).run()
+    assert "dashboards.users" in app.error[0].value and not app.text_input
+
+
+def test_worklist_flagged_first_then_by_risk(store: Path) -> None:
+    app = logged_in(AppTest.from_file(APP, default_timeout=30))
+    assert not app.exception
+    table = app.dataframe[0].value
+    assert table["id"].tolist() == [5, 2, 4, 1, 6, 3]  # flagged by risk, unflagged by risk, no risk last
+    assert "Logged in as **alice**" in app.sidebar.markdown[0].value
+
+
+def test_review_is_appended_with_the_logged_in_reviewer(store: Path) -> None:
+    app = logged_in(AppTest.from_file(APP, default_timeout=30))
+    app.sidebar.radio(key="page").set_value("Study").run()
+    assert not app.exception
+    assert app.metric[0].label.endswith("FLAGGED") and app.metric[0].value == "0.9995"
+    heatmap = app.toggle[0]
+    assert heatmap.disabled and "no CAM" in heatmap.help
+    assert len(app.get("image")) == 1  # the image was decoded and drawn
+    app.text_input(key="finding-5").input("consolidation")
+    app.button(key="agree-5").click().run()
+    app.button(key="disagree-5").click().run()
+    assert not app.exception
+    with AuditStore(store, create=False) as s:
+        rows = s.reviews_for("1.2.3.4")
+        assert s.verify().ok
+    assert [(r["decision_id"], r["reviewer"], r["verdict"]) for r in rows] == [(5, "alice", "agree"),
+                                                                               (5, "alice", "disagree")]
+    assert rows[0]["finding"] == "consolidation"
+    app.button(key="next").click().run()
+    assert app.metric[0].value == "0.9950"
+
+
+def test_audit_and_active_learning_pages_render(store: Path) -> None:
+    app = logged_in(AppTest.from_file(APP, default_timeout=30))
+    app.sidebar.radio(key="page").set_value("Audit").run()
+    assert not app.exception
+    assert app.success[0].value.startswith("Audit chain: audit chain OK")
+    app.sidebar.radio(key="page").set_value("Active learning").run()
+    assert not app.exception
+    queue = app.dataframe[0].value
+    assert queue.loc[0, "decision_id"] == 1  # risk 0.30: nearest 0.5 among the unreviewed
+
+
+# -- figures --------------------------------------------------------------------------------
+
+def test_psi_zero_for_same_distribution_and_large_for_shifted() -> None:
+    ref = [10, 20, 30, 40]
+    assert data.psi(ref, [1, 2, 3, 4]) == pytest.approx(0.0)
+    assert data.psi(ref, [40, 30, 20, 10]) > data.PSI_ALERT
+    assert math.isnan(data.psi(ref, [0, 0, 0, 0]))
+
+
+def test_age_band() -> None:
+    assert [data.age_band(a) for a in ("045Y", "006M", "070Y", "", "abc", "018Y")] == [
+        "40-64", "<18", "65+", "unknown", "unknown", "18-39"]
+
+
+def test_export_has_no_paths_or_uids(store: Path) -> None:
+    frame = data.read_decisions(store)
+    export = data.pseudonymized_export(frame, b"k" * 32)
+    text = export.to_csv(index=False)
+    assert "kermany" not in text and "1.2.3." not in text and "path" not in export.columns
+    assert export["study_pseudo_id"].str.fullmatch("[0-9a-f]{16}").all()
+
+
+def test_agreement_and_active_learning_labels(store: Path) -> None:
+    with AuditStore(store) as s:
+        s.append_review(2, "alice", "agree")      # flagged, agreed
+        s.append_review(5, "alice", "disagree")   # flagged, disagreed
+        s.append_review(4, "bob", "disagree")     # unflagged, disagreed -> label 1
+    decisions, reviews = data.read_decisions(store), data.read_reviews(store)
+    figures = data.agreement(decisions, reviews)
+    assert figures["ppv_flagged"] == pytest.approx(0.5) and figures["n_reviewed"] == 3
+    queue = data.active_learning_queue(decisions, reviews, "pneumonia")
+    assert queue.loc[queue["decision_id"] == 4, "pneumonia"].item() == "1"
+    assert queue.loc[queue["decision_id"] == 5, "pneumonia"].item() == "0"
+    assert set(queue.columns) >= {"path", "pneumonia", "subtype", "patient_id", "md5"}
+    assert data.subgroup_table(decisions).query("subgroup == 'age_band'")["n"].sum() == 6
+    assert np.isfinite(data.flag_rate_by_day(decisions, 0.05)["flag_rate"]).all()
+    assert isinstance(data.bundle_history(decisions), pd.DataFrame) and len(data.bundle_history(decisions)) == 1
