@@ -1,4 +1,4 @@
-"""``train`` and ``export`` subcommands; torch is imported inside them, not here.
+"""``train``, ``export`` and ``evaluate`` subcommands; torch is imported inside them, not here.
 
 ``deploy.cli`` calls ``add_parsers``; ``python -m training.cli train ...`` also works.
 """
@@ -43,8 +43,43 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Evaluate a bundle or run on a labelled data folder and write the report."""
+    from triage.errors import TriageError
+
+    from .evaluate import EvaluationError, evaluate
+
+    try:
+        metrics = evaluate(args.source, args.data, args.out, split=args.split, n_boot=args.bootstrap, seed=args.seed,
+                           device=args.device, log=lambda line: print(line, flush=True))
+    except (FileNotFoundError, EvaluationError, TriageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    ci, rate = metrics["auroc"]["ci95"], metrics["flag_rate_5pct"]
+    print(f"{metrics['split']['name']} n={metrics['n']}: AUROC {metrics['auroc']['value']:.4f} "
+          f"(95% CI {ci['low']:.4f}-{ci['high']:.4f}), ECE {metrics['calibration']['ece_calibrated']:.4f}; top 5%: "
+          f"PPV {rate['ppv']:.3f}, sensitivity {rate['sensitivity']:.3f}, NPV {rate['npv']:.3f}")
+    return 0
+
+
+def add_evaluate_parser(subparsers) -> None:
+    """Register ``evaluate`` (numpy, ONNX Runtime, matplotlib; torch only to run a run's checkpoint)."""
+    evaluate = subparsers.add_parser("evaluate", help="evaluate a bundle or training run: metrics, plots, HTML report",
+                                     description="AUROC with bootstrap CI, operating points, calibration, top losses and "
+                                                 "subgroups on the training's patient split; PNGs + index.html + metrics.json.")
+    evaluate.add_argument("source", metavar="RUN_OR_BUNDLE", help="bundle folder (manifest.json) or run folder (config.json)")
+    evaluate.add_argument("data", metavar="DATA", help="labelled data folder with labels.csv, e.g. " + DEFAULT_DATA)
+    evaluate.add_argument("--out", required=True, help="report folder to write (index.html, metrics.json, PNGs)")
+    evaluate.add_argument("--split", choices=("validation", "all"), default="validation",
+                          help="validation: the held-out patients of the training split (default); all: every image")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the CIs (default 1000)")
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed (the split seed comes from the model)")
+    evaluate.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="ONNX Runtime device")
+    evaluate.set_defaults(func=evaluate_command)
+
+
 def add_parsers(subparsers) -> None:
-    """Register ``train`` and ``export`` on an ``argparse`` subparsers object."""
+    """Register ``train``, ``export`` and ``evaluate`` on an ``argparse`` subparsers object."""
     train = subparsers.add_parser("train", help="fine-tune the pneumonia model (needs the train extra: torch, monai)",
                                   description="Fine-tune EfficientNet-Lite0 from ImageNet weights on Kermany pneumonia.")
     train.add_argument("--data", default=DEFAULT_DATA, help=f"kermany-pneumonia-224 folder (default {DEFAULT_DATA})")
@@ -65,6 +100,7 @@ def add_parsers(subparsers) -> None:
     export.add_argument("--out", required=True, help="bundle folder to write, e.g. models/pneumonia-demo")
     export.add_argument("--data", default=None, help="data folder (default: the one in the run's config.json)")
     export.set_defaults(func=export_command)
+    add_evaluate_parser(subparsers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
