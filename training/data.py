@@ -9,8 +9,6 @@ augmentation lives in ``training.augment``, never in ``triage``.
 from __future__ import annotations
 
 import csv
-import random
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,8 @@ import numpy as np
 from triage.ingest import read_radiograph
 from triage.preprocess import PreprocessSpec, preprocess
 from triage.radiograph import Radiograph
+
+from training import splits
 
 FINDINGS = ("pneumonia",)
 LABELS_FILE = "labels.csv"
@@ -50,25 +50,8 @@ def read_labels(data_dir: str | Path) -> list[Example]:
 
 
 def patient_groups(examples: Sequence[Example]) -> dict[str, list[int]]:
-    """Union-find over patients linked by a shared md5 -> {root patient: row indices}."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    first_patient_of_md5: dict[str, str] = {}
-    for ex in examples:
-        find(ex.patient_id)
-        other = first_patient_of_md5.setdefault(ex.md5, ex.patient_id)
-        parent[find(ex.patient_id)] = find(other)
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, ex in enumerate(examples):
-        groups[find(ex.patient_id)].append(i)
-    return dict(groups)
+    """Union-find over patients linked by a shared md5 -> {root patient: row indices} (``training.splits``)."""
+    return splits.patient_groups(examples)
 
 
 def split_patients(examples: Sequence[Example], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -76,35 +59,22 @@ def split_patients(examples: Sequence[Example], val_fraction: float = 0.2, seed:
 
     Patients that share a byte-identical image (same md5) form one group, so no
     patient and no image content is in both splits. About ``val_fraction`` of the
-    groups go to validation.
+    groups go to validation. Same indices as before ``training.splits`` existed.
     """
-    groups = patient_groups(examples)
-    roots = sorted(groups)
-    random.Random(seed).shuffle(roots)
-    n_val_groups = round(len(roots) * val_fraction)
-    val_roots = set(roots[:n_val_groups])
-    train = sorted(i for r in roots if r not in val_roots for i in groups[r])
-    val = sorted(i for r in val_roots for i in groups[r])
-    return train, val
+    parts = splits.split_by_patient(examples, {"val": val_fraction, "train": 1.0 - val_fraction}, seed)
+    return parts["train"], parts["val"]
 
 
 def leakage(examples: Sequence[Example], train: Sequence[int], val: Sequence[int]) -> dict[str, list[str]]:
     """Patients and md5s found in both splits (both lists empty when the split is clean)."""
-    def values(idx: Sequence[int], key: str) -> set[str]:
-        return {getattr(examples[i], key) for i in idx}
-
-    return {key: sorted(values(train, key) & values(val, key)) for key in ("patient_id", "md5")}
+    report = splits.leakage(examples, {"train": train, "val": val})
+    return {key: sorted(report[key]) for key in ("patient_id", "md5")}
 
 
 def assert_no_leakage(examples: Sequence[Example], train: Sequence[int], val: Sequence[int]) -> dict[str, list[str]]:
     """Raise ``AssertionError`` naming the leaked patients/md5s; returns the (empty) report."""
-    report = leakage(examples, train, val)
-    if report["patient_id"] or report["md5"]:
-        raise AssertionError(
-            f"split leaks {len(report['patient_id'])} patients (e.g. {report['patient_id'][:3]}) and "
-            f"{len(report['md5'])} md5s (e.g. {report['md5'][:3]}) into both splits"
-        )
-    return report
+    splits.assert_no_leakage(examples, {"train": train, "val": val})
+    return leakage(examples, train, val)
 
 
 def split_summary(examples: Sequence[Example], idx: Sequence[int]) -> dict[str, int]:
