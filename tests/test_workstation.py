@@ -230,22 +230,67 @@ def processes():
         proc.wait(timeout=10)
 
 
+class SlowProxy:
+    """A TCP relay that forwards the sender's bytes at ``bytes_per_s``, so a transfer is reliably mid-way when we kill."""
+
+    def __init__(self, target_port: int, bytes_per_s: int = 2_000_000) -> None:
+        self.target_port, self.bytes_per_s, self.forwarded = target_port, bytes_per_s, 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            client, _ = self.server.accept()
+        except OSError:
+            return
+        with client, socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
+            back = threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True)
+            back.start()
+            self._pipe(client, upstream, True)
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, throttle: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+                if throttle:
+                    self.forwarded += len(chunk)
+                    time.sleep(len(chunk) / self.bytes_per_s)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(timeout=10)
+
+
 @needs_dcmtk
 def test_killed_mid_transfer_and_restarted_loses_nothing_and_decides_once(tmp_path, make_dicom, processes):
     port, db = free_port(), tmp_path / "audit.sqlite"
     small = [make_dicom(f"s{i}.dcm", modality="CR") for i in range(2)]
-    big = make_dicom("big.dcm", modality="CR", rows=3000, cols=3000, bits_stored=16)  # ~18 MB: still in flight when killed
+    big = make_dicom("big.dcm", modality="CR", rows=2048, cols=2048, bits_stored=16)  # 8 MB through a 2 MB/s relay
     processes.append(service(tmp_path, port, quiet_s=30))  # long quiet period: received, not yet decided
     wait_for(lambda: listening(port), 30, "the service to listen")
     assert storescu(port, *small).returncode == 0
-    slow = subprocess.Popen(["storescu", "-aet", CALLER, "-aec", "CXR_TRIAGE", "--max-send-pdu", "4096",
-                             "127.0.0.1", str(port), str(big)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = SlowProxy(port)
+    slow = subprocess.Popen(["storescu", "-aet", CALLER, "-aec", "CXR_TRIAGE", "127.0.0.1", str(proxy.port), str(big)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     processes.append(slow)
-    wait_for(lambda: list((tmp_path / "inbox" / "studies").rglob("*.part")), 20, "the big transfer to be in flight")
+    wait_for(lambda: proxy.forwarded > 1_000_000, 20, "the big transfer to be in flight")
     processes[0].send_signal(signal.SIGKILL)
     processes[0].wait(timeout=10)
     assert slow.wait(timeout=20) != 0  # the sender saw no success for the interrupted instance
+    proxy.close()
     assert decisions(db) == []
+    big_sop = str(dcmread(big, stop_before_pixels=True).SOPInstanceUID)
+    assert not list((tmp_path / "inbox" / "studies").rglob(f"{big_sop}.dcm"))  # never a half file under a UID name
 
     processes.append(service(tmp_path, port, quiet_s=0.2))
     wait_for(lambda: listening(port), 30, "the restarted service")
