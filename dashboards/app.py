@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -271,6 +272,15 @@ def review_panel(settings: Settings, user: str, row: pd.Series) -> None:
         st.dataframe(mine[["created_at", "reviewer", "verdict", "finding", "note"]], hide_index=True)
 
 
+def line_with_rule(frame: pd.DataFrame, column: str, level: float, level_name: str) -> alt.LayerChart:
+    """``column`` per day as a line with points (one day still shows), and a dashed rule at ``level``."""
+    days = frame.assign(day=pd.to_datetime(frame["day"]))
+    line = alt.Chart(days).mark_line(point=True).encode(x=alt.X("day:T", title="day"), y=alt.Y(f"{column}:Q"),
+                                                          tooltip=list(frame.columns))
+    rule = alt.Chart(pd.DataFrame({"level": [level], "name": [level_name]})).mark_rule(strokeDash=[6, 4], color="red")
+    return (line + rule.encode(y="level:Q", tooltip=["name", "level"])).properties(height=220)
+
+
 def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFrame,
                manifest: dict[str, Any] | None) -> None:
     """How the model behaves on this site's studies, for the hospital's audit."""
@@ -284,7 +294,7 @@ def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFram
 
     st.subheader("Realized flag rate vs target")
     by_day = data.flag_rate_by_day(decisions, target)
-    st.line_chart(by_day.set_index("day")[["flag_rate", "target"]])
+    st.altair_chart(line_with_rule(by_day, "flag_rate", target, "target flag rate"), width="stretch")
 
     st.subheader("Risk distribution vs the bundle's validation reference")
     reference = data.reference_histogram(manifest) if manifest else None
@@ -294,16 +304,20 @@ def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFram
         edges, ref_counts = reference
         counts = data.risk_histogram(decisions.loc[decisions["status"] == "scored", "risk"], edges)
         value = data.psi(ref_counts, counts)
-        alert = not math.isnan(value) and value > data.PSI_ALERT
+        alert = not math.isnan(value) and value > data.PSI_ALERT and counts.sum() >= data.PSI_MIN_N
         st.metric("PSI (all scored studies)", "—" if math.isnan(value) else f"{value:.3f}",
                   delta=f"alert above {data.PSI_ALERT}", delta_color="inverse" if alert else "off")
+        if counts.sum() < data.PSI_MIN_N:
+            st.info(f"Only {counts.sum()} scored studies: PSI alerts start at {data.PSI_MIN_N}.")
         if alert:
             st.error(f"Drift alert: PSI {value:.3f} > {data.PSI_ALERT}. The studies differ from the model's validation data.")
         bins = [f"{lo:.2f}" for lo in edges[:-1]]
         shares = pd.DataFrame({"reference": np.asarray(ref_counts) / max(sum(ref_counts), 1),
                                "this site": counts / max(counts.sum(), 1)}, index=bins)
         st.bar_chart(shares, stack=False)
-        st.line_chart(data.drift_by_day(decisions, edges, ref_counts).set_index("day")[["psi"]])
+        st.caption("PSI per day")
+        st.altair_chart(line_with_rule(data.drift_by_day(decisions, edges, ref_counts), "psi", data.PSI_ALERT,
+                                       "alert threshold"), width="stretch")
 
     st.subheader("Human review by reason")
     reasons = data.review_rates_by_reason(decisions)

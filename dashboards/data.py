@@ -20,6 +20,7 @@ from triage.audit import AuditStore, VerifyResult
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 PSI_ALERT = 0.2        # population stability index above this: the risk distribution has drifted
+PSI_MIN_N = 100        # fewer scored studies than this: PSI is too noisy to raise an alert
 PSI_EPS = 1e-4         # floor for empty bins, so log(0) never happens
 # What the pseudonymized export may contain: no paths, UIDs or free-text details.
 EXPORT_COLUMNS = ("id", "created_at", "patient_pseudo_id", "study_pseudo_id", "status", "reason", "patient_sex",

@@ -193,3 +193,21 @@ def test_agreement_and_active_learning_labels(store: Path) -> None:
     assert data.subgroup_table(decisions).query("subgroup == 'age_band'")["n"].sum() == 6
     assert np.isfinite(data.flag_rate_by_day(decisions, 0.05)["flag_rate"]).all()
     assert isinstance(data.bundle_history(decisions), pd.DataFrame) and len(data.bundle_history(decisions)) == 1
+
+
+# -- the command ----------------------------------------------------------------------------
+
+def test_dashboard_command_binds_localhost_and_refuses_open_address_without_logins(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy import cli, dashboard_cmd
+
+    with AuditStore(tmp_path / "a.sqlite") as s:
+        s.append_decisions([decision(0, 0.5)])
+    args = cli.build_parser().parse_args(["dashboard", "--audit-db", str(tmp_path / "a.sqlite"), "--port", "8600"])
+    command = dashboard_cmd.streamlit_command(args)
+    assert command[command.index("--server.address") + 1] == "127.0.0.1"
+    assert command[command.index("--server.port") + 1] == "8600"
+    args = cli.build_parser().parse_args(["dashboard", "--audit-db", str(tmp_path / "a.sqlite"), "--address", "0.0.0.0",
+                                          "--config", str(tmp_path / "none.json")])
+    assert args.func(args) == 1
+    assert "refusing to listen on 0.0.0.0" in capsys.readouterr().err
