@@ -78,7 +78,8 @@ def test_kermany_labels_csv_layout(tmp_path):
         ["images/NORMAL/IM-0115-0001.jpeg", 0, "normal", "IM-0115", "aaa"],
         ["images/PNEUMONIA/person1_virus_6.jpeg", 1, "virus", "P1", "bbb"]])
     normal, sick = ds.read_kermany(tmp_path)
-    assert by_name(normal) == {"pneumonia": 0.0, "no_finding": 1.0} and by_name(sick) == {"pneumonia": 1.0, "no_finding": 0.0}
+    assert by_name(normal) == {"pneumonia": 0.0, "no_finding": 1.0}
+    assert by_name(sick) == {"pneumonia": 1.0, "no_finding": 0.0}
     assert (sick.patient_id, sick.md5, sick.extra["subtype"], sick.dataset) == ("P1", "bbb", "virus", "kermany")
     assert sick.path == str(tmp_path / "images/PNEUMONIA/person1_virus_6.jpeg")
 
@@ -94,7 +95,8 @@ def test_kermany_folder_tree_layout(tmp_path):
     touch(tmp_path / "chest_xray/__MACOSX/train/NORMAL/IM-0115-0001.jpeg", b"junk")
     records = ds.read_kermany(root)
     assert sorted((Path(r.path).name, r.patient_id, r.extra["subtype"], r.extra["source_split"]) for r in records) == [
-        ("IM-0115-0001.jpeg", "IM-0115", "normal", "train"), ("NORMAL2-IM-0383-0001.jpeg", "NORMAL2-IM-0383", "normal", "train"),
+        ("IM-0115-0001.jpeg", "IM-0115", "normal", "train"),
+        ("NORMAL2-IM-0383-0001.jpeg", "NORMAL2-IM-0383", "normal", "train"),
         ("person1_bacteria_1.jpeg", "P1", "bacteria", "train"), ("person1_virus_6.jpeg", "P1", "virus", "train"),
         ("person7_virus_9.jpeg", "P7", "virus", "test")]
     assert {r.md5 for r in records} == {hashlib.md5(c).hexdigest() for c in (b"a", b"b", b"c", b"d")}
@@ -129,7 +131,8 @@ def test_nih_layout_with_kaggle_image_folders_and_official_lists(tmp_path):
     assert by_name(a) == {n: float(n in ("cardiomegaly", "emphysema")) for n in findings.NAMES}
     assert by_name(b) == {n: float(n == "no_finding") for n in findings.NAMES}
     assert c.label("pleural_thickening") == 1.0 and c.extra == {"follow_up": "1"}
-    assert (a.patient_id, a.study_id, a.sex, a.age, a.view, a.extra["source_split"]) == ("1", "00000001_000", "M", 57.0, "PA", "train_val")
+    assert (a.patient_id, a.study_id, a.sex, a.age, a.view) == ("1", "00000001_000", "M", 57.0, "PA")
+    assert a.extra == {"follow_up": "0", "source_split": "train_val"}
     assert (b.sex, b.view, b.is_frontal, b.extra["source_split"]) == ("F", "AP", True, "test")
     assert a.path == str(tmp_path / "images_001/images/00000001_000.png")
     assert b.path == str(tmp_path / "images/00000002_000.png")  # not found: where the plain layout keeps it
@@ -198,7 +201,8 @@ def test_chexpert_layout_and_uncertainty_policies(tmp_path):
     root = chexpert_tree(tmp_path)
     first, lateral, second = ds.read_chexpert(root)
     assert by_name(first) == {"cardiomegaly": 1.0, "effusion": 0.0}  # edema uncertain: ignored; fracture: not canonical
-    assert (first.patient_id, first.study_id, first.sex, first.age, first.view) == ("patient00001", "patient00001/study1", "F", 68.0, "AP")
+    assert (first.patient_id, first.study_id) == ("patient00001", "patient00001/study1")
+    assert (first.sex, first.age, first.view) == ("F", 68.0, "AP")
     assert first.path == str(tmp_path / "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg")
     assert (lateral.view, lateral.is_frontal, by_name(lateral)) == ("LATERAL", False, {"no_finding": 1.0})
     assert (second.sex, second.view) == (None, "PA")
@@ -210,6 +214,8 @@ def test_chexpert_layout_and_uncertainty_policies(tmp_path):
     assert len(both) == 4 and both[-1].extra["source_split"] == "valid" and both[-1].label("no_finding") == 0.0
     with pytest.raises(ValueError, match="uncertain='U-Ones': choose one of"):
         ds.read_chexpert(root, uncertain="U-Ones")
+    renamed = root.rename(tmp_path / "chexpert")  # the CSV still says CheXpert-v1.0-small/...
+    assert ds.read_chexpert(renamed)[0].path == str(renamed / "train/patient00001/study1/view1_frontal.jpg")
 
 
 # --- RSNA Pneumonia ----------------------------------------------------------------------------
@@ -232,8 +238,10 @@ def test_rsna_labels_one_row_per_box_and_dicom_headers(tmp_path):
         dicom.save_as(tmp_path / "stage_2_train_images" / f"{image_id}.dcm", enforce_file_format=True)
     negative, positive = ds.read_rsna_pneumonia(tmp_path)
     assert (negative.sex, negative.age, negative.view) == ("F", 51.0, "PA")
-    assert (positive.sex, positive.age, positive.view, positive.extra["boxes"][0]) == ("M", 48.0, "AP", (264.0, 152.0, 213.0, 379.0))
+    assert (positive.sex, positive.age, positive.view) == ("M", 48.0, "AP")
+    assert positive.extra["boxes"] == ((264.0, 152.0, 213.0, 379.0), (562.0, 152.0, 256.0, 453.0))
     assert positive.path == str(tmp_path / "stage_2_train_images/00436515-870c.dcm")
+    assert ds.read_rsna_pneumonia(tmp_path, read_headers=False)[0].sex is None
 
 
 # --- MIMIC-CXR-JPG -----------------------------------------------------------------------------
@@ -247,15 +255,16 @@ def test_mimic_cxr_jpg_layout(tmp_path):
         [10000032, 50414267, *labels(Pneumonia="-1.0", Pleural_Effusion="1.0", Lung_Opacity="1.0")],
         [10000764, 57375967, *labels(No_Finding="1.0")]])
     write_csv(tmp_path / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_META, [
-        ["02aa804e-bde0afdd", 10000032, 50414267, "CHEST (PA AND LAT)", "PA", 3056, 2544, 21800506, 213014.531, "", "", ""],
-        ["174413ec-4ec4c1f7", 10000032, 50414267, "CHEST (PA AND LAT)", "LATERAL", 3056, 2544, 21800506, 213014.531, "", "", ""],
+        ["02aa804e-bde0afdd", 10000032, 50414267, "CHEST (PA AND LAT)", "PA", 3056, 2544, 21800506, 2130, "", "", ""],
+        ["174413ec-4ec4c1f7", 10000032, 50414267, "CHEST (PA AND LAT)", "LATERAL", 3056, 2544, 21800506, 1, "", "", ""],
         ["abcd", 10000764, 57375967, "", "AP", 1, 1, 1, 1, "", "", ""],
         ["nolabel", 10000898, 50771383, "", "", 1, 1, 1, 1, "", "", ""]])
     write_csv(tmp_path / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
               [["abcd", 57375967, 10000764, "test"]])
     pa, lateral, ap, unlabelled = ds.read_mimic_cxr(tmp_path)
     assert pa.path == str(tmp_path / "files/p10/p10000032/s50414267/02aa804e-bde0afdd.jpg")
-    assert (pa.patient_id, pa.study_id, pa.view, lateral.view, lateral.is_frontal) == ("10000032", "50414267", "PA", "LATERAL", False)
+    assert (pa.patient_id, pa.study_id, pa.view) == ("10000032", "50414267", "PA")
+    assert (lateral.view, lateral.is_frontal) == ("LATERAL", False)
     assert by_name(pa) == {"effusion": 1.0} == by_name(lateral)
     assert by_name(ap) == {"no_finding": 1.0} and ap.extra == {"source_split": "test"}
     assert np.isnan(unlabelled.labels).all() and unlabelled.view is None
@@ -266,15 +275,19 @@ def test_mimic_cxr_jpg_layout(tmp_path):
 
 
 def test_generic_csv_maps_columns_named_after_findings(tmp_path):
-    csv_file = write_csv(tmp_path / "site-a.csv", ["path", "patient_id", "Pleural Thickening", "pneumonia", "NO_FINDING",
-                                                   "age", "sex", "Comment"], [
+    header = ["path", "patient_id", "Pleural Thickening", "pneumonia", "NO_FINDING", "age", "sex", "Comment"]
+    csv_file = write_csv(tmp_path / "site-a.csv", header, [
         ["img/1.png", "A", 1, "", 0, 44, "female", "x"],
         ["img/2.png", "", 0, -1, 0, "", "", ""]])
     first, second = ds.read_generic_csv(csv_file, uncertain="zeros")
     assert by_name(first) == {"pleural_thickening": 1.0, "no_finding": 0.0}
     assert by_name(second) == {"pleural_thickening": 0.0, "pneumonia": 0.0, "no_finding": 0.0}
-    assert (first.path, first.patient_id, first.dataset, first.sex, first.age) == (str(tmp_path / "img/1.png"), "A", "site-a", "F", 44.0)
+    assert (first.patient_id, first.dataset, first.sex, first.age) == ("A", "site-a", "F", 44.0)
+    assert first.path == str(tmp_path / "img/1.png")
     assert second.patient_id == "img/2.png"  # no patient: the image is its own patient
+    touch(tmp_path / "img/1.png", b"pixels")
+    filled = ds.with_md5([first, second])
+    assert (filled[0].md5, filled[1].md5, first.md5) == (hashlib.md5(b"pixels").hexdigest(), None, None)
     bad = write_csv(tmp_path / "bad.csv", ["path", "label"], [["a.png", 1]])
     with pytest.raises(ds.DatasetLayoutError, match="no label column named after a canonical finding"):
         ds.read_generic_csv(bad)
@@ -291,7 +304,8 @@ def record(patient: str, md5: str | None, dataset: str = "d") -> ds.Record:
 
 
 def test_three_way_split_keeps_patients_and_duplicates_together():
-    rows = [record("A", "x"), record("B", "x"), record("B", "y"), record("C", "y"), record("D", None), record("E", None),
+    rows = [record("A", "x"), record("B", "x"), record("B", "y"), record("C", "y"),
+            record("D", None), record("E", None),
             *[record(f"P{i}", f"m{i}") for i in range(60)], record("1", "q", "nih"), record("1", "r", "chexpert")]
     groups = splits.patient_groups(rows)
     assert any({rows[i].patient_id for i in g} == {"A", "B", "C"} for g in groups.values())

@@ -22,7 +22,7 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -109,6 +109,11 @@ def label_counts(records: Sequence[Record]) -> dict[str, dict[str, int]]:
                    "unknown": int(np.isnan(y[:, j]).sum())} for j, name in enumerate(NAMES)}
 
 
+def with_md5(records: Sequence[Record]) -> list[Record]:
+    """Records with ``md5`` filled from the image files where it is missing and the file exists."""
+    return [replace(r, md5=file_md5(r.path)) if r.md5 is None and os.path.isfile(r.path) else r for r in records]
+
+
 def file_md5(path: str | Path) -> str:
     """Hex md5 of a file's bytes."""
     digest = hashlib.md5()
@@ -136,7 +141,7 @@ def read_rows(path: Path, required: Iterable[str]) -> list[dict[str, str]]:
 
 
 def find_file(root: Path, patterns: Sequence[str], what: str) -> Path:
-    """First file under ``root`` matching one of ``patterns`` (glob), or a ``FileNotFoundError`` that says what to pass."""
+    """First file under ``root`` matching one of ``patterns`` (glob); ``FileNotFoundError`` says what to pass."""
     for pattern in patterns:
         found = sorted(root.glob(pattern))
         if found:
@@ -262,11 +267,11 @@ def kermany_patient_id(filename: str) -> str:
 
 
 def kermany_record(path: str, is_pneumonia: bool, subtype: str, patient_id: str, md5: str | None,
-                   extra: Mapping[str, Any] = {}) -> Record:
+                   extra: Mapping[str, Any] | None = None) -> Record:
     """Kermany labels: pneumonia 1/0, no_finding its complement (the graders judged only these), rest NaN."""
     labels = label_vector({"pneumonia": float(is_pneumonia), "no_finding": float(not is_pneumonia)})
     return Record(path, patient_id, Path(path).stem, "kermany", labels, view="AP", md5=md5,
-                  extra={"subtype": subtype, **extra})
+                  extra={"subtype": subtype, **(extra or {})})
 
 
 def read_kermany_labels(root: str | Path) -> list[Record]:
@@ -374,12 +379,14 @@ def read_nih(root: str | Path, labels_file: str | Path | None = None) -> list[Re
 
 
 def chexpert_path(root: Path, csv_path: str) -> Path:
-    """CSV paths start with the dataset folder ('CheXpert-v1.0-small/train/...'): resolve beside ``root``."""
+    """CSV paths start with the dataset folder ('CheXpert-v1.0-small/train/...'): resolve inside ``root``,
+    whatever the folder is called here."""
     parts = Path(csv_path).parts
-    return root.parent / csv_path if parts and parts[0] == root.name else root / csv_path
+    return root / csv_path if parts and parts[0] in ("train", "valid", "test") else root.joinpath(*parts[1:])
 
 
-def read_chexpert(root: str | Path, split: str = "train", uncertain: str | Mapping[str, str] = "ignore") -> list[Record]:
+def read_chexpert(root: str | Path, split: str = "train",
+                  uncertain: str | Mapping[str, str] = "ignore") -> list[Record]:
     """CheXpert: ``<root>/train.csv`` or ``valid.csv`` (``split="both"`` reads both).
 
     Columns: Path, Sex, Age, Frontal/Lateral, AP/PA, then the labeler's 14 columns
@@ -401,8 +408,9 @@ def read_chexpert(root: str | Path, split: str = "train", uncertain: str | Mappi
                 raise DatasetLayoutError(f"{csv_file} line {n}: no patientNNNNN/studyN in path {row['Path']!r}")
             is_frontal = row["Frontal/Lateral"].strip().lower() == "frontal"
             view = (parse_view(row["AP/PA"]) or "FRONTAL") if is_frontal else "LATERAL"
-            records.append(Record(str(chexpert_path(root, row["Path"])), match.group(1), f"{match.group(1)}/{match.group(2)}",
-                                  "chexpert", chexpert_labels(row, policy, f"{csv_file} line {n}"), view,
+            patient, study = match.group(1), f"{match.group(1)}/{match.group(2)}"
+            labels = chexpert_labels(row, policy, f"{csv_file} line {n}")
+            records.append(Record(str(chexpert_path(root, row["Path"])), patient, study, "chexpert", labels, view,
                                   parse_sex(row["Sex"]), parse_age(row["Age"]), None, {"source_split": part}))
     return records
 
@@ -422,13 +430,14 @@ def dicom_tags(path: Path) -> dict[str, str]:
 
 
 def read_rsna_pneumonia(root: str | Path, labels_file: str = "stage_2_train_labels.csv",
-                        images_dir: str = "stage_2_train_images") -> list[Record]:
+                        images_dir: str = "stage_2_train_images", read_headers: bool | None = None) -> list[Record]:
     """RSNA Pneumonia Detection: ``stage_2_train_labels.csv`` (patientId, x, y, width, height, Target), one row
     per box, + ``stage_2_train_images/<patientId>.dcm``.
 
     One record per patientId (one image each): pneumonia = Target (1 when any box), other
-    findings NaN; boxes (x, y, width, height) in ``extra["boxes"]``. When the images folder
-    exists, sex, age, view and study come from each file's DICOM header (no pixels read).
+    findings NaN; boxes (x, y, width, height) in ``extra["boxes"]``. With ``read_headers``
+    (default: when the images folder exists) sex, age, view and study come from each file's
+    DICOM header (no pixels read; about a millisecond a file).
     """
     root = Path(root)
     rows = read_rows(root / labels_file, ("patientId", "x", "y", "width", "height", "Target"))
@@ -440,13 +449,15 @@ def read_rsna_pneumonia(root: str | Path, labels_file: str = "stage_2_train_labe
         targets[image_id] = max(targets.get(image_id, 0.0), target)
         if row["x"].strip():
             boxes[image_id].append(tuple(float(row[k]) for k in ("x", "y", "width", "height")))
-    has_images = (root / images_dir).is_dir()
+    if read_headers is None:
+        read_headers = (root / images_dir).is_dir()
     records = []
     for image_id, target in targets.items():
         path = root / images_dir / f"{image_id}.dcm"
-        tags = dicom_tags(path) if has_images else {}
+        tags = dicom_tags(path) if read_headers else {}
         records.append(Record(str(path), tags.get("PatientID") or image_id, tags.get("StudyInstanceUID") or image_id,
-                              "rsna_pneumonia", label_vector({"pneumonia": target}), parse_view(tags.get("ViewPosition")),
+                              "rsna_pneumonia", label_vector({"pneumonia": target}),
+                              parse_view(tags.get("ViewPosition")),
                               parse_sex(tags.get("PatientSex")), parse_age(tags.get("PatientAge")), None,
                               {"boxes": tuple(boxes.get(image_id, ()))}))
     return records
@@ -455,7 +466,8 @@ def read_rsna_pneumonia(root: str | Path, labels_file: str = "stage_2_train_labe
 # --- MIMIC-CXR-JPG -----------------------------------------------------------------------------
 
 
-def read_mimic_cxr(root: str | Path, uncertain: str | Mapping[str, str] = "ignore", labeler: str = "chexpert") -> list[Record]:
+def read_mimic_cxr(root: str | Path, uncertain: str | Mapping[str, str] = "ignore",
+                   labeler: str = "chexpert") -> list[Record]:
     """MIMIC-CXR-JPG 2.0.0: ``mimic-cxr-2.0.0-metadata.csv[.gz]`` (one row per dicom_id) joined on
     (subject_id, study_id) to ``mimic-cxr-2.0.0-<labeler>.csv[.gz]`` (labeler chexpert or negbio).
 

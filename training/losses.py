@@ -32,7 +32,8 @@ def masked_bce_with_logits(logits: torch.Tensor, targets: torch.Tensor, pos_weig
     moves known targets toward 0.5 by that fraction.
     """
     if logits.shape != targets.shape:
-        raise ValueError(f"masked_bce_with_logits: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
+        raise ValueError(f"masked_bce_with_logits: logits {tuple(logits.shape)} and targets "
+                         f"{tuple(targets.shape)} differ in shape")
     known = ~torch.isnan(targets)
     clean = torch.where(known, targets, torch.zeros_like(targets)).to(logits.dtype)
     if label_smoothing:
