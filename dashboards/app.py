@@ -275,10 +275,12 @@ def review_panel(settings: Settings, user: str, row: pd.Series) -> None:
 def line_with_rule(frame: pd.DataFrame, column: str, level: float, level_name: str) -> alt.LayerChart:
     """``column`` per day as a line with points (one day still shows), and a dashed rule at ``level``."""
     days = frame.assign(day=pd.to_datetime(frame["day"]))
-    line = alt.Chart(days).mark_line(point=True).encode(x=alt.X("day:T", title="day"), y=alt.Y(f"{column}:Q"),
+    line = alt.Chart(days).mark_line(point=True).encode(x=alt.X("day:T", title="day"),
+                                                          y=alt.Y(f"{column}:Q", title=column.replace("_", " ")),
                                                           tooltip=list(frame.columns))
     rule = alt.Chart(pd.DataFrame({"level": [level], "name": [level_name]})).mark_rule(strokeDash=[6, 4], color="red")
-    return (line + rule.encode(y="level:Q", tooltip=["name", "level"])).properties(height=220)
+    return (line + rule.encode(y=alt.Y("level:Q", title=column.replace("_", " ")),
+                               tooltip=["name", "level"])).properties(height=220)
 
 
 def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFrame,
@@ -332,6 +334,18 @@ def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFram
     cols[0].metric("Reviewed decisions", figures["n_reviewed"])
     cols[1].metric("Agreement", "—" if math.isnan(figures["agreement"]) else f"{figures['agreement']:.0%}")
     cols[2].metric("PPV among flagged", "—" if math.isnan(figures["ppv_flagged"]) else f"{figures['ppv_flagged']:.0%}")
+    curve = data.reliability(decisions, reviews)
+    if curve.empty:
+        st.caption("Reliability plot: appears once clinicians agree or disagree with scored studies.")
+    else:
+        st.caption("Reliability: clinician-confirmed rate vs model risk (diagonal = calibrated; point size = reviews)")
+        diagonal = alt.Chart(pd.DataFrame({"x": [0.0, 1.0]})).mark_line(strokeDash=[4, 4], color="grey").encode(
+            x="x:Q", y="x:Q")
+        points = alt.Chart(curve).mark_line(point=True).encode(
+            x=alt.X("mean_risk:Q", title="mean model risk", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("observed_rate:Q", title="clinician-confirmed rate", scale=alt.Scale(domain=[0, 1])),
+            size="n:Q", tooltip=["mean_risk", "observed_rate", "n"])
+        st.altair_chart((diagonal + points).properties(height=260), width="stretch")
     waits = data.waiting_times(decisions, reviews)
     if not waits.empty:
         st.caption("Minutes from decision to first review")

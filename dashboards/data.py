@@ -198,6 +198,24 @@ def agreement(decisions: pd.DataFrame, reviews: pd.DataFrame) -> dict[str, float
     }
 
 
+def clinician_labels(decisions: pd.DataFrame, reviews: pd.DataFrame) -> pd.DataFrame:
+    """Scored decisions with a settling verdict: ``label`` 1/0 (agree keeps the model's flag, disagree reverses it)."""
+    verdicts = latest_verdicts(reviews)
+    joined = decisions[decisions["status"] == "scored"].merge(verdicts, left_on="id", right_on="decision_id")
+    joined = joined[joined["verdict"].isin(["agree", "disagree"])]
+    return joined.assign(label=np.where(joined["verdict"] == "agree", joined["flagged"], ~joined["flagged"]).astype(int))
+
+
+def reliability(decisions: pd.DataFrame, reviews: pd.DataFrame, n_bins: int = 10) -> pd.DataFrame:
+    """Per risk bin of equal width: mean risk, clinician-label positive rate, and n (bins without reviews left out)."""
+    labelled = clinician_labels(decisions, reviews)
+    if labelled.empty:
+        return pd.DataFrame(columns=["bin", "mean_risk", "observed_rate", "n"])
+    bins = np.minimum((labelled["risk"] * n_bins).astype(int), n_bins - 1)
+    table = labelled.groupby(bins).agg(mean_risk=("risk", "mean"), observed_rate=("label", "mean"), n=("id", "size"))
+    return table.rename_axis("bin").reset_index()
+
+
 def subgroup_table(decisions: pd.DataFrame) -> pd.DataFrame:
     """Per subgroup value (sex, age band, view, manufacturer): counts, human-review share, flag rate, mean risk."""
     frames = []

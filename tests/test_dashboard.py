@@ -146,14 +146,18 @@ def test_review_is_appended_with_the_logged_in_reviewer(store: Path) -> None:
 
 
 def test_audit_and_active_learning_pages_render(store: Path) -> None:
+    with AuditStore(store) as s:
+        s.append_review(5, "alice", "agree")
+        s.append_review(4, "alice", "disagree")
     app = logged_in(AppTest.from_file(APP, default_timeout=30))
     app.sidebar.radio(key="page").set_value("Audit").run()
     assert not app.exception
-    assert app.success[0].value.startswith("Audit chain: audit chain OK")
+    assert app.success[0].value.startswith("Audit chain: audit chain OK: 6 decisions, 2 reviews")
+    assert [m.value for m in app.metric][1:4] == ["2", "50%", "100%"]  # reviewed, agreement, PPV among flagged
     app.sidebar.radio(key="page").set_value("Active learning").run()
     assert not app.exception
     queue = app.dataframe[0].value
-    assert queue.loc[0, "decision_id"] == 1  # risk 0.30: nearest 0.5 among the unreviewed
+    assert queue["decision_id"].tolist()[:2] == [4, 1]  # the disagreement, then risk 0.30: nearest 0.5
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -190,6 +194,9 @@ def test_agreement_and_active_learning_labels(store: Path) -> None:
     assert queue.loc[queue["decision_id"] == 4, "pneumonia"].item() == "1"
     assert queue.loc[queue["decision_id"] == 5, "pneumonia"].item() == "0"
     assert set(queue.columns) >= {"path", "pneumonia", "subtype", "patient_id", "md5"}
+    curve = data.reliability(decisions, reviews)  # 0.995 agreed -> 1, 0.9995 disagreed -> 0, 0.80 disagreed -> 1
+    assert curve["n"].sum() == 3 and curve.set_index("bin").loc[9, "observed_rate"] == pytest.approx(0.5)
+    assert curve.set_index("bin").loc[8, "observed_rate"] == 1.0
     assert data.subgroup_table(decisions).query("subgroup == 'age_band'")["n"].sum() == 6
     assert np.isfinite(data.flag_rate_by_day(decisions, 0.05)["flag_rate"]).all()
     assert isinstance(data.bundle_history(decisions), pd.DataFrame) and len(data.bundle_history(decisions)) == 1

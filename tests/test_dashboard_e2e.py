@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("streamlit", reason="the dashboard extra is not installed: pip install -e '.[dashboard]'")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -e '.[dev]'")
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -131,6 +132,8 @@ def test_login_open_first_flagged_study_and_agree(served: tuple[str, Path], brow
     click_button(browser, "Agree")
     wait_text(browser, "recorded: Agree by alice")
     browser.save_screenshot(str(artifacts / "4-study-reviewed.png"))
+    ActionChains(browser).send_keys("n").perform()  # keyboard shortcut: next study
+    wait_text(browser, "2 of 6")
 
     with sqlite3.connect(db) as con:
         rows = con.execute("SELECT decision_id, reviewer, verdict FROM reviews").fetchall()
