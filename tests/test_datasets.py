@@ -291,6 +291,9 @@ def test_generic_csv_maps_columns_named_after_findings(tmp_path):
     bad = write_csv(tmp_path / "bad.csv", ["path", "label"], [["a.png", 1]])
     with pytest.raises(ds.DatasetLayoutError, match="no label column named after a canonical finding"):
         ds.read_generic_csv(bad)
+    assert [r.path for r in ds.read_dataset("csv", csv_file)] == [first.path, second.path]
+    with pytest.raises(ValueError, match="dataset kind 'padchest': choose one of kermany, nih"):
+        ds.read_dataset("padchest", tmp_path)
     odd = write_csv(tmp_path / "odd.csv", ["path", "edema"], [["a.png", "yes"]])
     with pytest.raises(ds.DatasetLayoutError, match=r"line 2 column 'edema': label 'yes' is not 1, 0, -1 or blank"):
         ds.read_generic_csv(odd)

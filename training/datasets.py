@@ -520,7 +520,9 @@ def read_generic_csv(csv_file: str | Path, root: str | Path | None = None, *, pa
     root = Path(root) if root is not None else csv_file.parent
     policy = resolve_policy(uncertain)
     rows = read_rows(csv_file, (path_column,))
-    columns = [c for c in (rows[0] if rows else {}) if c not in (path_column, patient_column)
+    if not rows:
+        return []
+    columns = [c for c in rows[0] if c not in (path_column, patient_column)
                and c not in GENERIC_META_COLUMNS and is_canonical(c)]
     if not columns:
         raise DatasetLayoutError(f"{csv_file}: no label column named after a canonical finding; "
@@ -543,3 +545,14 @@ def read_generic_csv(csv_file: str | Path, root: str | Path | None = None, *, pa
                               (row.get("md5") or "").strip() or None))
     return records
 
+
+
+ADAPTERS = {"kermany": read_kermany, "nih": read_nih, "chexpert": read_chexpert, "rsna_pneumonia": read_rsna_pneumonia,
+            "mimic_cxr": read_mimic_cxr, "csv": read_generic_csv}
+
+
+def read_dataset(kind: str, root: str | Path, **options: Any) -> list[Record]:
+    """``read_<kind>(root, **options)`` for a kind named in ``ADAPTERS`` (for configs and command lines)."""
+    if kind not in ADAPTERS:
+        raise ValueError(f"dataset kind {kind!r}: choose one of {', '.join(ADAPTERS)}")
+    return ADAPTERS[kind](root, **options)
