@@ -13,8 +13,9 @@ import hashlib
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
@@ -45,6 +46,7 @@ class Arrival:
     study_uid: str
     path: Path
     site: str  # calling AE title, or "inbox" for dropped files
+    received_at: float = field(default_factory=time.monotonic)  # when it became durable (monotonic s)
 
 
 def instance_path(studies_dir: Path, study_uid: str, sop_uid: str) -> Path:

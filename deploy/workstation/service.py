@@ -110,9 +110,8 @@ class Workstation:
                 next_guard = time.monotonic() + 1.0
 
     def _accept(self, arrival: Arrival) -> None:
-        now = time.monotonic()
-        self.assembler.add(arrival.study_uid, arrival.site, now)
-        self._received_at[arrival.study_uid] = now
+        self.assembler.add(arrival.study_uid, arrival.site, arrival.received_at)
+        self._received_at[arrival.study_uid] = arrival.received_at
         self._study_sites.setdefault(arrival.study_uid, arrival.site)
 
     def _watch_incoming(self, stop: threading.Event) -> None:
