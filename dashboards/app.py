@@ -369,8 +369,15 @@ def active_learning_view(decisions: pd.DataFrame, reviews: pd.DataFrame, manifes
     queue = data.active_learning_queue(decisions, reviews, finding, int(size))
     st.caption("Clinician disagreements first, then the studies the model is least sure of (risk nearest 0.5).")
     st.dataframe(queue, hide_index=True)
-    st.download_button("Download labelled CSV", queue.to_csv(index=False).encode(), file_name="active-learning.csv",
-                       mime="text/csv")
+    labelled = data.labelled_only(queue, finding)
+    cols = st.columns(2)
+    cols[0].download_button(f"Download labelled CSV ({len(labelled)} rows, for training)",
+                            labelled.to_csv(index=False).encode(), file_name="active-learning-labelled.csv",
+                            mime="text/csv", disabled=labelled.empty)
+    cols[1].download_button(f"Download the queue to label ({len(queue)} rows)", queue.to_csv(index=False).encode(),
+                            file_name="active-learning-queue.csv", mime="text/csv")
+    st.caption("The labelled CSV has the columns training reads (labels.csv): path, the finding as 1/0, subtype, "
+               "patient_id (pseudonym), md5 (here the file's sha256, compared only for equality).")
 
 
 def main() -> None:

@@ -287,3 +287,8 @@ def active_learning_queue(decisions: pd.DataFrame, reviews: pd.DataFrame, findin
     return pd.DataFrame({"path": queue["path"], finding: label, "subtype": "", "patient_id": queue["patient_pseudo_id"],
                          "md5": queue["sha256"], "why": queue["why"], "risk": queue["risk"],
                          "decision_id": queue["id"]}).reset_index(drop=True)
+
+
+def labelled_only(queue: pd.DataFrame, finding: str) -> pd.DataFrame:
+    """The rows of an active-learning queue whose label is settled: ``training.data.read_labels`` reads them as is."""
+    return queue[queue[finding] != ""].reset_index(drop=True)

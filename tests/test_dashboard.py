@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from pathlib import Path
 
@@ -194,6 +196,8 @@ def test_agreement_and_active_learning_labels(store: Path) -> None:
     assert queue.loc[queue["decision_id"] == 4, "pneumonia"].item() == "1"
     assert queue.loc[queue["decision_id"] == 5, "pneumonia"].item() == "0"
     assert set(queue.columns) >= {"path", "pneumonia", "subtype", "patient_id", "md5"}
+    rows = list(csv.DictReader(io.StringIO(data.labelled_only(queue, "pneumonia").to_csv(index=False))))
+    assert [(r["md5"], int(r["pneumonia"])) for r in rows] == [(f"{3:064x}", 1), (f"{4:064x}", 0)]  # as read_labels
     curve = data.reliability(decisions, reviews)  # 0.995 agreed -> 1, 0.9995 disagreed -> 0, 0.80 disagreed -> 1
     assert curve["n"].sum() == 3 and curve.set_index("bin").loc[9, "observed_rate"] == pytest.approx(0.5)
     assert curve.set_index("bin").loc[8, "observed_rate"] == 1.0
