@@ -222,3 +222,17 @@ def test_dashboard_command_binds_localhost_and_refuses_open_address_without_logi
                                           "--config", str(tmp_path / "none.json")])
     assert args.func(args) == 1
     assert "refusing to listen on 0.0.0.0" in capsys.readouterr().err
+
+
+def test_worklist_filters(store: Path) -> None:
+    with AuditStore(store) as s:
+        s.append_review(2, "alice", "agree")
+    decisions, reviews = data.read_decisions(store), data.read_reviews(store)
+    today = decisions["day"].iloc[0]
+    ids = lambda chosen: data.worklist(decisions, reviews, chosen)["id"].tolist()  # noqa: E731
+    assert ids(data.WorklistFilter(reviewed="reviewed")) == [2]
+    assert ids(data.WorklistFilter(reviewed="unreviewed")) == [5, 4, 1, 6, 3]
+    assert ids(data.WorklistFilter(status="human_review")) == [3]
+    assert ids(data.WorklistFilter(flagged_only=True)) == [5, 2]
+    assert ids(data.WorklistFilter(start=today, end=today)) == [5, 2, 4, 1, 6, 3]
+    assert ids(data.WorklistFilter(start=today + pd.Timedelta(days=1))) == []
