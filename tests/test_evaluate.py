@@ -200,6 +200,8 @@ def check_report(out: Path, n: int) -> dict:
     page = (out / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 4
     assert "No heatmaps" in page
+    with open(out / "predictions.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == n
     return metrics
 
 

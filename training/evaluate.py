@@ -3,8 +3,8 @@
 Scores a labelled data folder (``labels.csv``, see ``training.data``) with a bundle
 (ONNX Runtime through ``triage.pipeline.prepare`` and ``triage.inference.Model``, no
 torch) or a training run (its ``val_predictions.npz``, else its checkpoint), on the same
-patient-level split as training, and writes ``metrics.json``, PNG plots and one
-self-contained ``index.html`` (``training.report``).
+patient-level split as training, and writes ``metrics.json``, ``predictions.csv`` (one
+row per image), PNG plots and one self-contained ``index.html`` (``training.report``).
 
 The metric functions below are small and pure (numpy arrays in, numbers or dicts out);
 plotting and HTML live in ``training.report``.
@@ -12,6 +12,7 @@ plotting and HTML live in ``training.report``.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -396,6 +397,18 @@ def compute_metrics(images: EvalSet, scores: Scores, n_boot: int = 1000, seed: i
     }
 
 
+def write_predictions(path: Path, images: EvalSet, scores: Scores) -> Path:
+    """One CSV row per scored image: path, label, subtype, patient group, logit, calibrated risk, BCE."""
+    losses = bce_per_image(scores.logits / scores.temperature, images.labels)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "subtype", "patient_group", "logit", "risk", "bce"])
+        for i, image_path in enumerate(images.paths):
+            writer.writerow([image_path, int(images.labels[i]), images.subtypes[i], images.groups[i],
+                             f"{scores.logits[i]:.6g}", f"{scores.risks[i]:.6g}", f"{losses[i]:.6g}"])
+    return path
+
+
 def evaluate(source: str | Path, data_dir: str | Path, out_dir: str | Path, split: str = "validation",
              n_boot: int = 1000, seed: int = 0, device: str = "cpu", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score ``data_dir`` with a bundle or run, compute the metrics and write the report into ``out_dir``.
@@ -424,5 +437,6 @@ def evaluate(source: str | Path, data_dir: str | Path, out_dir: str | Path, spli
                              "shared image md5), with replacement; percentile 95% interval"},
                "unscorable": scores.unscorable, **compute_metrics(images, scores, n_boot, seed)}
     write_report(Path(out_dir), metrics, scores.spec, roc_curve_points(scores.logits, images.labels))
+    write_predictions(Path(out_dir) / "predictions.csv", images, scores)
     log(f"report -> {Path(out_dir) / 'index.html'}")
     return metrics

@@ -216,7 +216,8 @@ rate. AUROC compares the subgroup against every image of the other class.</p>
 {_img(out_dir / 'top_losses.png', 'Top losses')}
 {_table(['file', 'label', 'subtype', 'risk', 'BCE'], losses)}
 {f'<h2>Unscorable files</h2><ul>{unscorable}</ul>' if unscorable else ''}
-<p class="note">Figures: <a href="metrics.json">metrics.json</a>.</p>
+<p class="note">Figures: <a href="metrics.json">metrics.json</a>; every image's logit, risk and loss:
+<a href="predictions.csv">predictions.csv</a>.</p>
 </body></html>
 """
 
