@@ -29,6 +29,7 @@ from typing import IO, Any
 import numpy as np
 
 from training.findings import INDEX, N_FINDINGS, NAMES, is_canonical, normalize
+from training.splits import patient_key
 
 UNCERTAINTY_POLICIES: dict[str, float] = {"ignore": math.nan, "zeros": 0.0, "ones": 1.0}
 FRONTAL_VIEWS = frozenset({"PA", "AP", "FRONTAL", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD"})
@@ -245,7 +246,7 @@ def subgroup_table(records: Sequence[Record], findings: Sequence[str] = NAMES,
         sub = y[idx][:, columns]
         table.append({
             "sex": sex, "age_band": band, "view": view, "n_images": len(idx),
-            "n_patients": len({records[i].patient_id for i in idx}),
+            "n_patients": len({patient_key(records[i]) for i in idx}),
             "positive": {name: int((sub[:, k] == 1).sum()) for k, name in enumerate(findings)},
             "known": {name: int((~np.isnan(sub[:, k])).sum()) for k, name in enumerate(findings)},
         })
