@@ -253,7 +253,7 @@ def review_panel(settings: Settings, user: str, row: pd.Series) -> None:
     st.subheader("Review")
     finding = st.text_input("Finding (optional)", key=f"finding-{row['id']}")
     note = st.text_area("Note (optional)", key=f"note-{row['id']}", height=80)
-    buttons = st.columns(3)
+    buttons = st.columns([1, 1, 1.6])
     shortcuts = {"agree": "a", "disagree": "d", "not_assessable": None}
     for column, (verdict, label) in zip(buttons, VERDICT_LABELS.items()):
         if column.button(label, key=f"{verdict}-{row['id']}", shortcut=shortcuts[verdict],
