@@ -181,10 +181,9 @@ class Workstation:
     def decide_study(self, store: AuditStore, key: str, site: str) -> list[Decision]:
         """Score every instance of study ``key`` when any is new; append, report, notify. Returns what was appended."""
         files = sorted((self.config.studies_dir / key).glob("*.dcm"))
-        digests = {str(p): sha256_file(p) for p in files}
-        if all((p, s) in self._decided for p, s in digests.items()):
+        prepared = [prepare(str(p), self.bundle.preprocessing) for p in files]  # hashes each file once
+        if all((p.path, p.sha256) in self._decided for p in prepared):
             return []  # a resend of what was already decided
-        prepared = [prepare(str(p), self.bundle.preprocessing) for p in files]
         drafts = score_prepared(self.model, prepared, self._pseudonymize, self._run_id)
         risks = scored_study_risks(drafts)
         study_uid = next((d.study_uid for d in drafts if d.study_uid), key)
