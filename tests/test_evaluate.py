@@ -254,3 +254,21 @@ def test_run_folder_uses_its_validation_predictions(tmp_path):
     assert metrics["source"]["logits_from"] == "val_predictions.npz"
     assert metrics["split"]["name"] == "validation"
     assert metrics["auroc"]["value"] == pytest.approx(roc_auc_score(labels[:, 0], logits[:, 0]))
+
+
+def test_run_folder_without_predictions_runs_its_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch", reason="running a checkpoint needs the train extra (torch, monai)")
+    from training.model import build_model
+
+    data_dir = sample_labels(tmp_path / "data", copies=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    torch.save(build_model(1, in_channels=1, image_size=64, pretrained=False).state_dict(), run / "best.pt")
+    (run / "metrics.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.2, "findings": ["pneumonia"], "size": 64,
+                                                 "preprocessing": {"size": [64, 64]}}))
+    metrics = evaluate(run, data_dir, tmp_path / "report", split="all", n_boot=20, log=lambda _: None)
+    assert metrics["source"]["logits_from"] == "best.pt (PyTorch)"
+    assert metrics["split"]["name"] == "all" and metrics["n"] == 48
+    assert "INCLUDING the images the model trained on" in (tmp_path / "report" / "index.html").read_text()
