@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
+from triage.errors import TriageError
 from triage.inference import calibrated_risk, sigmoid
 from triage.policy import flag_count
 from triage.preprocess import PreprocessSpec
@@ -37,7 +38,7 @@ GALLERY_SIZE = 16
 SPLITS = ("validation", "all")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(TriageError, ValueError):
     """The source or data cannot be evaluated; the message says how to fix it."""
 
 
@@ -351,8 +352,8 @@ def score_run(path: str | Path, data_dir: str | Path, images: EvalSet,
     source = {"kind": "run", "path": str(path), "name": Path(path).name, "logits_from": how,
               "calibration_fitted_on": "validation (fitted here, as export would)", "threshold_flag_rate": FLAG_RATE,
               "has_heatmaps": False}
-    return Scores(logits, temperature, threshold, PreprocessSpec.from_dict(config["preprocessing"]), source), \
-        np.ones(len(images.paths), bool)
+    scores = Scores(logits, temperature, threshold, PreprocessSpec.from_dict(config["preprocessing"]), source)
+    return scores, np.ones(len(images.paths), bool)
 
 
 # --- putting it together ---------------------------------------------------------------------------
@@ -361,12 +362,18 @@ def score_run(path: str | Path, data_dir: str | Path, images: EvalSet,
 def compute_metrics(images: EvalSet, scores: Scores, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Every figure of the report, as a JSON-ready dict (no plotting)."""
     y, z, risks = images.labels, scores.logits, scores.risks
-    at_threshold = metrics_at_threshold(risks, y, scores.threshold)
-    at_rate = metrics_at_flag_rate(risks, y, FLAG_RATE)
+    operating = metrics_at_threshold(risks, y, scores.threshold)
+    top_rate = metrics_at_flag_rate(risks, y, FLAG_RATE)
     at_half = metrics_at_threshold(risks, y, 0.5)
 
     def ci_of(statistic: Callable[[np.ndarray], float]) -> dict[str, Any]:
         return bootstrap_ci(statistic, images.groups, n_boot, seed)
+
+    def at_threshold(key: str) -> Callable[[np.ndarray], float]:
+        return lambda i: rates(confusion_counts(risks[i] >= scores.threshold, y[i]))[key]
+
+    def at_rate(key: str) -> Callable[[np.ndarray], float]:
+        return lambda i: metrics_at_flag_rate(risks[i], y[i], FLAG_RATE)[key]
 
     point = auroc(z, y)
     losses = bce_per_image(z / scores.temperature, y)
@@ -375,12 +382,9 @@ def compute_metrics(images: EvalSet, scores: Scores, n_boot: int = 1000, seed: i
     return {
         "n": int(len(y)), "n_positive": int(y.sum()), "prevalence": float(y.mean()) if len(y) else float("nan"),
         "auroc": {"value": point, "ci95": ci_of(lambda i: auroc(z[i], y[i]))},
-        "operating_threshold": {**at_threshold,
-                                "sensitivity_ci95": ci_of(lambda i: rates(confusion_counts(risks[i] >= scores.threshold, y[i]))["sensitivity"]),
-                                "specificity_ci95": ci_of(lambda i: rates(confusion_counts(risks[i] >= scores.threshold, y[i]))["specificity"])},
-        "flag_rate_5pct": {**at_rate,
-                           "ppv_ci95": ci_of(lambda i: metrics_at_flag_rate(risks[i], y[i])["ppv"]),
-                           "sensitivity_ci95": ci_of(lambda i: metrics_at_flag_rate(risks[i], y[i])["sensitivity"])},
+        "operating_threshold": {**operating, "sensitivity_ci95": ci_of(at_threshold("sensitivity")),
+                                "specificity_ci95": ci_of(at_threshold("specificity"))},
+        "flag_rate_5pct": {**top_rate, "ppv_ci95": ci_of(at_rate("ppv")), "sensitivity_ci95": ci_of(at_rate("sensitivity"))},
         "risk_0.5": at_half,
         "calibration": {
             "temperature": scores.temperature, "n_bins": ECE_BINS,
@@ -424,6 +428,9 @@ def evaluate(source: str | Path, data_dir: str | Path, out_dir: str | Path, spli
         raise EvaluationError(f"{data_dir}: the {split} split is empty. Fix: pass a data folder with labels.csv rows")
     expected_n = expected.get(split, {}).get("n_images") if split == "validation" else None
     images.split["matches_training_record"] = None if expected_n is None else expected_n == len(images.paths)
+    if images.split["matches_training_record"] is False:
+        log(f"warning: {len(images.paths)} validation images here, {expected_n} recorded at training: "
+            "a different data folder or labels.csv, so some images may have been seen in training")
     if kind == "bundle":
         scores, ok = score_bundle(source, images, device=device, log=log)
     else:

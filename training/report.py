@@ -24,7 +24,6 @@ from triage.ingest import read_radiograph  # noqa: E402
 from triage.preprocess import PreprocessSpec, resize_unit, unit_image  # noqa: E402
 
 DPI = 110
-PNGS = ("roc.png", "reliability.png", "confusion.png", "top_losses.png")
 
 
 def json_ready(value: Any) -> Any:
