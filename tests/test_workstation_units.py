@@ -160,3 +160,31 @@ def test_a_flagged_study_runs_the_notify_command(tmp_path, make_dicom):
     while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert out.read_text() == study
+
+
+def test_status_command_before_and_after_a_decision(tmp_path, make_dicom, capsys):
+    from deploy.cli import main
+
+    args = ["workstation", "status", "--inbox", str(tmp_path / "inbox"), "--audit-db", str(tmp_path / "audit.sqlite")]
+    assert main(args) == 0 and "has not run" in capsys.readouterr().out
+    config = Config(port=0, inbox=tmp_path / "inbox", audit_db=tmp_path / "audit.sqlite", device="cpu",
+                    bundle=build_tiny_bundle(tmp_path / "tiny", threshold=0.0))
+    station = Workstation(config)
+    station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
+    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir)
+    with AuditStore(config.audit_db) as store:
+        station.decide_study(store, study, "siteA")
+    (config.studies_dir / "1.2.3").mkdir()
+    make_dicom("waiting.dcm").rename(config.studies_dir / "1.2.3" / "1.2.3.4.dcm")  # received, not yet decided
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "queue: 1 instance(s) received and not yet decided" in out
+    assert "realized flag rate: 100.0% (1 of 1 scored studies); target 5.0%" in out
+    assert "provider: CPUExecutionProvider" in out and f"study {study} scored" in out and "FLAGGED" in out
+
+
+def test_bad_flag_is_an_error_with_the_fix(tmp_path, capsys):
+    from deploy.cli import main
+
+    assert main(["workstation", "--flag-rate", "2", "--inbox", str(tmp_path)]) == 1
+    assert "flag_rate" in capsys.readouterr().err
