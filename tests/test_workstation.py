@@ -245,10 +245,11 @@ class SlowProxy:
             client, _ = self.server.accept()
         except OSError:
             return
-        with client, socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
-            back = threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True)
-            back.start()
-            self._pipe(client, upstream, True)
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        back = threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True)
+        back.start()
+        self._pipe(client, upstream, True)
+        back.join(timeout=10)
 
     def _pipe(self, source: socket.socket, sink: socket.socket, throttle: bool) -> None:
         try:
@@ -259,35 +260,44 @@ class SlowProxy:
                     time.sleep(len(chunk) / self.bytes_per_s)
         except OSError:
             pass
-        finally:
+        finally:  # either side gone: cut both, so the sender sees the failure at once
             for sock in (source, sink):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                sock.close()
 
     def close(self) -> None:
         self.server.close()
         self.thread.join(timeout=10)
 
 
+@pytest.fixture
+def slow_proxy():
+    """Factory for SlowProxy relays; every one is closed at teardown."""
+    made: list[SlowProxy] = []
+    yield lambda port: made.append(SlowProxy(port)) or made[-1]
+    for proxy in made:
+        proxy.close()
+
+
 @needs_dcmtk
-def test_killed_mid_transfer_and_restarted_loses_nothing_and_decides_once(tmp_path, make_dicom, processes):
+def test_killed_mid_transfer_and_restarted_loses_nothing_and_decides_once(tmp_path, make_dicom, processes, slow_proxy):
     port, db = free_port(), tmp_path / "audit.sqlite"
     small = [make_dicom(f"s{i}.dcm", modality="CR") for i in range(2)]
     big = make_dicom("big.dcm", modality="CR", rows=2048, cols=2048, bits_stored=16)  # 8 MB through a 2 MB/s relay
     processes.append(service(tmp_path, port, quiet_s=30))  # long quiet period: received, not yet decided
     wait_for(lambda: listening(port), 30, "the service to listen")
     assert storescu(port, *small).returncode == 0
-    proxy = SlowProxy(port)
-    slow = subprocess.Popen(["storescu", "-aet", CALLER, "-aec", "CXR_TRIAGE", "127.0.0.1", str(proxy.port), str(big)],
+    proxy = slow_proxy(port)
+    slow = subprocess.Popen(["storescu", "-td", "10", "-aet", CALLER, "-aec", "CXR_TRIAGE", "127.0.0.1", str(proxy.port), str(big)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     processes.append(slow)
     wait_for(lambda: proxy.forwarded > 1_000_000, 20, "the big transfer to be in flight")
     processes[0].send_signal(signal.SIGKILL)
     processes[0].wait(timeout=10)
     assert slow.wait(timeout=20) != 0  # the sender saw no success for the interrupted instance
-    proxy.close()
     assert decisions(db) == []
     big_sop = str(dcmread(big, stop_before_pixels=True).SOPInstanceUID)
     assert not list((tmp_path / "inbox" / "studies").rglob(f"{big_sop}.dcm"))  # never a half file under a UID name
