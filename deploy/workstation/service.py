@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import logging
 import os
 import queue
@@ -19,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -52,6 +54,7 @@ class Workstation:
         self.config = config
         self.bundle = load_bundle(config.bundle or default_bundle_dir())
         self.model = load_model(self.bundle, config.device)
+        self._map = map  # run() swaps in a decoder process pool
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
         self.assembler = StudyAssembler(config.quiet_period_s)
         self.recalibrator = SiteRecalibrator(self.bundle.threshold, config.flag_rate, config.window, config.min_history)
@@ -76,7 +79,9 @@ class Workstation:
         secret = load_or_create_secret(default_secret_path(self.config.audit_db))
         self._pseudonymize = lambda pid: pseudonymize(pid, secret)
         self._run_id = uuid.uuid4().hex
-        with AuditStore(self.config.audit_db) as store:
+        context = multiprocessing.get_context("forkserver")
+        with AuditStore(self.config.audit_db) as store, ProcessPoolExecutor(1, mp_context=context) as decoder:
+            self._map = decoder.map  # decode in a process: off the GIL that the DICOM listener needs
             self._load_state(store)
             self.scp.start()
             self.outbox.start()
@@ -181,7 +186,8 @@ class Workstation:
     def decide_study(self, store: AuditStore, key: str, site: str) -> list[Decision]:
         """Score every instance of study ``key`` when any is new; append, report, notify. Returns what was appended."""
         files = sorted((self.config.studies_dir / key).glob("*.dcm"))
-        prepared = [prepare(str(p), self.bundle.preprocessing) for p in files]  # hashes each file once
+        spec = self.bundle.preprocessing
+        prepared = list(self._map(prepare, [str(p) for p in files], [spec] * len(files)))  # hashes each file once
         if all((p.path, p.sha256) in self._decided for p in prepared):
             return []  # a resend of what was already decided
         drafts = score_prepared(self.model, prepared, self._pseudonymize, self._run_id)
