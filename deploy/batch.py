@@ -189,7 +189,10 @@ def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path, out: Path, f
     with AuditStore(audit_db) as store:
         decided_rows = store.decided_keys(bundle.sha256)
         decided = {k: decision_from_row(v) for k, v in decided_rows.items()}
-        pending = {k: Decision(**v) for k, v in store.load_pending(bundle.sha256).items()}
+        saved = store.load_pending(bundle.sha256)
+        # A run killed between its audit append and clearing its pending rows left them behind.
+        store.clear_pending([(*k, bundle.sha256) for k in saved if k in decided])
+        pending = {k: Decision(**v) for k, v in saved.items() if k not in decided}
         model = load_model(bundle, device)
         fresh, seen_known = _score_new_files(
             files, model, store, frozenset(decided) | frozenset(pending), workers,

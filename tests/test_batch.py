@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deploy.batch import decision_from_row
 from deploy.cli import main
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import AuditStore
@@ -205,3 +206,16 @@ def test_inferences_of_a_failed_run_are_kept_and_recorded_by_the_next(studies, t
         rows = store.decisions()
         assert store.load_pending(load_bundle(tiny).sha256) == {}
     assert len(rows) == 41 and {r["run_id"] for r in rows} == first_run  # recorded, not scored again
+
+
+def test_pending_rows_left_by_a_kill_after_the_audit_append_are_not_recorded_twice(studies, tiny, tmp_path):
+    out, db = tmp_path / "w.csv", tmp_path / "a.sqlite"
+    assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    bundle = load_bundle(tiny)
+    with AuditStore(db) as store:
+        rows = store.decisions()
+        # As if the run had died after appending its decisions but before clearing its pending rows.
+        store.save_pending([(r["path"], r["sha256"], bundle.sha256, decision_from_row(r).__dict__) for r in rows])
+    assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    with AuditStore(db) as store:
+        assert len(store.decisions()) == len(rows) and store.load_pending(bundle.sha256) == {}
