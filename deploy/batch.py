@@ -18,9 +18,13 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
@@ -90,14 +94,51 @@ def _prepare_unless_known(path: str) -> Prepared | Known:
 
 def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, known: frozenset[tuple[str, str]],
                      workers: int) -> Iterator[Prepared | Known]:
-    """Prepare files in ``workers`` processes (in this process when workers <= 1), in order."""
+    """Prepare files in ``workers`` processes (in this process when workers <= 1), in order.
+
+    A worker that dies (a crashing decoder, the OOM killer) costs no file and stalls
+    nothing: the files in flight are retried one process each, and a file that kills
+    its process again is recorded for human review.
+    """
     if workers <= 1:
         _init_worker(spec, known)
         yield from map(_prepare_unless_known, files)
         return
-    context = multiprocessing.get_context("forkserver")
-    with context.Pool(workers, initializer=_init_worker, initargs=(spec, known)) as pool:
-        yield from pool.imap(_prepare_unless_known, files, chunksize=2)
+    start_pool = partial(ProcessPoolExecutor, mp_context=multiprocessing.get_context("forkserver"),
+                         initializer=_init_worker, initargs=(spec, known))
+    pool, in_flight, queued = start_pool(workers), deque(), iter(files)
+    try:
+        while True:
+            for path in islice(queued, 4 * workers - len(in_flight)):
+                in_flight.append((path, pool.submit(_prepare_unless_known, path)))
+            if not in_flight:
+                return
+            path, future = in_flight.popleft()
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                pool.shutdown(cancel_futures=True)
+                retry = [path] + [p for p, _ in in_flight]
+                in_flight.clear()
+                yield from (_prepare_alone(p, start_pool) for p in retry)
+                pool = start_pool(workers)
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _prepare_alone(path: str, start_pool: Callable[[int], ProcessPoolExecutor]) -> Prepared | Known:
+    """Prepare one file in a process of its own; if that process dies too, the file goes to human review."""
+    with start_pool(1) as pool:
+        try:
+            return pool.submit(_prepare_unless_known, path).result()
+        except BrokenProcessPool:
+            detail = (f"{path}: decode_failed: the decoding process died while reading this file (twice). "
+                      "Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
+            try:
+                digest = sha256_file(path)
+            except OSError:
+                digest = ""
+            return Prepared(path, digest, reason="decode_failed", detail=detail)
 
 
 def _batches(stream: Iterable[Prepared | Known], size: int) -> Iterator[list[Prepared | Known]]:

@@ -219,3 +219,49 @@ def test_pending_rows_left_by_a_kill_after_the_audit_append_are_not_recorded_twi
     assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
     with AuditStore(db) as store:
         assert len(store.decisions()) == len(rows) and store.load_pending(bundle.sha256) == {}
+
+
+def grandchildren(pid: int) -> list[int]:
+    """PIDs two levels below ``pid`` (the scorer's decode workers sit under its forkserver)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    children = {p for p, parent in parents.items() if parent == pid}
+    return sorted(p for p, parent in parents.items() if parent in children)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the decode workers")
+def test_a_killed_decode_worker_costs_no_file_and_stalls_nothing(tmp_path, tiny):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, out, db = tmp_path / "in", tmp_path / "w.csv", tmp_path / "a.sqlite"
+    folder.mkdir()
+    for i in range(40):  # JPEG 2000: slow enough to kill a worker mid-run
+        shutil.copy(pydicom_data.get_testdata_file("RG1_J2KI.dcm"), folder / f"{i:02d}.dcm")
+    scorer = subprocess.Popen([sys.executable, "-m", "deploy.cli", "score", str(folder), "--bundle", str(tiny),
+                               "--out", str(out), "--audit-db", str(db), "--workers", "2"],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not grandchildren(scorer.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # let it decode a few files first
+        victims = grandchildren(scorer.pid)
+        assert victims and scorer.poll() is None, "the run ended before a worker could be killed"
+        os.kill(victims[0], signal.SIGKILL)
+        output = scorer.communicate(timeout=120)[0].decode()
+    finally:
+        scorer.kill()
+    assert scorer.returncode == 0, output
+    rows = read_worklist(out)
+    assert len(rows) == 40 and all(r["status"] == "scored" for r in rows)  # the killed worker's files were retried
+    with AuditStore(db) as store:
+        assert len(store.decisions()) == 40 and store.verify().ok
