@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -20,7 +19,6 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +36,7 @@ from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate, flag_top_k
 from triage.preprocess import PreprocessSpec
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
+from .isolation import decoder_pool, run_alone
 from .paths import default_bundle_dir
 
 # Files that sit beside studies and are never images: skipped when walking a folder.
@@ -104,8 +103,7 @@ def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, known: frozense
         _init_worker(spec, known)
         yield from map(_prepare_unless_known, files)
         return
-    start_pool = partial(ProcessPoolExecutor, mp_context=multiprocessing.get_context("forkserver"),
-                         initializer=_init_worker, initargs=(spec, known))
+    start_pool = partial(decoder_pool, initializer=_init_worker, initargs=(spec, known))
     pool, in_flight, queued = start_pool(workers), deque(), iter(files)
     try:
         while True:
@@ -120,25 +118,11 @@ def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, known: frozense
                 pool.shutdown(cancel_futures=True)
                 retry = [path] + [p for p, _ in in_flight]
                 in_flight.clear()
-                yield from (_prepare_alone(p, start_pool) for p in retry)
+                yield from (run_alone(_prepare_unless_known, p, initializer=_init_worker, initargs=(spec, known))
+                            for p in retry)
                 pool = start_pool(workers)
     finally:
         pool.shutdown(cancel_futures=True)
-
-
-def _prepare_alone(path: str, start_pool: Callable[[int], ProcessPoolExecutor]) -> Prepared | Known:
-    """Prepare one file in a process of its own; if that process dies too, the file goes to human review."""
-    with start_pool(1) as pool:
-        try:
-            return pool.submit(_prepare_unless_known, path).result()
-        except BrokenProcessPool:
-            detail = (f"{path}: decode_failed: the decoding process died while reading this file (twice). "
-                      "Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
-            try:
-                digest = sha256_file(path)
-            except OSError:
-                digest = ""
-            return Prepared(path, digest, reason="decode_failed", detail=detail)
 
 
 def _batches(stream: Iterable[Prepared | Known], size: int) -> Iterator[list[Prepared | Known]]:

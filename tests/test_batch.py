@@ -12,6 +12,7 @@ from PIL import Image
 
 from deploy.batch import decision_from_row
 from deploy.cli import main
+from tests.processes import grandchildren
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import AuditStore
 from triage.bundle import load_bundle
@@ -219,19 +220,6 @@ def test_pending_rows_left_by_a_kill_after_the_audit_append_are_not_recorded_twi
     assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
     with AuditStore(db) as store:
         assert len(store.decisions()) == len(rows) and store.load_pending(bundle.sha256) == {}
-
-
-def grandchildren(pid: int) -> list[int]:
-    """PIDs two levels below ``pid`` (the scorer's decode workers sit under its forkserver)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    children = {p for p, parent in parents.items() if parent == pid}
-    return sorted(p for p, parent in parents.items() if parent in children)
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the decode workers")

@@ -320,3 +320,22 @@ def test_killed_mid_transfer_and_restarted_loses_nothing_and_decides_once(tmp_pa
     assert len(rows) == 3 and len({r["path"] for r in rows}) == 3
     with AuditStore(db) as store:
         assert store.verify().ok
+
+
+@needs_dcmtk
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the decoder process")
+def test_a_killed_decoder_process_costs_no_study(station, make_dicom):
+    from tests.processes import grandchildren
+
+    first, second = make_dicom("first.dcm", modality="CR"), make_dicom("second.dcm", modality="CR")
+    assert storescu(station.scp.port, first).returncode == 0
+    uid = str(dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+    wait_for(lambda: decisions(station.config.audit_db, study_uid=uid), what="the first decision")
+    victims = grandchildren(os.getpid())
+    assert victims, "no decoder process found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    assert storescu(station.scp.port, second).returncode == 0
+    uid = str(dcmread(second, stop_before_pixels=True).StudyInstanceUID)
+    row = wait_for(lambda: decisions(station.config.audit_db, study_uid=uid), what="the second decision")[0]
+    assert row["status"] == "scored"  # decoded alone after the crash, then a fresh decoder took over

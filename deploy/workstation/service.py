@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import logging
 import os
 import queue
@@ -21,6 +20,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
 from pathlib import Path
 
@@ -30,10 +30,11 @@ from pydicom.errors import InvalidDicomError
 from triage.audit import AuditStore, Decision
 from triage.bundle import load_bundle, sha256_file
 from triage.inference import load_model
-from triage.pipeline import SCORED, finalize, prepare, score_prepared, scored_study_risks
+from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 from ..batch import decision_from_row
+from ..isolation import decoder_pool, run_alone
 from ..paths import default_bundle_dir
 from .assembler import StudyAssembler
 from .config import Config
@@ -54,7 +55,7 @@ class Workstation:
         self.config = config
         self.bundle = load_bundle(config.bundle or default_bundle_dir())
         self.model = load_model(self.bundle, config.device)
-        self._map = map  # run() swaps in a decoder process pool
+        self._decoder: ProcessPoolExecutor | None = None  # run() starts it; without it, decode in this thread
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
         self.assembler = StudyAssembler(config.quiet_period_s)
         self.recalibrator = SiteRecalibrator(self.bundle.threshold, config.flag_rate, config.window, config.min_history)
@@ -79,24 +80,27 @@ class Workstation:
         secret = load_or_create_secret(default_secret_path(self.config.audit_db))
         self._pseudonymize = lambda pid: pseudonymize(pid, secret)
         self._run_id = uuid.uuid4().hex
-        context = multiprocessing.get_context("forkserver")
-        with AuditStore(self.config.audit_db) as store, ProcessPoolExecutor(1, mp_context=context) as decoder:
-            self._map = decoder.map  # decode in a process: off the GIL that the DICOM listener needs
-            self._load_state(store)
-            self.scp.start()
-            self.outbox.start()
-            watcher = threading.Thread(target=self._watch_incoming, args=(stop,), name="incoming", daemon=True)
-            watcher.start()
-            self._save_state()
-            self.ready.set()
-            log.info("workstation ready: port %d, provider %s, bundle %s %s", self.scp.port, self.model.provider,
-                     self.bundle.name, self.bundle.version)
-            try:
-                self._serve(store, stop)
-            finally:
-                self.scp.stop()
-                watcher.join(timeout=5)
-                self.outbox.stop()
+        self._decoder = decoder_pool(1)  # decode in a process: off the GIL that the DICOM listener needs
+        try:
+            with AuditStore(self.config.audit_db) as store:
+                self._load_state(store)
+                self.scp.start()
+                self.outbox.start()
+                watcher = threading.Thread(target=self._watch_incoming, args=(stop,), name="incoming", daemon=True)
+                watcher.start()
+                self._save_state()
+                self.ready.set()
+                log.info("workstation ready: port %d, provider %s, bundle %s %s", self.scp.port, self.model.provider,
+                         self.bundle.name, self.bundle.version)
+                try:
+                    self._serve(store, stop)
+                finally:
+                    self.scp.stop()
+                    watcher.join(timeout=5)
+                    self.outbox.stop()
+        finally:
+            self._decoder.shutdown(cancel_futures=True)
+            self._decoder = None
 
     def _serve(self, store: AuditStore, stop: threading.Event) -> None:
         next_guard = 0.0
@@ -186,8 +190,7 @@ class Workstation:
     def decide_study(self, store: AuditStore, key: str, site: str) -> list[Decision]:
         """Score every instance of study ``key`` when any is new; append, report, notify. Returns what was appended."""
         files = sorted((self.config.studies_dir / key).glob("*.dcm"))
-        spec = self.bundle.preprocessing
-        prepared = list(self._map(prepare, [str(p) for p in files], [spec] * len(files)))  # hashes each file once
+        prepared = self._prepare_all([str(p) for p in files])  # hashes each file once
         if all((p.path, p.sha256) in self._decided for p in prepared):
             return []  # a resend of what was already decided
         drafts = score_prepared(self.model, prepared, self._pseudonymize, self._run_id)
@@ -209,6 +212,20 @@ class Workstation:
         self._log_decision(final, site)
         self._send_report(final, files)
         return final
+
+    def _prepare_all(self, paths: list[str]) -> list[Prepared]:
+        """Decode and preprocess in the decoder process; if it dies, each file alone, then a fresh decoder."""
+        spec = self.bundle.preprocessing
+        if self._decoder is None:
+            return [prepare(p, spec) for p in paths]
+        try:
+            return list(self._decoder.map(prepare, paths, [spec] * len(paths)))
+        except BrokenProcessPool:
+            log.error("the decoder process died; decoding %d file(s) one process each", len(paths))
+            self._decoder.shutdown(cancel_futures=True)
+            prepared = [run_alone(prepare, p, spec) for p in paths]
+            self._decoder = decoder_pool(1)
+            return prepared
 
     def promote_starving(self, store: AuditStore, now: float) -> list[Decision]:
         """Starvation guard: flag unflagged, unreviewed studies decided more than ``max_wait_s`` ago."""
