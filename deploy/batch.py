@@ -28,10 +28,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from triage.audit import AuditStore, Decision, default_audit_db
-from triage.bundle import Bundle, load_bundle, sha256_file
+from triage.bundle import Bundle, load_bundle
 from triage.errors import TriageError
 from triage.inference import Model, load_model
-from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks
+from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks, sha256_or_empty
 from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate, flag_top_k
 from triage.preprocess import PreprocessSpec
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
@@ -82,10 +82,7 @@ def _init_worker(spec: PreprocessSpec, known: frozenset[tuple[str, str]]) -> Non
 
 def _prepare_unless_known(path: str) -> Prepared | Known:
     """Worker task: skip a file this bundle already scored, else decode and preprocess it."""
-    try:
-        digest = sha256_file(path)
-    except OSError:
-        digest = ""
+    digest = sha256_or_empty(path)
     if (path, digest) in _WORKER["known"]:
         return Known(path, digest)
     return prepare(path, _WORKER["spec"])

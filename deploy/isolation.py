@@ -8,8 +8,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from triage.bundle import sha256_file
-from triage.pipeline import Prepared
+from triage.pipeline import Prepared, sha256_or_empty
 
 
 def decoder_pool(workers: int, initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
@@ -20,13 +19,9 @@ def decoder_pool(workers: int, initializer: Callable[..., None] | None = None, i
 
 def crashed(path: str) -> Prepared:
     """The record of a file whose decoding process died twice: human review, never dropped."""
-    try:
-        digest = sha256_file(path)
-    except OSError:
-        digest = ""
     detail = (f"{path}: decode_failed: the decoding process died while reading this file (twice). "
               "Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
-    return Prepared(path, digest, reason="decode_failed", detail=detail)
+    return Prepared(path, sha256_or_empty(path), reason="decode_failed", detail=detail)
 
 
 def run_alone(task: Callable[..., Any], path: str, *args: Any, initializer: Callable[..., None] | None = None,

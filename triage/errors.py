@@ -61,6 +61,5 @@ REASONS: dict[str, str] = {
     "view_out_of_scope": "View Position (0018,5101) is lateral or otherwise not frontal",
     "too_large": "file or decoded pixel data over the size limit (a decompression bomb, or not a radiograph)",
     "image_too_small": "fewer rows or columns than the minimum (64 px by default): a thumbnail, not a radiograph",
-    "no_scorable_image": "a study none of whose images could be scored",
     "inference_failed": "ONNX Runtime failed on this image",
 }

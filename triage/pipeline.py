@@ -55,13 +55,13 @@ def prepare(path: str, spec: PreprocessSpec) -> Prepared:
         model_input = preprocess(radiograph, spec)
     except BadInputError as error:
         elapsed_ms = (time.perf_counter() - start) * 1000
-        return Prepared(str(path), _sha256_or_empty(path), error.meta, reason=error.reason, detail=str(error),
+        return Prepared(str(path), sha256_or_empty(path), error.meta, reason=error.reason, detail=str(error),
                         decode_ms=elapsed_ms)
     elapsed_ms = (time.perf_counter() - start) * 1000
     return Prepared(str(path), radiograph.sha256, radiograph.meta, model_input, decode_ms=elapsed_ms)
 
 
-def _sha256_or_empty(path: str) -> str:
+def sha256_or_empty(path: str) -> str:
     """sha256 of a file, or "" when it cannot even be read (it is still recorded)."""
     try:
         return sha256_file(path)
