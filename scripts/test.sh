@@ -4,10 +4,12 @@
 # CPU build, set PIP_TORCH_INDEX=https://download.pytorch.org/whl/cpu before running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# System programs used by the tests as real peers: dcmtk (DICOM network peer), Chromium (dashboard e2e).
+# System programs used by the tests as real peers: dcmtk (DICOM network peer), Chromium
+# (dashboard e2e), PostgreSQL (audit store server, started by the tests on loopback).
 need=()
 command -v storescp >/dev/null || need+=(dcmtk)
 command -v chromium >/dev/null || need+=(chromium chromium-driver)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } >/tmp/cxr-apt.log 2>&1 \
@@ -20,6 +22,6 @@ fi
 log=.venv/install.log
 { .venv/bin/python -m pip install -q --upgrade pip \
   && .venv/bin/python -m pip install -q "torch==2.13.0" ${PIP_TORCH_INDEX:+--index-url "$PIP_TORCH_INDEX"} \
-  && .venv/bin/python -m pip install -q -e ".[cpu,train,dashboard,dev]"; } >"$log" 2>&1 \
+  && .venv/bin/python -m pip install -q -e ".[cpu,train,dashboard,dev,scale]"; } >"$log" 2>&1 \
   || { cat "$log"; echo "install failed (log: $log)"; exit 1; }
 .venv/bin/python -m pytest -q "$@"
