@@ -1,6 +1,7 @@
 """The audit store: every triage decision and every clinician review, append-only, hash-chained.
 
-One SQLite file (WAL mode) holds four tables:
+``open_store(target)`` opens one: a path is a SQLite file (WAL mode, the default), a
+``postgresql://`` URL a PostgreSQL database (``triage.audit_pg``). Both hold four tables:
 
 - ``decisions``: one row per input file per run (a ``Decision`` plus id, created_at,
   software_version, prev_hash, record_hash).
@@ -12,8 +13,10 @@ One SQLite file (WAL mode) holds four tables:
 Each record's ``record_hash`` is sha256(prev_hash + canonical JSON of every other
 column); the first record's ``prev_hash`` is 64 zeros. Triggers refuse UPDATE and
 DELETE on both chained tables; ``verify`` detects edits, deletions and truncation
-made by someone who dropped the triggers. It cannot detect a forger who rewrites
-the whole tail and the head: keep an off-site copy of ``verify``'s head hash for that.
+made by someone who dropped the triggers. A forger who rewrites a chain's tail and
+its head is caught only against a head kept elsewhere: ``head()`` gives the anchor
+text to keep off site (see SECURITY.md), ``verify(anchors)`` checks the chains still
+pass through every anchored record.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class VerifyResult:
     message: str
     n_reviews: int = 0
     table: str = ""               # "decisions" | "reviews" when not ok
+    study_uid: str = ""           # the broken record's study, when the record is still there
 
 
 # Column kinds: "text" (NOT NULL, "" default), "real" (nullable), "bool" (0/1), "int" (nullable).
@@ -109,16 +113,31 @@ _REVIEW_KINDS = {
     "reviewer": "text", "verdict": "text", "finding": "text", "note": "text", **_TAIL_KINDS,
 }
 REVIEW_COLUMNS = tuple(_REVIEW_KINDS)
+CHAINS = {"decisions": DECISION_COLUMNS, "reviews": REVIEW_COLUMNS}
+ANCHOR_PREFIX = "cxr-triage-audit-head"
 _SQL_TYPE = {"text": "TEXT NOT NULL DEFAULT ''", "real": "REAL", "bool": "INTEGER NOT NULL DEFAULT 0", "int": "INTEGER"}
 
 
-def _column_sql(name: str, kind: str) -> str:
-    if name == "id":
-        return "id INTEGER PRIMARY KEY AUTOINCREMENT"
-    if name in ("supersedes", "decision_id"):
-        not_null = " NOT NULL" if name == "decision_id" else ""
-        return f"{name} INTEGER{not_null} REFERENCES decisions(id)"
-    return f"{name} {_SQL_TYPE[kind]}"
+def table_sql(sql_type: dict[str, str], id_sql: str) -> list[str]:
+    """CREATE TABLE/INDEX statements of the four tables, given a backend's column types and id column."""
+    def column(name: str, kind: str) -> str:
+        if name == "id":
+            return id_sql
+        if name in ("supersedes", "decision_id"):
+            not_null = " NOT NULL" if name == "decision_id" else ""
+            return f"{name} {sql_type['int']}{not_null} REFERENCES decisions(id)"
+        return f"{name} {sql_type[kind]}"
+
+    return [
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        f"CREATE TABLE IF NOT EXISTS decisions ({', '.join(column(n, k) for n, k in _DECISION_ROW_KINDS.items())})",
+        "CREATE INDEX IF NOT EXISTS decisions_by_key ON decisions (bundle_sha256, path, sha256)",
+        "CREATE INDEX IF NOT EXISTS decisions_by_study ON decisions (study_uid)",
+        f"CREATE TABLE IF NOT EXISTS reviews ({', '.join(column(n, k) for n, k in _REVIEW_KINDS.items())})",
+        "CREATE INDEX IF NOT EXISTS reviews_by_study ON reviews (study_uid)",
+        "CREATE TABLE IF NOT EXISTS pending_scores (path TEXT NOT NULL, sha256 TEXT NOT NULL, bundle_sha256 TEXT NOT NULL, "
+        "payload TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (path, sha256, bundle_sha256))",
+    ]
 
 
 def _append_only_triggers(table: str) -> list[str]:
@@ -131,17 +150,28 @@ def _append_only_triggers(table: str) -> list[str]:
 
 # One statement each: executescript would COMMIT the transaction that guards schema creation.
 SCHEMA_STATEMENTS = [
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    f"CREATE TABLE IF NOT EXISTS decisions ({', '.join(_column_sql(n, k) for n, k in _DECISION_ROW_KINDS.items())})",
-    "CREATE INDEX IF NOT EXISTS decisions_by_key ON decisions (bundle_sha256, path, sha256)",
-    "CREATE INDEX IF NOT EXISTS decisions_by_study ON decisions (study_uid)",
-    f"CREATE TABLE IF NOT EXISTS reviews ({', '.join(_column_sql(n, k) for n, k in _REVIEW_KINDS.items())})",
-    "CREATE INDEX IF NOT EXISTS reviews_by_study ON reviews (study_uid)",
-    "CREATE TABLE IF NOT EXISTS pending_scores (path TEXT NOT NULL, sha256 TEXT NOT NULL, bundle_sha256 TEXT NOT NULL, "
-    "payload TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (path, sha256, bundle_sha256))",
+    *table_sql(_SQL_TYPE, "id INTEGER PRIMARY KEY AUTOINCREMENT"),
     *_append_only_triggers("decisions"),
     *_append_only_triggers("reviews"),
 ]
+
+
+def is_url(target: str | Path) -> bool:
+    """True when ``target`` names a PostgreSQL database (``postgresql://`` or ``postgres://``) rather than a file."""
+    return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def open_store(target: str | Path, create: bool = True) -> "AuditStore":
+    """The audit store at ``target``: a ``postgresql://`` URL opens PostgreSQL, anything else a SQLite file.
+
+    ``create=False`` refuses to create a new store. Raises ``AuditError`` naming the store
+    (a URL without its password) and the fix when it cannot be opened.
+    """
+    if is_url(target):
+        from .audit_pg import PostgresAuditStore  # psycopg is needed only for PostgreSQL
+
+        return PostgresAuditStore(str(target), create=create)
+    return AuditStore(target, create=create)
 
 
 def _utc_now() -> str:
@@ -149,7 +179,7 @@ def _utc_now() -> str:
 
 
 def _normalize(kinds: dict[str, str], row: dict[str, Any]) -> dict[str, Any]:
-    """Values as SQLite will store and return them, so the hash of a row read back matches."""
+    """Values as the database will store and return them, so the hash of a row read back matches."""
     out: dict[str, Any] = {}
     for name, kind in kinds.items():
         value = row.get(name)
@@ -164,7 +194,7 @@ def _normalize(kinds: dict[str, str], row: dict[str, Any]) -> dict[str, Any]:
         else:
             out[name] = float(value)
             if math.isnan(out[name]):
-                raise AuditError(f"audit record: {name} is NaN, which SQLite cannot store. Fix: record None instead")
+                raise AuditError(f"audit record: {name} is NaN, which the audit store cannot hold. Fix: record None instead")
     return out
 
 
@@ -179,15 +209,39 @@ def record_hash(prev_hash: str, row: dict[str, Any]) -> str:
     return hashlib.sha256((prev_hash + _canonical_json(body)).encode("utf-8")).hexdigest()
 
 
+def parse_anchor(text: str) -> dict[str, tuple[int, str]]:
+    """``head()`` text -> {table: (last id, record_hash)}; ValueError naming the problem when malformed."""
+    words = text.split()
+    if not words or words[0] != ANCHOR_PREFIX:
+        raise ValueError(f"anchor {text.strip()[:80]!r} does not start with {ANCHOR_PREFIX}. "
+                         "Fix: pass a line printed by cxr-triage audit head")
+    heads: dict[str, tuple[int, str]] = {}
+    for word in words[1:]:
+        name, _, value = word.partition("=")
+        if name in CHAINS:
+            last_id, _, digest = value.partition(":")
+            if not last_id.isdigit() or len(digest) != 64:
+                raise ValueError(f"anchor: {word!r} is not {name}=ID:SHA256. Fix: copy the whole line of audit head")
+            heads[name] = (int(last_id), digest)
+    if set(heads) != set(CHAINS):
+        raise ValueError(f"anchor {text.strip()[:80]!r} lacks decisions= or reviews=. Fix: copy the whole line")
+    return heads
+
+
 class AuditStore:
     """The SQLite audit store at ``path``; a context manager. Creates the schema on first use.
 
     ``create=False`` refuses to create a new file (for read-only tools such as ``verify``).
     Raises ``AuditError`` naming the file and the fix when it cannot be opened or written.
+    ``PostgresAuditStore`` (triage/audit_pg.py) overrides the backend methods in the
+    "plumbing" section; everything else is shared, so both backends chain alike.
     """
+
+    backend = "sqlite"
 
     def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
+        self.location = str(self.path)  # how messages name the store
         if not create and not self.path.is_file():
             raise AuditError(f"{self.path}: no audit store here. Fix: pass --audit-db the store the scorer wrote "
                              f"(default ${AUDIT_DB_ENV} or ./{DEFAULT_AUDIT_DB})")
@@ -198,8 +252,8 @@ class AuditStore:
         except (OSError, sqlite3.Error) as error:
             raise self._error("cannot open", error) from error
         try:
-            self._db.row_factory = sqlite3.Row
-            with self._sqlite_errors("cannot set up"):
+            self._db.row_factory = _dict_row
+            with self._db_errors("cannot set up"):
                 self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 self._db.execute("PRAGMA foreign_keys = ON")
                 self._db.execute("PRAGMA journal_mode = WAL")
@@ -209,60 +263,94 @@ class AuditStore:
             self._db.close()
             raise
 
-    # -- plumbing -------------------------------------------------------------------------
+    # -- plumbing (the backend-specific part) ---------------------------------------------
+
+    _database_errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Iterable[dict[str, Any]]:
+        """Run one statement (``?`` placeholders); its rows as dicts."""
+        return self._db.execute(sql, tuple(params))
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._db.executemany(sql, [tuple(r) for r in rows])
+
+    def _begin(self, write: bool) -> None:
+        """BEGIN IMMEDIATE takes SQLite's single write lock, so concurrent appenders chain in turn."""
+        self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+
+    def _in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    def _lock_head(self, table: str) -> None:
+        """Serialize appends to ``table``'s chain (SQLite: BEGIN IMMEDIATE already did)."""
+
+    def _schema_statements(self) -> list[str]:
+        return SCHEMA_STATEMENTS
+
+    def _error_fix(self, error: BaseException) -> str | None:
+        """A backend-specific fix for ``error``, or None for the generic ones."""
+        text = str(error)
+        if isinstance(error, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+            return "restore the audit store from backup, or move this file aside to start a new one"
+        if "readonly" in text or "unable to open" in text or isinstance(error, OSError):
+            return f"make the file and its folder writable, or pass --audit-db (or ${AUDIT_DB_ENV}) a writable path"
+        return None
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- shared -------------------------------------------------------------------------------
 
     def _error(self, doing: str, error: BaseException) -> AuditError:
-        """An AuditError for ``error`` that names the file and how to fix it."""
-        text = str(error)
-        if "append-only" in text:
+        """An AuditError for ``error`` that names the store and how to fix it."""
+        text = str(error).strip()
+        fix = self._error_fix(error)
+        if fix is not None:
+            pass
+        elif "append-only" in text:
             fix = "records are never changed; append a new decision with supersedes=<old id> instead"
-        elif "FOREIGN KEY" in text:
+        elif "FOREIGN KEY" in text or "foreign key" in text:
             fix = "supersedes and decision_id must name a decision already in this store"
-        elif isinstance(error, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
-            fix = "restore the audit store from backup, or move this file aside to start a new one"
-        elif "readonly" in text or "unable to open" in text or isinstance(error, OSError):
-            fix = f"make the file and its folder writable, or pass --audit-db (or ${AUDIT_DB_ENV}) a writable path"
         elif "locked" in text or "busy" in text:
             fix = "another program holds a lock on the store; wait for it to finish and retry"
         else:
             fix = "check the disk and the file, or restore the audit store from backup"
-        return AuditError(f"{self.path}: {doing} the audit store ({text}). Fix: {fix}")
+        return AuditError(f"{self.location}: {doing} the audit store ({text}). Fix: {fix}")
 
     @contextmanager
-    def _sqlite_errors(self, doing: str) -> Iterator[None]:
-        """Turn any SQLite error inside the block into an AuditError naming the file and the fix."""
+    def _db_errors(self, doing: str) -> Iterator[None]:
+        """Turn any database error inside the block into an AuditError naming the store and the fix."""
         try:
             yield
-        except sqlite3.Error as error:
+        except self._database_errors as error:
             raise self._error(doing, error) from error
+
+    _sqlite_errors = _db_errors  # the name before PostgreSQL existed
 
     @contextmanager
     def _transaction(self, doing: str, write: bool = True) -> Iterator[None]:
-        """BEGIN IMMEDIATE (so concurrent writers chain in turn) or a read snapshot; COMMIT, or ROLLBACK on error."""
-        with self._sqlite_errors(doing):
-            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
+        """A write transaction (appenders chain in turn) or a read snapshot; COMMIT, or ROLLBACK on error."""
+        with self._db_errors(doing):
+            self._begin(write)
             try:
                 yield
-                self._db.execute("COMMIT")
+                self._execute("COMMIT")
             finally:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                if self._in_transaction():
+                    self._execute("ROLLBACK")
 
     def _create_schema(self) -> None:
         with self._transaction("cannot create the schema of"):
-            for statement in SCHEMA_STATEMENTS:
-                self._db.execute(statement)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            for table in ("decisions", "reviews"):
+            for statement in self._schema_statements():
+                self._execute(statement)
+            self._execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", (str(SCHEMA_VERSION),))
+            for table in CHAINS:
                 head = json.dumps({"last_id": 0, "hash": GENESIS_HASH, "count": 0})
-                self._db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (f"head:{table}", head))
-            found = int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+                self._execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO NOTHING", (f"head:{table}", head))
+            found = int(_one(self._execute("SELECT value FROM meta WHERE key = 'schema_version'"))["value"])
         if found != SCHEMA_VERSION:
-            raise AuditError(f"{self.path}: audit schema version {found}, this software ({__version__}) reads "
+            raise AuditError(f"{self.location}: audit schema version {found}, this software ({__version__}) reads "
                              f"{SCHEMA_VERSION}. Fix: use the cxr-triage version that wrote it")
-
-    def close(self) -> None:
-        self._db.close()
 
     def __enter__(self) -> "AuditStore":
         return self
@@ -273,24 +361,26 @@ class AuditStore:
     # -- the chains -----------------------------------------------------------------------
 
     def _head(self, table: str) -> dict[str, Any]:
-        return json.loads(self._db.execute("SELECT value FROM meta WHERE key = ?", (f"head:{table}",)).fetchone()[0])
+        return json.loads(_one(self._execute("SELECT value FROM meta WHERE key = ?", (f"head:{table}",)))["value"])
 
     def _append_chained(self, table: str, kinds: dict[str, str], rows: Sequence[dict[str, Any]]) -> list[int]:
         """Hash and insert ``rows`` after the chain head; caller holds the write transaction."""
+        self._lock_head(table)
         head = self._head(table)
-        ids: list[int] = []
-        prev_hash, next_id = head["hash"], head["last_id"] + 1
-        for row in rows:
+        prev_hash, first_id = head["hash"], head["last_id"] + 1
+        full_rows = []
+        for next_id, row in enumerate(rows, start=first_id):
             full = _normalize(kinds, {**row, "id": next_id, "created_at": _utc_now(), "software_version": __version__,
                                       "prev_hash": prev_hash})
-            full["record_hash"] = record_hash(prev_hash, full)
-            names, marks = ", ".join(full), ", ".join("?" * len(full))
-            self._db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", tuple(full.values()))
-            ids.append(next_id)
-            prev_hash, next_id = full["record_hash"], next_id + 1
-        if ids:
-            new_head = {"last_id": ids[-1], "hash": prev_hash, "count": head["count"] + len(ids)}
-            self._db.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(new_head), f"head:{table}"))
+            full["record_hash"] = prev_hash = record_hash(prev_hash, full)
+            full_rows.append(full)
+        if not full_rows:
+            return []
+        names, marks = ", ".join(kinds), ", ".join("?" * len(kinds))
+        self._executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", [list(r.values()) for r in full_rows])
+        ids = [r["id"] for r in full_rows]
+        new_head = {"last_id": ids[-1], "hash": prev_hash, "count": head["count"] + len(ids)}
+        self._execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(new_head), f"head:{table}"))
         return ids
 
     def append_decisions(self, decisions: Sequence[Decision]) -> list[int]:
@@ -310,10 +400,10 @@ class AuditStore:
         if not reviewer.strip():
             raise ValueError("append_review: reviewer is empty. Fix: record who reviewed the study")
         with self._transaction("cannot append a review to"):
-            found = self._db.execute("SELECT study_uid FROM decisions WHERE id = ?", (decision_id,)).fetchone()
-            if found is None:
-                raise ValueError(f"append_review: no decision with id {decision_id} in {self.path}")
-            row = {"decision_id": decision_id, "study_uid": found[0] if study_uid is None else study_uid,
+            found = list(self._execute("SELECT study_uid FROM decisions WHERE id = ?", (decision_id,)))
+            if not found:
+                raise ValueError(f"append_review: no decision with id {decision_id} in {self.location}")
+            row = {"decision_id": decision_id, "study_uid": found[0]["study_uid"] if study_uid is None else study_uid,
                    "reviewer": reviewer, "verdict": verdict, "finding": finding, "note": note}
             return self._append_chained("reviews", _REVIEW_KINDS, [row])[0]
 
@@ -326,28 +416,27 @@ class AuditStore:
         filters = {"study_uid": study_uid, "run_id": run_id, "bundle_sha256": bundle_sha256, "status": status,
                    "path": path, "flagged": None if flagged is None else int(flagged)}
         used = {k: v for k, v in filters.items() if v is not None}
-        where = " AND ".join(f"{k} = ?" for k in used) or "1"
+        where = " AND ".join(f"{k} = ?" for k in used) or "1 = 1"
         sql = f"SELECT * FROM decisions WHERE {where} ORDER BY id" + ("" if limit is None else f" LIMIT {int(limit)}")
-        with self._sqlite_errors("cannot read"):
-            return [_decision_dict(r) for r in self._db.execute(sql, tuple(used.values()))]
+        with self._db_errors("cannot read"):
+            return [_decision_dict(r) for r in self._execute(sql, tuple(used.values()))]
 
     def decided_keys(self, bundle_sha256: str) -> dict[tuple[str, str], dict[str, Any]]:
         """(path, sha256) -> the latest decision row for that file by this bundle (for resumable runs)."""
         sql = ("SELECT * FROM decisions WHERE id IN (SELECT MAX(id) FROM decisions WHERE bundle_sha256 = ? "
                "GROUP BY path, sha256) ORDER BY id")
-        with self._sqlite_errors("cannot read"):
-            return {(r["path"], r["sha256"]): _decision_dict(r) for r in self._db.execute(sql, (bundle_sha256,))}
+        with self._db_errors("cannot read"):
+            return {(r["path"], r["sha256"]): _decision_dict(r) for r in self._execute(sql, (bundle_sha256,))}
 
     def reviews_for(self, study_uid: str) -> list[dict[str, Any]]:
         """Every review of ``study_uid``, oldest first."""
-        with self._sqlite_errors("cannot read"):
-            rows = self._db.execute("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id", (study_uid,))
-            return [dict(r) for r in rows]
+        with self._db_errors("cannot read"):
+            return [dict(r) for r in self._execute("SELECT * FROM reviews WHERE study_uid = ? ORDER BY id", (study_uid,))]
 
     def reviews(self) -> list[dict[str, Any]]:
         """Every review of every study, oldest first (read-only; for the dashboards)."""
-        with self._sqlite_errors("cannot read"):
-            return [dict(r) for r in self._db.execute("SELECT * FROM reviews ORDER BY id")]
+        with self._db_errors("cannot read"):
+            return [dict(r) for r in self._execute("SELECT * FROM reviews ORDER BY id")]
 
     # -- pending work (not chained) -------------------------------------------------------
 
@@ -356,44 +445,90 @@ class AuditStore:
         now = _utc_now()
         values = [(p, s, b, json.dumps(payload, sort_keys=True), now) for p, s, b, payload in rows]
         with self._transaction("cannot save pending scores to"):
-            self._db.executemany("INSERT OR REPLACE INTO pending_scores VALUES (?, ?, ?, ?, ?)", values)
+            self._executemany("INSERT INTO pending_scores VALUES (?, ?, ?, ?, ?) ON CONFLICT (path, sha256, bundle_sha256) "
+                              "DO UPDATE SET payload = excluded.payload, created_at = excluded.created_at", values)
 
     def load_pending(self, bundle_sha256: str) -> dict[tuple[str, str], dict[str, Any]]:
         """(path, sha256) -> payload of every pending score for this bundle."""
         sql = "SELECT path, sha256, payload FROM pending_scores WHERE bundle_sha256 = ?"
-        with self._sqlite_errors("cannot read"):
-            return {(p, s): json.loads(payload) for p, s, payload in self._db.execute(sql, (bundle_sha256,))}
+        with self._db_errors("cannot read"):
+            return {(r["path"], r["sha256"]): json.loads(r["payload"]) for r in self._execute(sql, (bundle_sha256,))}
 
     def clear_pending(self, keys: Iterable[tuple[str, str, str]]) -> None:
         """Forget pending scores by (path, sha256, bundle_sha256), once their decisions are appended."""
         with self._transaction("cannot clear pending scores in"):
-            self._db.executemany("DELETE FROM pending_scores WHERE path = ? AND sha256 = ? AND bundle_sha256 = ?",
-                                 [tuple(k) for k in keys])
+            self._executemany("DELETE FROM pending_scores WHERE path = ? AND sha256 = ? AND bundle_sha256 = ?",
+                              [tuple(k) for k in keys])
 
-    # -- verification and export ----------------------------------------------------------
+    # -- verification, anchoring and export -----------------------------------------------
 
-    def verify(self) -> VerifyResult:
-        """Walk both hash chains; the first broken record, and why, when one is found."""
+    def head(self) -> str:
+        """One line naming the last record of each chain, to keep outside this store (see SECURITY.md).
+
+        ``cxr-triage-audit-head decisions=ID:SHA256 reviews=ID:SHA256 at=UTC``; an empty chain is ``0:`` + 64 zeros.
+        """
+        with self._transaction("cannot read", write=False):
+            parts = []
+            for table in CHAINS:
+                last = list(self._execute(f"SELECT id, record_hash FROM {table} ORDER BY id DESC LIMIT 1"))
+                last_id, digest = (last[0]["id"], last[0]["record_hash"]) if last else (0, GENESIS_HASH)
+                parts.append(f"{table}={last_id}:{digest}")
+        return f"{ANCHOR_PREFIX} {' '.join(parts)} at={_utc_now()}"
+
+    def verify(self, anchors: Sequence[str] = ()) -> VerifyResult:
+        """Walk both hash chains, then check each anchor (``head()`` text kept elsewhere) is still on them.
+
+        Returns the first broken record, its table and study, and why, when one is found.
+        Raises ValueError for a malformed anchor.
+        """
+        heads = [parse_anchor(text) for text in anchors]
+        counts: dict[str, int] = {}
+        problem: tuple[str, int, str, str] | None = None
         with self._transaction("cannot read", write=False):  # one consistent snapshot of both chains
-            n_decisions, bad = self._verify_chain("decisions", DECISION_COLUMNS)
-            n_reviews, bad_review = self._verify_chain("reviews", REVIEW_COLUMNS)
-        table, problem = ("decisions", bad) if bad else ("reviews", bad_review)
+            for table, columns in CHAINS.items():
+                counts[table], bad = self._verify_chain(table, columns)
+                problem = problem or (bad and (table, *bad))
+            for anchor in heads:
+                problem = problem or self._anchor_problem(anchor)
+        n_decisions, n_reviews = counts["decisions"], counts["reviews"]
         if problem is None:
-            message = f"audit chain OK: {n_decisions} decisions, {n_reviews} reviews"
-            return VerifyResult(True, n_decisions, None, message, n_reviews)
-        bad_id, why = problem
-        return VerifyResult(False, n_decisions, bad_id, f"audit chain BROKEN in {self.path}: {table} record {bad_id}: "
-                            f"{why}", n_reviews, table)
+            anchored = f", and through {len(heads)} anchored head(s)" if heads else ""
+            return VerifyResult(True, n_decisions, None, f"audit chain OK: {n_decisions} decisions, {n_reviews} "
+                                f"reviews{anchored}", n_reviews)
+        table, bad_id, why, study = problem
+        where = f" (study {study})" if study else ""
+        message = f"audit chain BROKEN in {self.location}: {table} record {bad_id}{where}: {why}"
+        return VerifyResult(False, n_decisions, bad_id, message, n_reviews, table, study)
 
-    def _verify_chain(self, table: str, columns: Sequence[str]) -> tuple[int, tuple[int, str] | None]:
-        """(records in the table, (first bad id, why) or None)."""
+    def _verify_chain(self, table: str, columns: Sequence[str]) -> tuple[int, tuple[int, str, str] | None]:
+        """(records in the table, (first bad id, why, its study) or None)."""
         prev_id, prev_hash, count, problem = 0, GENESIS_HASH, 0, None
-        for row in self._db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id"):
+        for row in self._execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id"):
             count += 1
             if problem is None:
-                problem = _link_problem(prev_id, prev_hash, dict(row))
+                link = _link_problem(prev_id, prev_hash, row)
+                if link is not None:
+                    problem = (*link, row["study_uid"] if link[0] == row["id"] else "")
                 prev_id, prev_hash = row["id"], row["record_hash"]
-        return count, problem or _head_problem(self._head(table), prev_id, prev_hash, count)
+        if problem is None:
+            end = _head_problem(self._head(table), prev_id, prev_hash, count)
+            if end is not None:
+                found = list(self._execute(f"SELECT study_uid FROM {table} WHERE id = ?", (end[0],)))
+                problem = (*end, found[0]["study_uid"] if found else "")
+        return count, problem
+
+    def _anchor_problem(self, anchor: dict[str, tuple[int, str]]) -> tuple[str, int, str, str] | None:
+        """Why the chains do not pass through an anchored head, as (table, id, why, study); None when they do."""
+        for table, (last_id, digest) in anchor.items():
+            if last_id == 0:
+                continue
+            found = list(self._execute(f"SELECT record_hash, study_uid FROM {table} WHERE id = ?", (last_id,)))
+            if not found:
+                return table, last_id, "missing: an anchored head names this record, the table no longer has it", ""
+            if found[0]["record_hash"] != digest:
+                return (table, last_id, "its record_hash differs from the anchored head's: the chain was rewritten at "
+                        "or before this record since the head was anchored", found[0]["study_uid"])
+        return None
 
     def export_csv(self, out_path: str | Path) -> int:
         """Write every decision (all columns, one header row) to ``out_path`` atomically; returns rows written.
@@ -414,8 +549,8 @@ class AuditStore:
                 writer = csv.writer(handle)
                 writer.writerow(DECISION_COLUMNS)
                 count = 0
-                for row in self._db.execute(f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions ORDER BY id"):
-                    writer.writerow([_csv_cell(value) for value in row])
+                for row in self._execute(f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions ORDER BY id"):
+                    writer.writerow([_csv_cell(row[name]) for name in DECISION_COLUMNS])
                     count += 1
             os.replace(handle.name, out)
         except OSError as error:
@@ -452,11 +587,21 @@ def _head_problem(head: dict[str, Any], last_id: int, last_hash: str, count: int
     return last_id, "its record_hash differs from the chain head's (the last record was edited and rehashed)"
 
 
+def _one(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The first row of a query that always returns one."""
+    return next(iter(rows))
+
+
+def _dict_row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> dict[str, Any]:
+    """sqlite3 row factory: rows as plain dicts, as psycopg's dict_row gives them."""
+    return {column[0]: value for column, value in zip(cursor.description, values)}
+
+
 def _csv_cell(value: Any) -> Any:
     return "" if value is None else repr(value) if isinstance(value, float) else value
 
 
-def _decision_dict(row: sqlite3.Row) -> dict[str, Any]:
+def _decision_dict(row: dict[str, Any]) -> dict[str, Any]:
     values = dict(row)
     values["flagged"] = bool(values["flagged"])
     return values
