@@ -76,3 +76,35 @@ def test_provider_choice_prefers_cuda_and_falls_back_to_cpu():
     assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu") == ["CPUExecutionProvider"]
     with pytest.raises(BundleError, match="gpu extra"):
         choose_providers(["CPUExecutionProvider"], "cuda")
+
+
+def test_run_returns_logits_cams_and_features_in_one_pass(tiny):
+    model = load_model(load_bundle(tiny), device="cpu")
+    rng = np.random.default_rng(0)
+    batch = rng.normal(size=(3, 1, SIZE, SIZE)).astype(np.float32)
+    logits, cams, features = model.run(batch)
+    assert model.has_cam and cams.shape == (3, 1, SIZE // 8, SIZE // 8) and features.shape == (3, 64)
+    np.testing.assert_allclose(cams.mean(axis=(2, 3)), logits, atol=1e-5)  # the map's mean is the logit
+    np.testing.assert_allclose(logits, model.logits(batch), atol=1e-6)
+    # the brightest block of the image is the hottest cell of its map
+    hot = np.zeros((1, 1, SIZE, SIZE), np.float32)
+    hot[0, 0, 8:16, 40:48] = 3.0
+    assert np.unravel_index(np.argmax(model.run(hot).cams[0, 0]), (8, 8)) == (1, 5)
+
+
+def test_an_older_bundle_without_cam_still_scores(tmp_path):
+    model = load_model(load_bundle(build_tiny_bundle(tmp_path / "old", with_cam=False)), device="cpu")
+    batch = np.zeros((2, 1, SIZE, SIZE), np.float32)
+    outputs = model.run(batch)
+    assert not model.has_cam and outputs.cams is None and outputs.features is None
+    np.testing.assert_allclose(outputs.logits, model.logits(batch))
+
+
+def test_a_declared_output_the_graph_lacks_is_refused(tmp_path):
+    folder = build_tiny_bundle(tmp_path / "b")
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["model"]["outputs"]["cam"] = "heatmap"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no output named \\['heatmap'\\]"):
+        load_model(load_bundle(folder), device="cpu")

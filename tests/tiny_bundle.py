@@ -1,7 +1,10 @@
 """A real, tiny model bundle for fast end-to-end tests (built with onnx.helper, no torch).
 
 The model's logit is ``scale * mean(image) + bias``: brighter images get higher risk,
-so rankings are meaningful and predictable.
+so rankings are meaningful and predictable. Like an exported bundle it also returns a
+class activation map ``cam`` (the image averaged over 8x8 blocks, times ``scale``, plus
+``bias``: its spatial mean is the logit) and pooled ``features`` (the same 8x8 block
+means, flattened: 64 values) that an out-of-distribution gate can measure.
 """
 
 from __future__ import annotations
@@ -13,23 +16,32 @@ import onnx
 from onnx import TensorProto, helper
 
 from triage.bundle import write_manifest
+from triage.ood import fit_gate, save_gate, threshold_at
 from triage.preprocess import PreprocessSpec
 
 SIZE = 64
+BLOCK = 8
+CAM_SIDE = SIZE // BLOCK
 
 
-def tiny_onnx_model(scale: float = 4.0, bias: float = 0.0) -> onnx.ModelProto:
-    """image (batch, 1, SIZE, SIZE) float32 -> logits (batch, 1)."""
+def tiny_onnx_model(scale: float = 4.0, bias: float = 0.0, with_cam: bool = True) -> onnx.ModelProto:
+    """image (batch, 1, SIZE, SIZE) float32 -> logits (batch, 1) [, cam (batch, 1, 8, 8), features (batch, 64)]."""
     nodes = [
-        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
-        helper.make_node("Mul", ["flat", "scale"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "bias"], ["logits"]),
+        helper.make_node("AveragePool", ["image"], ["blocks"], kernel_shape=[BLOCK, BLOCK], strides=[BLOCK, BLOCK]),
+        helper.make_node("Mul", ["blocks", "scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "bias"], ["cam"]),
+        helper.make_node("GlobalAveragePool", ["cam"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["logits"], axis=1),
+        helper.make_node("Flatten", ["blocks"], ["features"], axis=1),
     ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])]
+    if with_cam:
+        outputs += [helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["batch", 1, CAM_SIDE, CAM_SIDE]),
+                    helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", CAM_SIDE * CAM_SIDE])]
     graph = helper.make_graph(
         nodes, "tiny",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])],
+        outputs,
         [helper.make_tensor("scale", TensorProto.FLOAT, [1], [scale]),
          helper.make_tensor("bias", TensorProto.FLOAT, [1], [bias])],
     )
@@ -39,22 +51,47 @@ def tiny_onnx_model(scale: float = 4.0, bias: float = 0.0) -> onnx.ModelProto:
     return model
 
 
-def build_tiny_bundle(folder: Path, threshold: float = 0.5, temperature: float = 1.0) -> Path:
-    """Write a complete, valid bundle into ``folder`` and return it."""
+def tiny_features(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
+    """The model's ``features`` output for (N, 1, SIZE, SIZE) float32 inputs, from ONNX Runtime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["features"], {"image": inputs.astype(np.float32)})[0]
+
+
+def build_tiny_bundle(folder: Path, threshold: float = 0.5, temperature: float = 1.0, with_cam: bool = True,
+                      ood_inputs: np.ndarray | None = None, ood_percentile: float = 99.5) -> Path:
+    """Write a complete, valid bundle into ``folder`` and return it.
+
+    ``with_cam=False`` builds an older-format bundle (logits only). ``ood_inputs``
+    (N, 1, SIZE, SIZE) in-distribution model inputs add an OOD gate: statistics from
+    the first half, threshold at ``ood_percentile`` of the second half's distances.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(tiny_onnx_model(), folder / "model.onnx")
+    model = tiny_onnx_model(with_cam=with_cam)
+    onnx.save(model, folder / "model.onnx")
     (folder / "MODEL_CARD.md").write_text("# tiny test model\nFor tests only.\n")
     spec = PreprocessSpec(size=(SIZE, SIZE))
-    write_manifest(folder, {
+    outputs = {"logits": "logits", **({"cam": "cam", "features": "features"} if with_cam else {})}
+    manifest = {
         "name": "tiny-test",
         "version": "0.0.1",
         "findings": ["pneumonia"],
         "model": {"file": "model.onnx", "input": {"name": "image", "shape": ["batch", 1, SIZE, SIZE], "dtype": "float32"},
-                  "outputs": {"logits": "logits"}, "opset": 17},
+                  "outputs": outputs, "opset": 17,
+                  **({"cam": {"shape": ["batch", 1, CAM_SIDE, CAM_SIDE]}} if with_cam else {})},
         "preprocessing": spec.to_dict(),
         "calibration": {"method": "temperature", "temperature": {"pneumonia": temperature}},
         "operating_point": {"finding": "pneumonia", "flag_rate": 0.05, "threshold": threshold},
         "training": {"dataset": "none (synthetic test model)"},
         "metrics": {"validation": {"risk_histogram": np.histogram([0.5], bins=4, range=(0, 1))[0].tolist()}},
-    })
+    }
+    if ood_inputs is not None:
+        features = tiny_features(model, ood_inputs)
+        half = len(features) // 2
+        gate, _ = threshold_at(fit_gate(features[:half], n_components=8), features[half:], ood_percentile)
+        save_gate(gate, folder / "ood.npz")
+        manifest["ood"] = {"method": "mahalanobis_ppca", "file": "ood.npz", "threshold": gate.threshold,
+                           "percentile": ood_percentile}
+    write_manifest(folder, manifest)
     return folder

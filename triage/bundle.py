@@ -1,8 +1,10 @@
 """The model bundle: a folder with ``model.onnx``, ``manifest.json`` and ``MODEL_CARD.md``.
 
 The manifest is the single source of truth for serving: findings in output order,
-input name/shape/dtype, preprocessing, calibration, operating point, provenance,
-metrics and the sha256 of every other file. The bundle's own identity
+input name/shape/dtype, graph outputs (``logits``; optionally ``cam``, the class
+activation maps, and ``features``, the pooled features the out-of-distribution gate
+reads), preprocessing, calibration, operating point, the optional ``ood`` gate,
+provenance, metrics and the sha256 of every other file. The bundle's own identity
 (``Bundle.sha256``) is the sha256 of ``manifest.json``, which pins every file.
 """
 
@@ -79,6 +81,21 @@ class Bundle:
         return self.manifest["model"]["outputs"]["logits"]
 
     @property
+    def cam_output(self) -> str | None:
+        """Name of the graph output with the class activation maps (batch, F, h, w), or None (older bundles)."""
+        return self.manifest["model"]["outputs"].get("cam")
+
+    @property
+    def features_output(self) -> str | None:
+        """Name of the graph output with the pooled features (batch, D), or None."""
+        return self.manifest["model"]["outputs"].get("features")
+
+    @property
+    def ood(self) -> dict[str, Any] | None:
+        """The out-of-distribution gate's settings (file, threshold, ...), or None when the bundle has none."""
+        return self.manifest.get("ood")
+
+    @property
     def triage_finding(self) -> str:
         return self.manifest["operating_point"]["finding"]
 
@@ -118,6 +135,12 @@ def _schema_problems(manifest: dict[str, Any]) -> list[str]:
         problems.append("model.input needs name, shape and dtype")
     if "outputs" in model and "logits" not in model["outputs"]:
         problems.append("model.outputs needs a 'logits' entry")
+    ood = manifest.get("ood")
+    if ood is not None:
+        if not isinstance(ood, dict) or not {"file", "threshold"} <= set(ood):
+            problems.append("ood must be an object with 'file' and 'threshold'")
+        elif "features" not in model.get("outputs", {}):
+            problems.append("ood needs model.outputs.features (the pooled features it measures)")
     temperatures = manifest["calibration"].get("temperature", {})
     for finding in findings:
         t = temperatures.get(finding)
@@ -151,7 +174,7 @@ def load_bundle(path: str | Path) -> Bundle:
     problems = _schema_problems(manifest)
     if problems:
         raise BundleError(f"{manifest_path}: schema check failed: " + "; ".join(problems))
-    for name in sorted(set(REQUIRED_FILES) | {manifest["model"]["file"]}):
+    for name in referenced_files(manifest):
         if name not in manifest["files"]:
             raise BundleError(f"{manifest_path}: files has no sha256 for {name!r}. Fix: rebuild the bundle")
     for name, expected in sorted(manifest["files"].items()):
@@ -167,14 +190,22 @@ def load_bundle(path: str | Path) -> Bundle:
     return Bundle(folder, manifest, sha256_file(manifest_path), PreprocessSpec.from_dict(manifest["preprocessing"]))
 
 
+def referenced_files(manifest: dict[str, Any]) -> list[str]:
+    """Every file the manifest needs besides itself: the card, the served model, the OOD statistics."""
+    names = set(REQUIRED_FILES) | {manifest["model"]["file"]}
+    if isinstance(manifest.get("ood"), dict) and manifest["ood"].get("file"):
+        names.add(manifest["ood"]["file"])
+    return sorted(names)
+
+
 def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     """Fill in schema version and file hashes, check the schema, write ``manifest.json``.
 
     ``manifest`` holds every key of ``REQUIRED_KEYS`` except ``files`` and
-    ``schema_version``; the model file and ``MODEL_CARD.md`` must already be in ``folder``.
+    ``schema_version``; every file of ``referenced_files`` must already be in ``folder``.
     """
     folder = Path(folder)
-    names = sorted(set(REQUIRED_FILES) | {manifest["model"]["file"]})
+    names = referenced_files(manifest)
     full = {"schema_version": SCHEMA_VERSION, **manifest, "files": {n: sha256_file(folder / n) for n in names}}
     problems = _schema_problems(full)
     if problems:

@@ -1,13 +1,20 @@
-"""ONNX Runtime session for a bundle: GPU when present, CPU otherwise, reported."""
+"""ONNX Runtime session for a bundle: GPU when present, CPU otherwise, reported.
+
+``Model.run`` returns every output the bundle declares in one pass: logits, and for
+bundles that have them the class activation maps (heatmaps computed in the graph,
+no gradients) and the pooled features read by the out-of-distribution gate.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from .bundle import Bundle
 from .errors import BundleError
+from .ood import OodGate, load_gate
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -35,14 +42,40 @@ def calibrated_risk(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
     return sigmoid(np.asarray(logits, dtype=np.float64) / temperatures[None, :])
 
 
+class Outputs(NamedTuple):
+    """One forward pass. ``logits`` (N, F) float32; ``cams`` (N, F, h, w) float32 in logit units (the spatial
+    mean of a map is its logit) or None; ``features`` (N, D) float32 pooled features or None."""
+
+    logits: np.ndarray
+    cams: np.ndarray | None = None
+    features: np.ndarray | None = None
+
+
 @dataclass
 class Model:
-    """A bundle's ONNX model ready to score batches. Build with ``load_model``."""
+    """A bundle's ONNX model ready to score batches. Build with ``load_model``.
+
+    ``ood`` is the bundle's out-of-distribution gate, or None when it has none.
+    """
 
     bundle: Bundle
     session: "object"
     provider: str
     temperatures: np.ndarray
+    ood: OodGate | None = None
+
+    @property
+    def has_cam(self) -> bool:
+        return self.bundle.cam_output is not None
+
+    def run(self, batch: np.ndarray, cams: bool = True, features: bool = True) -> Outputs:
+        """Model inputs (N, C, H, W) float32 -> ``Outputs``; maps/features the bundle lacks (or not asked for) are None."""
+        names = [self.bundle.logits_output]
+        optional = {"cams": self.bundle.cam_output if cams else None,
+                    "features": self.bundle.features_output if features else None}
+        names += [n for n in optional.values() if n]
+        values = dict(zip(names, self.session.run(names, {self.bundle.input_name: batch})))
+        return Outputs(values[names[0]], *(values[n] if n else None for n in optional.values()))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Model inputs (N, C, H, W) float32 -> raw logits (N, F) float32."""
@@ -71,5 +104,11 @@ def load_model(bundle: Bundle, device: str = "auto", threads: int = 0) -> Model:
     names = {i.name for i in session.get_inputs()}
     if bundle.input_name not in names:
         raise BundleError(f"{bundle.model_path}: no input named {bundle.input_name!r} (model has {sorted(names)}); manifest and model disagree")
+    outputs = {o.name for o in session.get_outputs()}
+    declared = [n for n in (bundle.logits_output, bundle.cam_output, bundle.features_output) if n]
+    if missing := [n for n in declared if n not in outputs]:
+        raise BundleError(f"{bundle.model_path}: no output named {missing} (model has {sorted(outputs)}); "
+                          "manifest and model disagree. Fix: rebuild the bundle")
     temperatures = np.array([bundle.temperature(f) for f in bundle.findings], dtype=np.float64)
-    return Model(bundle, session, session.get_providers()[0], temperatures)
+    ood = load_gate(bundle.path / bundle.ood["file"], float(bundle.ood["threshold"])) if bundle.ood else None
+    return Model(bundle, session, session.get_providers()[0], temperatures, ood)

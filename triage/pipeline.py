@@ -1,7 +1,7 @@
 """The whole flow in a few readable functions.
 
-    file -> Radiograph -> model input -> ONNX logits -> calibrated risk
-         -> study risk -> flag (policy) -> Decision (audit record)
+    file -> Radiograph -> model input -> ONNX logits (+ pooled features) -> calibrated risk
+         -> out-of-distribution gate -> study risk -> flag (policy) -> Decision (audit record)
 
 ``prepare`` (decode + preprocess) is pure and picklable so it can run in worker
 processes; ``score_prepared`` runs the model in the main process; ``finalize``
@@ -21,7 +21,7 @@ import numpy as np
 from .audit import Decision
 from .bundle import Bundle, sha256_file
 from .errors import BadInputError
-from .inference import Model
+from .inference import Model, calibrated_risk
 from .ingest import read_radiograph
 from .policy import Flags, flag_top_k, study_risks
 from .preprocess import PreprocessSpec, preprocess
@@ -94,19 +94,39 @@ def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callab
     """Run the model once over the scorable files of ``batch``; drafts for all of them, in order."""
     scorable = [p for p in batch if p.model_input is not None]
     risks: list[float] = []
+    distances: list[float] = []
     infer_ms = 0.0
     if scorable:
         start = time.perf_counter()
         column = model.bundle.findings.index(model.bundle.triage_finding)
-        risks = model.risks(np.stack([p.model_input for p in scorable]))[:, column].tolist()
+        outputs = model.run(np.stack([p.model_input for p in scorable]), cams=False, features=model.ood is not None)
+        risks = calibrated_risk(outputs.logits, model.temperatures)[:, column].tolist()
+        if model.ood is not None:
+            distances = model.ood.distances(outputs.features).tolist()
         infer_ms = (time.perf_counter() - start) * 1000 / len(scorable)
-    by_id = {id(p): r for p, r in zip(scorable, risks)}
-    return [
-        draft(p, model.bundle, pseudonymize, by_id[id(p)], infer_ms, model.provider, run_id)
-        if math.isfinite(by_id.get(id(p), math.nan))
-        else draft(_non_finite(p) if id(p) in by_id else p, model.bundle, pseudonymize, provider=model.provider, run_id=run_id)
-        for p in batch
-    ]
+    risk_of = {id(p): r for p, r in zip(scorable, risks)}
+    distance_of = {id(p): d for p, d in zip(scorable, distances)}
+
+    def decide(p: Prepared) -> Decision:
+        if id(p) not in risk_of:  # not scorable: the reason is already set
+            return draft(p, model.bundle, pseudonymize, provider=model.provider, run_id=run_id)
+        if not math.isfinite(risk_of[id(p)]):
+            return draft(_non_finite(p), model.bundle, pseudonymize, provider=model.provider, run_id=run_id)
+        if id(p) in distance_of and not distance_of[id(p)] <= model.ood.threshold:
+            return draft(_out_of_distribution(p, distance_of[id(p)], model.ood.threshold), model.bundle, pseudonymize,
+                         infer_ms=infer_ms, provider=model.provider, run_id=run_id)
+        return draft(p, model.bundle, pseudonymize, risk_of[id(p)], infer_ms, model.provider, run_id)
+
+    return [decide(p) for p in batch]
+
+
+def _out_of_distribution(prepared: Prepared, distance: float, threshold: float) -> Prepared:
+    """A scorable file whose features are far from the training images: routed to human review, unscored."""
+    detail = (f"{prepared.path}: out_of_distribution: the image's feature distance to the model's training chest "
+              f"radiographs is {distance:.2f}, over the bundle's threshold {threshold:.2f}, so its risk would mean "
+              "nothing. Fix: a person reads it; if it is a frontal human chest radiograph, report it to the model's "
+              "maintainers (the training data may not cover this device or population)")
+    return replace(prepared, model_input=None, reason="out_of_distribution", detail=detail)
 
 
 def _non_finite(prepared: Prepared) -> Prepared:
