@@ -78,8 +78,8 @@ def test_provider_choice_prefers_cuda_and_falls_back_to_cpu():
         choose_providers(["CPUExecutionProvider"], "cuda")
 
 
-def test_run_returns_logits_cams_and_features_in_one_pass(tiny):
-    model = load_model(load_bundle(tiny), device="cpu")
+def test_run_returns_logits_cams_and_features_in_one_pass(tmp_path):
+    model = load_model(load_bundle(build_tiny_bundle(tmp_path / "cam", with_cam=True)), device="cpu")
     rng = np.random.default_rng(0)
     batch = rng.normal(size=(3, 1, SIZE, SIZE)).astype(np.float32)
     logits, cams, features = model.run(batch)
@@ -93,7 +93,7 @@ def test_run_returns_logits_cams_and_features_in_one_pass(tiny):
 
 
 def test_an_older_bundle_without_cam_still_scores(tmp_path):
-    model = load_model(load_bundle(build_tiny_bundle(tmp_path / "old", with_cam=False)), device="cpu")
+    model = load_model(load_bundle(build_tiny_bundle(tmp_path / "old")), device="cpu")
     batch = np.zeros((2, 1, SIZE, SIZE), np.float32)
     outputs = model.run(batch)
     assert not model.has_cam and outputs.cams is None and outputs.features is None
@@ -101,7 +101,7 @@ def test_an_older_bundle_without_cam_still_scores(tmp_path):
 
 
 def test_a_declared_output_the_graph_lacks_is_refused(tmp_path):
-    folder = build_tiny_bundle(tmp_path / "b")
+    folder = build_tiny_bundle(tmp_path / "b", with_cam=True)
     path = folder / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["model"]["outputs"]["cam"] = "heatmap"

@@ -59,15 +59,17 @@ def tiny_features(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
     return session.run(["features"], {"image": inputs.astype(np.float32)})[0]
 
 
-def build_tiny_bundle(folder: Path, threshold: float = 0.5, temperature: float = 1.0, with_cam: bool = True,
+def build_tiny_bundle(folder: Path, threshold: float = 0.5, temperature: float = 1.0, with_cam: bool = False,
                       ood_inputs: np.ndarray | None = None, ood_percentile: float = 99.5) -> Path:
     """Write a complete, valid bundle into ``folder`` and return it.
 
-    ``with_cam=False`` builds an older-format bundle (logits only). ``ood_inputs``
-    (N, 1, SIZE, SIZE) in-distribution model inputs add an OOD gate: statistics from
-    the first half, threshold at ``ood_percentile`` of the second half's distances.
+    ``with_cam=True`` adds the ``cam`` and ``features`` outputs (the default is the older,
+    logits-only format). ``ood_inputs`` (N, 1, SIZE, SIZE) in-distribution model inputs
+    add an OOD gate (and the outputs): statistics from the first half, threshold at
+    ``ood_percentile`` of the second half's distances.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    with_cam = with_cam or ood_inputs is not None
     model = tiny_onnx_model(with_cam=with_cam)
     onnx.save(model, folder / "model.onnx")
     (folder / "MODEL_CARD.md").write_text("# tiny test model\nFor tests only.\n")
