@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import csv
 import multiprocessing
+import socket
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from deploy.audit_cmd import add_parser
-from triage.audit import DECISION_COLUMNS, GENESIS_HASH, AuditStore, Decision, default_audit_db
+from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
+from triage.audit import DECISION_COLUMNS, GENESIS_HASH, AuditStore, Decision, default_audit_db, is_url, open_store
 from triage.errors import AuditError
 from triage.pseudonym import pseudonymize
 
@@ -26,35 +28,50 @@ def decision(i: int, **changes) -> Decision:
     return Decision(**{**values, **changes})
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request, tmp_path: Path) -> str:
+    """Where a new, empty store goes: a SQLite file, or a fresh database on a real PostgreSQL server."""
+    return str(tmp_path / "audit.sqlite") if request.param == "sqlite" else request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
+def db(target: str) -> str:
     """A store holding 5 decisions (ids 1..5) and 2 reviews of decision 2."""
-    path = tmp_path / "audit.sqlite"
-    with AuditStore(path) as store:
+    with open_store(target) as store:
         store.append_decisions([decision(i) for i in range(5)])
         store.append_review(2, "dr.a", "agree", finding="pneumonia")
         store.append_review(2, "dr.b", "disagree", note="old scar")
-    return path
+    return target
 
 
-def tamper(path: Path, *statements: str) -> None:
-    """What an attacker with file access can do: drop the triggers, then change rows."""
-    connection = sqlite3.connect(path)
-    for name in ("decisions_no_update", "decisions_no_delete", "reviews_no_update", "reviews_no_delete"):
-        connection.execute(f"DROP TRIGGER IF EXISTS {name}")
+def raw_connection(target: str):
+    """A plain database connection to the store, as an administrator (or an attacker) would open one."""
+    if is_url(target):
+        import psycopg
+
+        return psycopg.connect(target, autocommit=True)
+    return sqlite3.connect(target, isolation_level=None)
+
+
+def tamper(target: str, *statements: str) -> None:
+    """What an attacker with write access can do: drop the triggers, then change rows."""
+    connection = raw_connection(target)
+    for table in ("decisions", "reviews"):
+        for verb in ("update", "delete", "truncate"):
+            on = f" ON {table}" if is_url(target) else ""
+            connection.execute(f"DROP TRIGGER IF EXISTS {table}_no_{verb}{on}")
     for statement in statements:
         connection.execute(statement)
-    connection.commit()
     connection.close()
 
 
-def verify(path: Path):
-    with AuditStore(path) as store:
-        return store.verify()
+def verify(target: str, anchors=()):
+    with open_store(target) as store:
+        return store.verify(anchors)
 
 
 def test_appended_decisions_read_back_with_store_columns(db):
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         rows = store.decisions()
         assert store.append_decisions([decision(9, risk=None, status="human_review", reason="not_dicom")]) == [6]
         assert store.decisions(status="human_review")[0]["risk"] is None
@@ -71,25 +88,37 @@ def test_intact_chains_verify(db):
     assert result.message == "audit chain OK: 5 decisions, 2 reviews"
 
 
-def test_an_empty_store_verifies(tmp_path):
-    assert verify(tmp_path / "new.sqlite").message == "audit chain OK: 0 decisions, 0 reviews"
+def test_an_empty_store_verifies(target):
+    assert verify(target).message == "audit chain OK: 0 decisions, 0 reviews"
 
 
 def test_update_and_delete_are_refused_while_the_triggers_stand(db):
-    connection = sqlite3.connect(db)
-    for statement in ("UPDATE decisions SET risk = 0.99 WHERE id = 3", "DELETE FROM decisions WHERE id = 5",
-                      "UPDATE reviews SET verdict = 'agree' WHERE id = 2", "DELETE FROM reviews"):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    statements = ["UPDATE decisions SET risk = 0.99 WHERE id = 3", "DELETE FROM decisions WHERE id = 5",
+                  "UPDATE reviews SET verdict = 'agree' WHERE id = 2", "DELETE FROM reviews"]
+    if is_url(db):
+        statements.append("TRUNCATE reviews")
+    connection = raw_connection(db)
+    for statement in statements:
+        with pytest.raises(Exception, match="append-only") as refused:
             connection.execute(statement)
+        assert type(refused.value).__name__ in ("IntegrityError", "RaiseException")
     connection.close()
     assert verify(db).ok
+
+
+def test_the_store_refuses_changes_with_an_audit_error_naming_the_fix(db):
+    with open_store(db) as store:
+        with pytest.raises(AuditError, match="supersedes and decision_id must name a decision"):
+            store.append_decisions([decision(8, supersedes=99)])
+        assert store.verify().ok and len(store.decisions()) == 5
 
 
 def test_an_edited_decision_is_named(db):
     tamper(db, "UPDATE decisions SET risk = 0.99 WHERE id = 3")
     result = verify(db)
     assert not result.ok and result.first_bad_id == 3 and result.table == "decisions" and result.n_records == 5
-    assert "decisions record 3" in result.message and "edited" in result.message
+    assert "decisions record 3 (study 1.2.3.1): its contents do not match its record_hash (the record was edited)" \
+        in result.message and result.study_uid == "1.2.3.1"
 
 
 def test_a_deleted_middle_decision_is_named(db):
@@ -114,7 +143,7 @@ def test_an_inserted_decision_is_caught_by_the_chain_head(db):
 def test_a_rehashed_edit_still_breaks_the_next_link(db):
     # The attacker recomputes the edited record's hash; the next record's link still points at the old one.
     from triage.audit import record_hash
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         row = store.decisions()[2]
     row = {**row, "risk": 0.99, "flagged": int(row["flagged"])}
     tamper(db, f"UPDATE decisions SET risk = 0.99, record_hash = '{record_hash(row['prev_hash'], row)}' WHERE id = 3")
@@ -124,7 +153,7 @@ def test_a_rehashed_edit_still_breaks_the_next_link(db):
 
 def test_a_rehashed_edit_of_the_last_record_is_caught_by_the_chain_head(db):
     from triage.audit import record_hash
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         row = store.decisions()[-1]
     row = {**row, "flagged": 1, "risk": 0.99}
     tamper(db, f"UPDATE decisions SET risk = 0.99, flagged = 1, record_hash = '{record_hash(row['prev_hash'], row)}' "
@@ -133,23 +162,49 @@ def test_a_rehashed_edit_of_the_last_record_is_caught_by_the_chain_head(db):
     assert not result.ok and result.first_bad_id == 5 and "chain head" in result.message
 
 
-def test_edited_and_deleted_reviews_are_named(db, tmp_path):
+def test_an_edited_review_is_named_with_its_study(db):
     tamper(db, "UPDATE reviews SET verdict = 'agree' WHERE id = 2")
     result = verify(db)
-    assert not result.ok and (result.table, result.first_bad_id) == ("reviews", 2) and "edited" in result.message
+    assert not result.ok and (result.table, result.first_bad_id, result.study_uid) == ("reviews", 2, "1.2.3.0")
+    assert "reviews record 2 (study 1.2.3.0): its contents do not match its record_hash (the record was edited)" \
+        in result.message
 
-    other = tmp_path / "other.sqlite"
-    with AuditStore(other) as store:
-        store.append_decisions([decision(0)])
-        for verdict in ("agree", "disagree", "not_assessable"):
-            store.append_review(1, "dr.a", verdict)
-    tamper(other, "DELETE FROM reviews WHERE id = 3")
-    result = verify(other)
-    assert not result.ok and (result.table, result.first_bad_id) == ("reviews", 3) and "truncated" in result.message
+
+def test_a_deleted_last_review_is_caught_by_the_chain_head(db):
+    tamper(db, "DELETE FROM reviews WHERE id = 2")
+    result = verify(db)
+    assert not result.ok and (result.table, result.first_bad_id) == ("reviews", 2) and "truncated" in result.message
+
+
+def test_the_first_broken_link_is_named_when_decisions_and_reviews_are_both_broken(db):
+    tamper(db, "UPDATE reviews SET note = '' WHERE id = 1", "UPDATE decisions SET flagged = 1 WHERE id = 4")
+    result = verify(db)
+    assert (result.table, result.first_bad_id) == ("decisions", 4)
+
+
+def test_a_rewritten_tail_passes_alone_but_fails_against_the_anchored_head(db):
+    """A forger who deletes a review and rewrites the chain head is caught only by a head kept elsewhere."""
+    with open_store(db) as store:
+        anchor = store.head()
+    assert anchor.startswith("cxr-triage-audit-head decisions=5:") and " reviews=2:" in anchor
+    assert verify(db, [anchor]).message == "audit chain OK: 5 decisions, 2 reviews, and through 1 anchored head(s)"
+    with open_store(db) as store:
+        first = store.reviews()[0]
+    head = '{"last_id": 1, "hash": "%s", "count": 1}' % first["record_hash"]
+    tamper(db, "DELETE FROM reviews WHERE id = 2", f"UPDATE meta SET value = '{head}' WHERE key = 'head:reviews'")
+    assert verify(db).ok  # self-consistent after the rewrite
+    result = verify(db, [anchor])
+    assert not result.ok and (result.table, result.first_bad_id) == ("reviews", 2)
+    assert "missing: an anchored head names this record" in result.message
+
+
+def test_a_malformed_anchor_is_a_value_error_with_a_fix(db):
+    with pytest.raises(ValueError, match="Fix: pass a line printed by cxr-triage audit head"):
+        verify(db, ["decisions=1:abc"])
 
 
 def test_reviews_read_back_by_study_and_are_validated(db):
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         reviews = store.reviews_for("1.2.3.0")  # decision 2 is file 1, study 0
         assert [(r["reviewer"], r["verdict"], r["decision_id"]) for r in reviews] == [("dr.a", "agree", 2),
                                                                                       ("dr.b", "disagree", 2)]
@@ -160,30 +215,35 @@ def test_reviews_read_back_by_study_and_are_validated(db):
         assert store.verify().n_reviews == 2
 
 
-def _append_fifty(path: str, worker: int) -> None:
-    with AuditStore(path) as store:
+def _append_fifty(target: str, worker: int) -> None:
+    with open_store(target) as store:
         for i in range(50):
             store.append_decisions([decision(1000 * worker + i)])
+            if i % 10 == 0:
+                store.append_review(store.decisions(limit=1)[0]["id"], f"dr.{worker}", "agree")
 
 
-def test_concurrent_writers_from_two_processes_keep_one_valid_chain(tmp_path):
-    path = tmp_path / "audit.sqlite"
-    AuditStore(path).close()
+def test_concurrent_writers_from_several_processes_keep_one_valid_chain(target):
+    open_store(target).close()
+    n_workers = 4 if is_url(target) else 2
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_append_fifty, args=(str(path), w)) for w in (1, 2)]
+    workers = [context.Process(target=_append_fifty, args=(target, w)) for w in range(1, n_workers + 1)]
     for process in workers:
         process.start()
     for process in workers:
-        process.join(60)
+        process.join(120)
         assert process.exitcode == 0
-    result = verify(path)
-    assert result.ok and result.n_records == 100
-    with AuditStore(path) as store:
-        assert [r["id"] for r in store.decisions()] == list(range(1, 101))
+    result = verify(target)
+    assert result.ok and (result.n_records, result.n_reviews) == (50 * n_workers, 5 * n_workers)
+    with open_store(target) as store:
+        rows = store.decisions()
+    assert [r["id"] for r in rows] == list(range(1, 50 * n_workers + 1))
+    assert sorted(r["path"] for r in rows) == sorted(decision(1000 * w + i).path for w in range(1, n_workers + 1)
+                                                     for i in range(50))  # none lost, none twice
 
 
 def test_decided_keys_gives_the_latest_decision_per_file_for_a_bundle(db):
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         [new_id] = store.append_decisions([decision(1, flagged=True, supersedes=2)])
         store.append_decisions([decision(1, bundle_sha256="c" * 64)])
         keys = store.decided_keys("b" * 64)
@@ -196,7 +256,7 @@ def test_decided_keys_gives_the_latest_decision_per_file_for_a_bundle(db):
 def test_pending_scores_save_load_and_clear_outside_the_chain(db):
     bundle = "b" * 64
     payload = {"risk": 0.25, "flagged": False, "study_risk": None}
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         store.save_pending([("/a", "s1", bundle, payload), ("/b", "s2", bundle, {"risk": 0.5}),
                             ("/a", "s1", "other", {"risk": 0.1})])
         store.save_pending([("/b", "s2", bundle, {"risk": 0.75})])  # replaces by key
@@ -209,7 +269,7 @@ def test_pending_scores_save_load_and_clear_outside_the_chain(db):
 
 def test_export_csv_has_every_column_and_no_raw_patient_id(db, tmp_path):
     out = tmp_path / "export" / "audit.csv"
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert store.export_csv(out) == 5
     text = out.read_text()
     rows = list(csv.DictReader(text.splitlines()))
@@ -232,8 +292,8 @@ def test_an_unwritable_location_is_an_audit_error_with_a_fix(tmp_path):
         AuditStore(tmp_path / "taken" / "audit.sqlite")
 
 
-def test_nan_risk_is_refused_rather_than_stored_as_null(tmp_path):
-    with AuditStore(tmp_path / "a.sqlite") as store:
+def test_nan_risk_is_refused_rather_than_stored_as_null(target):
+    with open_store(target) as store:
         with pytest.raises(AuditError, match="risk is NaN"):
             store.append_decisions([decision(1, risk=float("nan"))])
         assert store.decisions() == [] and store.verify().ok
@@ -244,6 +304,8 @@ def test_default_audit_db_honours_the_environment(monkeypatch, tmp_path):
     assert default_audit_db() == Path("cxr-triage-audit.sqlite")
     monkeypatch.setenv("CXR_TRIAGE_AUDIT_DB", str(tmp_path / "x.sqlite"))
     assert default_audit_db() == tmp_path / "x.sqlite"
+    monkeypatch.setenv("CXR_TRIAGE_AUDIT_DB", "postgresql://cxr@db.example:5432/audit")
+    assert default_audit_db() == "postgresql://cxr@db.example:5432/audit"  # not mangled into a path
 
 
 def run_cli(*argv: str) -> int:
@@ -270,3 +332,41 @@ def test_cli_export_writes_the_csv(db, tmp_path, capsys):
     out = tmp_path / "out.csv"
     assert run_cli("audit", "export", "--audit-db", str(db), "--out", str(out)) == 0
     assert "wrote 5 decisions" in capsys.readouterr().out and len(out.read_text().splitlines()) == 6
+
+
+def test_cli_head_prints_an_anchor_that_verify_checks_from_a_log(db, tmp_path, capsys):
+    assert run_cli("audit", "head", "--audit-db", db) == 0
+    head = capsys.readouterr().out.strip()
+    log = tmp_path / "anchors.log"
+    log.write_text(f"2026-11-28 daily anchor: {head}\nunrelated line\n")
+    assert run_cli("audit", "verify", "--audit-db", db, "--anchors", str(log)) == 0
+    assert "through 1 anchored head(s)" in capsys.readouterr().out
+    tamper(db, "DELETE FROM decisions WHERE id = 5", "UPDATE meta SET value = (SELECT '{\"last_id\": 4, \"hash\": \"' "
+               "|| record_hash || '\", \"count\": 4}' FROM decisions WHERE id = 4) WHERE key = 'head:decisions'")
+    assert run_cli("audit", "verify", "--audit-db", db) == 0  # the rewrite is self-consistent
+    capsys.readouterr()
+    assert run_cli("audit", "verify", "--audit-db", db, "--anchor", head) == 1
+    assert "decisions record 5: missing: an anchored head names this record" in capsys.readouterr().out
+
+
+def test_cli_head_refuses_to_anchor_a_broken_chain(db, capsys):
+    tamper(db, "UPDATE reviews SET verdict = 'agree' WHERE id = 2")
+    assert run_cli("audit", "head", "--audit-db", db) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "not anchoring a broken chain" in captured.err and "reviews record 2" in captured.err
+
+
+def test_a_postgresql_database_without_a_store_is_refused_read_only(pg_url, capsys):
+    assert run_cli("audit", "verify", "--audit-db", pg_url) == 1
+    assert "no audit store in this database" in capsys.readouterr().err
+
+
+def test_an_unreachable_postgresql_server_is_an_audit_error_that_hides_the_password():
+    pytest.importorskip("psycopg", reason="psycopg is not installed. Fix: pip install -e '.[scale]'")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    with pytest.raises(AuditError) as raised:
+        open_store(f"postgresql://cxr:hunter2@127.0.0.1:{port}/audit")
+    assert "hunter2" not in str(raised.value) and "cxr:***@127.0.0.1" in str(raised.value)
+    assert "Fix: check that the PostgreSQL server is running" in str(raised.value)

@@ -47,9 +47,10 @@ BUSY_TIMEOUT_MS = 30_000
 VERDICTS = ("agree", "disagree", "not_assessable")
 
 
-def default_audit_db() -> Path:
-    """$CXR_TRIAGE_AUDIT_DB, else ``cxr-triage-audit.sqlite`` in the current folder."""
-    return Path(os.environ.get(AUDIT_DB_ENV) or DEFAULT_AUDIT_DB)
+def default_audit_db() -> Path | str:
+    """$CXR_TRIAGE_AUDIT_DB (a path, or a ``postgresql://`` URL kept as text), else ``./cxr-triage-audit.sqlite``."""
+    target = os.environ.get(AUDIT_DB_ENV) or DEFAULT_AUDIT_DB
+    return target if is_url(target) else Path(target)
 
 
 @dataclass(frozen=True)
@@ -167,11 +168,7 @@ def open_store(target: str | Path, create: bool = True) -> "AuditStore":
     ``create=False`` refuses to create a new store. Raises ``AuditError`` naming the store
     (a URL without its password) and the fix when it cannot be opened.
     """
-    if is_url(target):
-        from .audit_pg import PostgresAuditStore  # psycopg is needed only for PostgreSQL
-
-        return PostgresAuditStore(str(target), create=create)
-    return AuditStore(target, create=create)
+    return AuditStore(str(target) if is_url(target) else target, create=create)
 
 
 def _utc_now() -> str:
@@ -238,6 +235,14 @@ class AuditStore:
     """
 
     backend = "sqlite"
+
+    def __new__(cls, path: str | Path, create: bool = True) -> "AuditStore":
+        """``AuditStore(url)`` gives the PostgreSQL store, as ``open_store`` does, so no caller writes a file named like a URL."""
+        if cls is AuditStore and is_url(path):
+            from .audit_pg import PostgresAuditStore
+
+            return super().__new__(PostgresAuditStore)
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)

@@ -23,9 +23,19 @@ PSEUDONYM_HEX_CHARS = 16
 
 
 def default_secret_path(audit_db_path: str | Path) -> Path:
-    """$CXR_TRIAGE_SECRET, else ``site-secret.key`` in the audit database's folder."""
+    """$CXR_TRIAGE_SECRET, else ``site-secret.key`` in the audit database's folder.
+
+    A ``postgresql://`` store has no folder, and the secret must not live in the shared
+    database, so $CXR_TRIAGE_SECRET is then required (``AuditError`` with the fix otherwise).
+    """
     override = os.environ.get(SECRET_ENV)
-    return Path(override) if override else Path(audit_db_path).parent / SECRET_FILENAME
+    if override:
+        return Path(override)
+    if str(audit_db_path).startswith(("postgresql://", "postgres://")):
+        raise AuditError(f"a PostgreSQL audit store has no folder for the pseudonymization secret. Fix: set "
+                         f"${SECRET_ENV} to a file path on this machine; it is created (mode 0600) on first use, and "
+                         "every machine writing to the same store must hold a copy of the same file")
+    return Path(audit_db_path).parent / SECRET_FILENAME
 
 
 def load_or_create_secret(path: str | Path) -> bytes:

@@ -1,0 +1,135 @@
+"""The audit store on PostgreSQL: the same tables, hash chains and verification as SQLite.
+
+For sites where many machines write decisions (Dask workers, several workstations, the
+dashboard's reviews). ``triage.audit.open_store("postgresql://user@host/db")`` opens it.
+Only the SQL differences live here; the chaining, reading and verification are
+``AuditStore``'s. Concurrent appenders are serialized per chain by ``SELECT ... FOR
+UPDATE`` on the chain's head row in ``meta``, inside the appending transaction, so the
+chain never forks and ids stay gapless. Triggers refuse UPDATE, DELETE and TRUNCATE on
+the chained tables. Needs ``psycopg`` (the ``scale`` extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from .audit import CHAINS, SCHEMA_VERSION, AuditStore, table_sql
+from .errors import AuditError
+
+try:
+    import psycopg
+    from psycopg.rows import dict_row
+except ImportError:  # the scale extra is not installed
+    psycopg = None
+
+_PG_SQL_TYPE = {"text": "TEXT NOT NULL DEFAULT ''", "real": "DOUBLE PRECISION", "bool": "INTEGER NOT NULL DEFAULT 0",
+                "int": "BIGINT"}
+_SCHEMA_LOCK = 7_377_617_460_297_412  # pg_advisory_xact_lock key: one schema creator at a time
+CONNECT_TIMEOUT_S = 10
+_APPEND_ONLY_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION cxr_triage_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
+    "BEGIN RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP; END $$"
+)
+
+
+def _append_only_triggers(table: str) -> list[str]:
+    """Row triggers refusing UPDATE and DELETE, a statement trigger refusing TRUNCATE (PostgreSQL 14+)."""
+    return [
+        f"CREATE OR REPLACE TRIGGER {table}_no_{verb.lower()} BEFORE {verb} ON {table} FOR EACH "
+        f"{'STATEMENT' if verb == 'TRUNCATE' else 'ROW'} EXECUTE FUNCTION cxr_triage_append_only()"
+        for verb in ("UPDATE", "DELETE", "TRUNCATE")
+    ]
+
+
+SCHEMA_STATEMENTS = [
+    f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})",  # concurrent first openers would race on CREATE TABLE
+    *table_sql(_PG_SQL_TYPE, "id BIGINT PRIMARY KEY"),
+    _APPEND_ONLY_FUNCTION,
+    *(trigger for table in CHAINS for trigger in _append_only_triggers(table)),
+]
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (in the user part or a ``password=`` parameter) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = "&".join("password=***" if q.lower().startswith("password=") else q for q in parts.query.split("&"))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class PostgresAuditStore(AuditStore):
+    """The audit store in the PostgreSQL database at ``url``; a context manager.
+
+    ``create=False`` refuses a database without the audit tables (and creates nothing, so
+    a role with only SELECT and INSERT rights can open it). Raises ``AuditError`` naming
+    the URL (password hidden) and the fix.
+    """
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, create: bool = True) -> None:  # noqa: D107 (the class says it)
+        self.path = None  # type: ignore[assignment]  # no file
+        self.url, self.location = url, redact(url)
+        if psycopg is None:
+            raise AuditError(f"{self.location}: PostgreSQL audit stores need psycopg. "
+                             "Fix: pip install -e '.[scale]' (or pip install 'psycopg[binary]')")
+        self._database_errors = (psycopg.Error,)
+        try:
+            self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
+        except psycopg.Error as error:
+            raise self._error("cannot connect to", error) from error
+        try:
+            if create:
+                self._create_schema()
+            else:
+                self._check_schema()
+        except AuditError:
+            self._db.close()
+            raise
+
+    def _check_schema(self) -> None:
+        """Refuse a database that has no audit store, or one of another schema version."""
+        with self._db_errors("cannot read"):
+            present = list(self._execute("SELECT to_regclass('meta') IS NOT NULL AS present"))[0]["present"]
+            found = list(self._execute("SELECT value FROM meta WHERE key = 'schema_version'")) if present else []
+        if not found:
+            raise AuditError(f"{self.location}: no audit store in this database. Fix: pass --audit-db the URL the "
+                             "scorer wrote to, or score once to create it")
+        if int(found[0]["value"]) != SCHEMA_VERSION:
+            raise AuditError(f"{self.location}: audit schema version {found[0]['value']}, this software reads "
+                             f"{SCHEMA_VERSION}. Fix: use the cxr-triage version that wrote it")
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Iterable[dict[str, Any]]:
+        return self._db.execute(sql.replace("?", "%s"), tuple(params) or None)
+
+    def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            with self._db.cursor() as cursor:
+                cursor.executemany(sql.replace("?", "%s"), [tuple(r) for r in rows])
+
+    def _begin(self, write: bool) -> None:
+        self._db.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+
+    def _in_transaction(self) -> bool:
+        return self._db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    def _lock_head(self, table: str) -> None:
+        """Row-lock the chain's head until COMMIT: other appenders wait here, then read the new head."""
+        self._execute("SELECT value FROM meta WHERE key = ? FOR UPDATE", (f"head:{table}",))
+
+    def _schema_statements(self) -> list[str]:
+        return SCHEMA_STATEMENTS
+
+    def _error_fix(self, error: BaseException) -> str | None:
+        if isinstance(error, psycopg.errors.InsufficientPrivilege):
+            return "grant this database role SELECT and INSERT on the audit tables (see SECURITY.md)"
+        if isinstance(error, psycopg.OperationalError) and not isinstance(error, psycopg.errors.QueryCanceled):
+            return ("check that the PostgreSQL server is running and reachable, and the URL's host, port, database, "
+                    "user and password (PGPASSWORD or ~/.pgpass)")
+        return None
