@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from triage.audit import AuditStore, Decision, default_audit_db
+from triage.audit import AuditStore, Decision, default_audit_db, is_url, open_store
 from triage.bundle import Bundle, load_bundle
 from triage.errors import TriageError
 from triage.inference import Model, load_model
@@ -199,7 +199,7 @@ class RunSummary:
         return lines
 
 
-def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path, out: Path, flag_rate: float = DEFAULT_FLAG_RATE,
+def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path, flag_rate: float = DEFAULT_FLAG_RATE,
               workers: int = 1, device: str = "auto", progress: bool | None = None) -> RunSummary:
     """Score every file under ``paths``; returns the run summary. Raises on operational failure only."""
     start = time.perf_counter()
@@ -208,7 +208,7 @@ def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path, out: Path, f
     files = list_inputs(paths)
     run_id = uuid.uuid4().hex
     secret = load_or_create_secret(default_secret_path(audit_db))
-    with AuditStore(audit_db) as store:
+    with open_store(audit_db) as store:
         decided_rows = store.decided_keys(bundle.sha256)
         decided = {k: decision_from_row(v) for k, v in decided_rows.items()}
         saved = store.load_pending(bundle.sha256)
@@ -256,8 +256,8 @@ def score_command(args: argparse.Namespace) -> int:
     """CLI entry for ``cxr-triage score``; exit 1 only for an operational failure."""
     try:
         bundle = load_bundle(args.bundle)
-        summary = run_score(args.paths, bundle, Path(args.audit_db), Path(args.out), args.flag_rate,
-                            args.workers, args.device)
+        audit_db = args.audit_db if is_url(args.audit_db) else Path(args.audit_db)
+        summary = run_score(args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.workers, args.device)
     except (TriageError, OSError, ValueError) as error:
         print(f"cxr-triage score: error: {error}", file=sys.stderr)
         return 1
@@ -278,7 +278,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bundle", default=str(default_bundle_dir()), help="model bundle folder (default: the bundled demo model)")
     parser.add_argument("--flag-rate", type=float, default=DEFAULT_FLAG_RATE, help="fraction of studies to flag (default 0.05)")
     parser.add_argument("--out", default="worklist.csv", help="worklist CSV to write (default worklist.csv)")
-    parser.add_argument("--audit-db", default=str(default_audit_db()), help="SQLite audit store (default: $CXR_TRIAGE_AUDIT_DB or ./cxr-triage-audit.sqlite)")
+    parser.add_argument("--audit-db", default=str(default_audit_db()), help="audit store: a SQLite file or a postgresql:// URL (default: $CXR_TRIAGE_AUDIT_DB or ./cxr-triage-audit.sqlite)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decode worker processes (default: CPU count, at most 4)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device (default auto: CUDA if present)")
     parser.set_defaults(func=score_command)
