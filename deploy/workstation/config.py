@@ -12,8 +12,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from triage.audit import is_url
 from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate
 
+MAX_ASSOCIATIONS = 10            # pynetdicom's default; a clinic's modalities rarely send at once
+MAX_PDU_BYTES = 16382            # pynetdicom's default maximum PDU length
+PDU_BYTES_RANGE = (4096, 1 << 24)
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash/control
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-:\[\]]+):(?P<port>\d{1,5})$")
 
@@ -49,8 +53,10 @@ class Config:
     host: str = "127.0.0.1"
     ae_title: str = "CXR_TRIAGE"
     allow_ae: tuple[str, ...] = ()          # empty: refuse every caller (safe default)
+    max_associations: int = MAX_ASSOCIATIONS  # concurrent associations; the next caller gets A-ASSOCIATE-RJ
+    max_pdu_bytes: int = MAX_PDU_BYTES      # largest P-DATA PDU we accept (sent to callers in A-ASSOCIATE-AC)
     inbox: Path = Path("cxr-triage-inbox")
-    audit_db: Path = Path("cxr-triage-audit.sqlite")
+    audit_db: Path | str = Path("cxr-triage-audit.sqlite")  # a postgresql:// URL stays text
     bundle: Path | None = None              # None: the bundled demo model
     destinations: tuple[Destination, ...] = ()
     flag_rate: float = DEFAULT_FLAG_RATE
@@ -87,6 +93,8 @@ _TUPLES = {"allow_ae", "notify_command"}
 
 def _coerce(key: str, value: Any) -> Any:
     """A raw file/flag value -> the type ``Config`` holds for ``key``."""
+    if key == "audit_db" and is_url(value):
+        return str(value)
     if key in _PATHS:
         return None if value is None else Path(value)
     if key in _TUPLES:
@@ -110,6 +118,11 @@ def validate(config: Config) -> Config:
     for key in ("quiet_period_s", "max_wait_s", "poll_s", "retry_base_s", "retry_max_s"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key} is {getattr(config, key)}; it must be >= 0 seconds")
+    if config.max_associations < 1:
+        raise ConfigError(f"max_associations is {config.max_associations}; it must be >= 1. Fix: e.g. 4")
+    if not PDU_BYTES_RANGE[0] <= config.max_pdu_bytes <= PDU_BYTES_RANGE[1]:
+        raise ConfigError(f"max_pdu_bytes is {config.max_pdu_bytes}; it must be in {PDU_BYTES_RANGE[0]}.."
+                          f"{PDU_BYTES_RANGE[1]}. Fix: e.g. {MAX_PDU_BYTES} (the default)")
     if config.window < 1 or config.min_history < 1:
         raise ConfigError("window and min_history must be >= 1 study")
     if config.device not in ("auto", "cpu", "cuda"):

@@ -1,7 +1,11 @@
 """The DICOM Storage SCP (pynetdicom): C-ECHO, and C-STORE of CR, DX and Secondary Capture.
 
 Only allow-listed calling AE titles may associate (others get A-ASSOCIATE-RJ,
-"calling AE title not recognised"); other SOP classes have their presentation
+"calling AE title not recognised"); beyond ``max_associations`` at once a caller gets
+A-ASSOCIATE-RJ "local limit exceeded" (transient: retry later); callers are told our
+maximum PDU length (``max_pdu_bytes``). pynetdicom reads a whole PDU of the length the
+peer announces before it checks anything, so the port must be reachable only from the
+modalities' network (SECURITY.md). Other SOP classes have their presentation
 context rejected ("abstract syntax not supported"). C-STORE status codes (PS3.4 B.2.3):
 0x0000 success, 0xA700 out of resources (the file could not be written),
 0xA900 data set does not match the request, 0xC000 cannot understand (invalid UIDs).
@@ -21,6 +25,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from .config import MAX_ASSOCIATIONS, MAX_PDU_BYTES
 from .inbox import Arrival, InvalidUIDError, check_uid, instance_path, write_atomic
 
 STORAGE_CLASSES = (
@@ -40,14 +45,18 @@ class StorageSCP:
     """
 
     def __init__(self, ae_title: str, allow_ae: Sequence[str], studies_dir, on_arrival: Callable[[Arrival], None],
-                 host: str = "127.0.0.1", port: int = 11112) -> None:
+                 host: str = "127.0.0.1", port: int = 11112, max_associations: int = MAX_ASSOCIATIONS,
+                 max_pdu_bytes: int = MAX_PDU_BYTES) -> None:
         self.ae_title, self.allow_ae, self.studies_dir = ae_title, tuple(allow_ae), studies_dir
         self.on_arrival, self.host, self.port = on_arrival, host, port
+        self.max_associations, self.max_pdu_bytes = max_associations, max_pdu_bytes
         self._server = None
 
     def _application_entity(self) -> AE:
         ae = AE(ae_title=self.ae_title)
         ae.require_calling_aet = list(self.allow_ae) or ["\x00refuse-all"]  # empty list would mean "anyone"
+        ae.maximum_associations = self.max_associations
+        ae.maximum_pdu_size = self.max_pdu_bytes
         ae.add_supported_context(Verification)
         for sop_class in STORAGE_CLASSES:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
@@ -57,8 +66,9 @@ class StorageSCP:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: STATUS_SUCCESS)]
         self._server = self._application_entity().start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self._server.server_address[1]
-        log.info("DICOM SCP %s listening on %s:%d; allowed callers: %s", self.ae_title, self.host, self.port,
-                 ", ".join(self.allow_ae) or "none")
+        log.info("DICOM SCP %s listening on %s:%d; allowed callers: %s; at most %d associations, PDU %d bytes",
+                 self.ae_title, self.host, self.port, ", ".join(self.allow_ae) or "none", self.max_associations,
+                 self.max_pdu_bytes)
         return self.port
 
     def stop(self) -> None:
