@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def test_the_association_beyond_the_limit_is_rejected_as_transient_until_one_end
     third = associate(scp.port)
     assert third.is_rejected and rejection(third) == (0x02, 0x03, 0x02)  # transient, presentation, local limit
     first.release()
+    deadline = time.monotonic() + 20
+    while scp.active_associations() > 1 and time.monotonic() < deadline:  # the acceptor thread ends after release
+        time.sleep(0.05)
     fourth = associate(scp.port)  # a slot is free again
     assert fourth.is_established
     for assoc in (second, fourth):

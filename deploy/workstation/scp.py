@@ -71,6 +71,10 @@ class StorageSCP:
                  self.max_pdu_bytes)
         return self.port
 
+    def active_associations(self) -> int:
+        """Associations open now (0 when stopped)."""
+        return 0 if self._server is None else len(self._server.active_associations)
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
