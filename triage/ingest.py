@@ -30,6 +30,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
+from .decode import decode_reduced
 from .errors import BadInputError, OutOfScopeError
 from .radiograph import ImageMeta, Radiograph
 from .scope import MIN_SIDE_PX, check_anatomy, check_format, integer
@@ -48,7 +49,8 @@ DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError, AttributeError, 
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX) -> Radiograph:
+def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX,
+                    reduce_to: tuple[int, int] | None = None) -> Radiograph:
     """Read a DICOM, PNG or JPEG file into a checked, decoded ``Radiograph``.
 
     The file is read once; its sha256 is of those bytes. ``pixels`` is (rows, cols):
@@ -56,15 +58,18 @@ def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX
     (0028,0101) and Pixel Representation (0028,0103)); for PNG/JPEG uint8 grey, or
     uint16 for a 16-bit PNG. Images with fewer than ``min_side_px`` rows or columns are
     out of scope. Raises ``BadInputError``/``OutOfScopeError`` for any bad input.
+    ``reduce_to`` (rows, cols), e.g. the model's input size: decode JPEG 2000 / 8-bit JPEG
+    baseline DICOM at the smallest reduced resolution still at least that size, with
+    Rows/Columns/spacing of ``dataset`` rewritten to match (``triage.decode``); else full size.
     """
     data = read_bytes(path)
     sha256 = hashlib.sha256(data).hexdigest()
     if is_dicom_part10(data):
-        return read_dicom(str(path), data, sha256, min_side_px)
+        return read_dicom(str(path), data, sha256, min_side_px, reduce_to)
     if data.startswith((PNG_MAGIC, JPEG_MAGIC)):
         return read_image(str(path), data, sha256, min_side_px)
     if may_be_acr_nema(data):
-        return read_dicom(str(path), data, sha256, min_side_px)
+        return read_dicom(str(path), data, sha256, min_side_px, reduce_to)
     raise BadInputError(
         str(path), "not_dicom", f"the file ({len(data)} bytes) has no DICOM 'DICM' prefix at byte 128, "
         "is not an ACR-NEMA data set and is not a PNG or JPEG image",
@@ -104,7 +109,8 @@ def derived_uid(sha256: str, part: str) -> str:
 # --- DICOM -----------------------------------------------------------------------------------
 
 
-def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int) -> Radiograph:
+def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int,
+               reduce_to: tuple[int, int] | None = None) -> Radiograph:
     """DICOM bytes -> Radiograph: parse, check the header, then decode."""
     ds = parse_dicom(path, data)
     try:
@@ -112,7 +118,9 @@ def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int) -> Radiogr
         check_format(ds, path, min_side_px)
         check_pixel_attributes(ds, path)
         ensure_transfer_syntax(ds, path)
-        pixels = decode_pixels(ds, path)
+        pixels = decode_reduced(ds, reduce_to) if reduce_to else None
+        if pixels is None:
+            pixels = decode_pixels(ds, path)
         check_anatomy(ds, path)
     except BadInputError as error:
         error.meta = dicom_meta(ds, sha256)  # so the human-review record still names the study
