@@ -62,5 +62,7 @@ REASONS: dict[str, str] = {
     "too_large": "file or decoded pixel data over the size limit (a decompression bomb, or not a radiograph)",
     "image_too_small": "fewer rows or columns than the minimum (64 px by default): a thumbnail, not a radiograph",
     "inference_failed": "ONNX Runtime failed on this image",
+    "decode_timeout": "decoding took longer than the per-file decode timeout (default 60 s), so its worker process was "
+                      "stopped; fix: re-export the study uncompressed, or raise --decode-timeout if the file is valid",
     "out_of_distribution": "unlike the chest radiographs the model was trained on (pooled-feature distance over the bundle's OOD threshold), e.g. not a human frontal chest X-ray",
 }
