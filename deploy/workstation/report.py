@@ -6,6 +6,15 @@ holds: the source instances (Current Requested Procedure Evidence Sequence
 the model name and version, reason codes for images that could not be scored,
 and the statement that it is not for diagnostic use. Codes are private to this
 project (coding scheme "99CXRT"), apart from UCUM units.
+
+Identifiers: the report is filed by the PACS into the source patient's study, so it
+copies, unchanged from the source header, the Patient module's Type 2 attributes
+(Patient's Name, Patient ID, Birth Date, Sex: PACS match and reconcile on them, and a
+value that differed from the study's would split or "correct" the patient record), the
+General Study module's (Study Date, Time, ID, Accession Number, Referring Physician's
+Name: the RIS links the report to the order by Accession Number) and Patient's Age.
+Nothing else from the source (no other IDs, address, telephone, institution, operator)
+is copied, and the report only goes to the configured destinations and the outbox.
 """
 
 from __future__ import annotations
