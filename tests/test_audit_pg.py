@@ -1,0 +1,91 @@
+"""The PostgreSQL audit store end to end, on a real server: the batch scorer, concurrent first use, the secret.
+
+The chain, verify and tamper cases run on both backends in tests/test_audit.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
+from triage.audit import Decision, open_store
+from triage.errors import AuditError
+from triage.pseudonym import default_secret_path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples" / "kermany"
+
+
+def cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy.cli", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_batch_scoring_into_postgresql_is_audited_resumable_and_verifies(pg_url, tmp_path):
+    env = {"CXR_TRIAGE_SECRET": str(tmp_path / "secret" / "site-secret.key")}
+    args = ["score", str(SAMPLES), "--out", str(tmp_path / "worklist.csv"), "--audit-db", pg_url, "--workers", "1",
+            "--device", "cpu"]
+    first = cli(*args, env=env)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "secret" / "site-secret.key").stat().st_mode & 0o777 == 0o600
+    again = cli(*args, env=env)
+    assert again.returncode == 0, again.stderr
+    with open_store(pg_url, create=False) as store:
+        rows = store.decisions()
+        assert store.verify().ok
+    n_files = len(list(SAMPLES.glob("*.dcm")))
+    assert len(rows) == n_files  # the rerun skipped every file already audited
+    assert sum(r["flagged"] for r in rows) == 1 and {r["status"] for r in rows} == {"scored"}
+    with open(tmp_path / "worklist.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == n_files
+    verify = cli("audit", "verify", "--audit-db", pg_url)
+    assert verify.returncode == 0 and f"audit chain OK: {n_files} decisions, 0 reviews" in verify.stdout
+
+
+def test_a_postgresql_store_without_a_secret_location_is_refused_with_the_fix(pg_url, tmp_path, monkeypatch):
+    monkeypatch.delenv("CXR_TRIAGE_SECRET", raising=False)
+    with pytest.raises(AuditError, match=r"Fix: set \$CXR_TRIAGE_SECRET to a file path"):
+        default_secret_path(pg_url)
+    run = cli("score", str(SAMPLES / "kermany-01.dcm"), "--out", str(tmp_path / "w.csv"), "--audit-db", pg_url,
+              "--workers", "1", "--device", "cpu", env={"CXR_TRIAGE_SECRET": ""})
+    assert run.returncode == 1 and "CXR_TRIAGE_SECRET" in run.stderr
+    with pytest.raises(AuditError, match="no audit store in this database"):
+        open_store(pg_url, create=False)  # nothing was written
+
+
+def _first_use(url: str, worker: int) -> None:
+    with open_store(url) as store:  # every process creates the schema at once
+        store.append_decisions([Decision(path=f"/w{worker}/{i}.dcm", sha256=f"{worker}-{i}", status="scored",
+                                         risk=worker / 10 + i / 1000, study_uid=f"1.2.{worker}") for i in range(20)])
+
+
+def test_concurrent_first_use_creates_one_schema_and_one_chain(pg_url):
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_first_use, args=(pg_url, w)) for w in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(120)
+        assert process.exitcode == 0
+    with open_store(pg_url) as store:
+        result = store.verify()
+        rows = store.decisions()
+    assert result.ok and result.n_records == 80
+    assert sorted((r["path"], r["sha256"]) for r in rows) == sorted((f"/w{w}/{i}.dcm", f"{w}-{i}") for w in range(4)
+                                                                    for i in range(20))
+    assert [r["id"] for r in rows] == list(range(1, 81))
+
+
+def test_floats_survive_postgresql_exactly_so_hashes_match(pg_url):
+    risk = 0.1 + 0.2  # 0.30000000000000004: a REAL (float4) column would round it and break the chain
+    with open_store(pg_url) as store:
+        store.append_decisions([Decision(path="/a", sha256="x", status="scored", risk=risk, decode_ms=1 / 3)])
+        [row] = store.decisions()
+        assert row["risk"] == risk and row["decode_ms"] == 1 / 3 and store.verify().ok
