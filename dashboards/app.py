@@ -23,6 +23,7 @@ from deploy.paths import default_bundle_dir
 from triage.audit import AuditStore, default_audit_db
 from triage.bundle import load_bundle
 from triage.errors import TriageError
+from triage.inference import Model, load_model
 from triage.ingest import read_radiograph
 from triage.preprocess import PreprocessSpec, unit_image
 
@@ -75,6 +76,18 @@ def load_manifest(bundle_dir: str) -> tuple[dict[str, Any] | None, str]:
         return load_bundle(bundle_dir).manifest, ""
     except TriageError as error:
         return None, str(error)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def load_cam_model(bundle_dir: str, model_sha256: str) -> Model:
+    """The bundle's ONNX model on CPU, for heatmaps (keyed by the model file's sha256, so a new bundle reloads)."""
+    return load_model(load_bundle(bundle_dir), device="cpu")
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def load_cam(path: str, sha256: str, bundle_dir: str, model_sha256: str) -> np.ndarray:
+    """The triage finding's class activation map (h, w) of one study file, recomputed with the bundle (no torch)."""
+    return data.study_cam(load_cam_model(bundle_dir, model_sha256), path)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -208,16 +221,17 @@ def study_view(settings: Settings, user: str, work: pd.DataFrame, manifest: dict
     nav[2].caption(f"{position + 1} of {len(ids)} · shortcuts: n next, p previous, a agree, d disagree")
     image_column, info_column = st.columns([3, 2])
     with image_column:
-        image_panel(row, manifest)
+        image_panel(row, manifest, settings.bundle_dir)
     with info_column:
         metadata_panel(row)
         review_panel(settings, user, row)
 
 
-def image_panel(row: pd.Series, manifest: dict[str, Any] | None) -> None:
+def image_panel(row: pd.Series, manifest: dict[str, Any] | None, bundle_dir: Path) -> None:
     has_cam = bool(manifest and "cam" in manifest.get("model", {}).get("outputs", {}))
-    st.toggle("Heatmap overlay", value=False, disabled=not has_cam,
-              help=None if has_cam else "This bundle has no CAM (heatmap) output, so there is no overlay to show.")
+    show_heatmap = st.toggle("Heatmap overlay", value=False, disabled=not has_cam, key="heatmap",
+                             help="Class activation map of the triage finding, computed by the bundle's ONNX model"
+                             if has_cam else "This bundle has no CAM (heatmap) output, so there is no overlay to show.")
     if not has_cam:
         st.caption("Heatmap: not available, the bundle has no CAM output.")
     if manifest is None:
@@ -231,7 +245,19 @@ def image_panel(row: pd.Series, manifest: dict[str, Any] | None) -> None:
     controls = st.columns(2)
     level = controls[0].slider("Level", 0.0, 1.0, 0.5, 0.01, key="level")
     width = controls[1].slider("Width", 0.05, 1.0, 1.0, 0.01, key="width")
-    st.image(windowed(unit, level, width), caption=f"decision {row['id']}", clamp=True, width="stretch")
+    shown, caption = windowed(unit, level, width), f"decision {row['id']}"
+    if show_heatmap and has_cam:
+        model_sha = manifest["files"][manifest["model"]["file"]]
+        try:
+            cam = load_cam(row["path"], row["sha256"], str(bundle_dir), model_sha)
+        except (TriageError, OSError, ValueError) as error:
+            st.warning(f"The heatmap cannot be computed: {error}")
+        else:
+            shown = data.overlay(shown, cam)
+            caption += (f" · heatmap of {manifest['operating_point']['finding']} ({cam.shape[0]}x{cam.shape[1]} class "
+                        "activation map, scaled per image: bright = where the model found the most evidence; "
+                        "not a segmentation)")
+    st.image(shown, caption=caption, clamp=True, width="stretch")
 
 
 def metadata_panel(row: pd.Series) -> None:

@@ -15,6 +15,7 @@ pytest.importorskip("streamlit", reason="the dashboard extra is not installed: p
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dashboards import auth, data  # noqa: E402
+from tests.tiny_bundle import build_tiny_bundle  # noqa: E402
 from triage.audit import AuditStore, Decision  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +126,9 @@ def test_worklist_flagged_first_then_by_risk(store: Path) -> None:
     assert "Logged in as **alice**" in app.sidebar.markdown[0].value
 
 
-def test_review_is_appended_with_the_logged_in_reviewer(store: Path) -> None:
+def test_review_is_appended_with_the_logged_in_reviewer(store: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_DASHBOARD_BUNDLE", str(build_tiny_bundle(tmp_path / "old-bundle")))  # no CAM output
     app = logged_in(AppTest.from_file(APP, default_timeout=30))
     app.sidebar.radio(key="page").set_value("Study").run()
     assert not app.exception
@@ -145,6 +148,53 @@ def test_review_is_appended_with_the_logged_in_reviewer(store: Path) -> None:
     assert rows[0]["finding"] == "consolidation"
     app.button(key="next").click().run()
     assert app.metric[0].value == "0.9950"
+
+
+def image_captions(app: AppTest) -> list[str]:
+    return [img.caption for element in app.get("image") for img in element.proto.imgs]
+
+
+def test_study_image_with_its_heatmap_from_the_bundle(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle with a CAM output: the toggle is enabled and shows the real study image with its heatmap."""
+    monkeypatch.setenv("CXR_DASHBOARD_BUNDLE", str(build_tiny_bundle(tmp_path / "cam-bundle", with_cam=True)))
+    app = logged_in(AppTest.from_file(APP, default_timeout=30))
+    app.sidebar.radio(key="page").set_value("Study").run()
+    assert not app.exception
+    assert not app.toggle(key="heatmap").disabled and not app.toggle(key="heatmap").value
+    assert image_captions(app) == ["decision 5"]
+    app.toggle(key="heatmap").set_value(True).run()
+    assert not app.exception and not app.warning
+    [caption] = image_captions(app)
+    assert caption.startswith("decision 5 · heatmap of pneumonia (8x8 class activation map")
+
+
+def test_overlay_puts_colour_where_the_map_is_high() -> None:
+    grey = np.full((64, 80), 100, np.uint8)
+    cam = np.zeros((8, 8), np.float32)
+    cam[1, 6] = 5.0  # one hot cell, top right
+    rgb = data.overlay(grey, cam)
+    assert rgb.shape == (64, 80, 3) and rgb.dtype == np.uint8
+    change = np.abs(rgb.astype(int) - 100).sum(axis=2)
+    assert np.unravel_index(np.argmax(change), change.shape)[0] < 16 and np.argmax(change.max(axis=0)) > 50
+    assert change[-8:, :16].max() == change.min()  # far from the hot cell: the same as every cold pixel
+    flat = data.overlay(grey, np.ones((8, 8)))
+    assert np.array_equal(flat, np.repeat(grey[..., None], 3, axis=2))  # a flat map adds nothing
+
+
+def test_study_cam_is_the_bundles_map_for_a_real_file(tmp_path: Path) -> None:
+    from triage.bundle import load_bundle
+    from triage.inference import load_model
+    from triage.ingest import read_radiograph
+    from triage.preprocess import preprocess
+
+    model = load_model(load_bundle(build_tiny_bundle(tmp_path / "b", with_cam=True)), device="cpu")
+    path = SAMPLE / "kermany-01.dcm"
+    cam = data.study_cam(model, path)
+    x = preprocess(read_radiograph(path), model.bundle.preprocessing)
+    assert cam.shape == (8, 8)
+    assert cam.mean() == pytest.approx(float(model.logits(x[None])[0, 0]), abs=1e-5)
+    with pytest.raises(ValueError, match="no CAM output"):
+        data.study_cam(load_model(load_bundle(build_tiny_bundle(tmp_path / "old")), device="cpu"), path)
 
 
 def test_audit_and_active_learning_pages_render(store: Path) -> None:
