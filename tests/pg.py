@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,40 +46,63 @@ def _as_server_user(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """A running PostgreSQL server for the session; its URL without a database name (superuser ``cxr``, trust)."""
-    bin_dir = server_bin_dir()
-    if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found. Fix: apt-get install postgresql "
-                    "(scripts/test.sh does when run as root)")
-    pytest.importorskip("psycopg", reason="psycopg is not installed. Fix: pip install -e '.[scale]'")
+def unavailable_reason() -> str | None:
+    """Why no temporary server can start here, or None when one can."""
+    if server_bin_dir() is None:
+        return ("PostgreSQL server binaries (initdb, pg_ctl) not found. Fix: apt-get install postgresql "
+                "(scripts/test.sh does when run as root)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed. Fix: pip install -e '.[scale]'"
     if os.geteuid() == 0:
         try:
-            server_user = pwd.getpwnam("postgres")
+            pwd.getpwnam("postgres")
         except KeyError:
-            pytest.skip("running as root and no 'postgres' user to run the server as. Fix: apt-get install postgresql")
+            return "running as root and no 'postgres' user to run the server as. Fix: apt-get install postgresql"
+    return None
+
+
+@contextmanager
+def temporary_server(durable: bool = False) -> Iterator[str]:
+    """Run a throwaway server; yields its URL without a database name (superuser ``cxr``, trust auth).
+
+    ``durable=False`` turns fsync off (fast tests); benchmarks pass True to compare like with like.
+    Check ``unavailable_reason()`` first.
+    """
+    bin_dir = server_bin_dir()
     root = Path(tempfile.mkdtemp(prefix="cxr-pg-"))
     if os.geteuid() == 0:
+        server_user = pwd.getpwnam("postgres")
         os.chown(root, server_user.pw_uid, server_user.pw_gid)
     data, port = root / "data", _free_port()
     run = dict(check=True, capture_output=True, text=True, timeout=120)
-    subprocess.run(_as_server_user([str(bin_dir / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust",
-                                    "-E", "UTF8", "--no-sync", "--no-instructions"]), **run)
-    options = f"-h 127.0.0.1 -p {port} -k {root} -F -c fsync=off -c max_connections=60"
     try:
+        subprocess.run(_as_server_user([str(bin_dir / "initdb"), "-D", str(data), "-U", SUPERUSER, "--auth=trust",
+                                        "-E", "UTF8", "--no-sync", "--no-instructions"]), **run)
+        options = f"-h 127.0.0.1 -p {port} -k {root} -c max_connections=60" + ("" if durable else " -F")
         subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l",
                                         str(root / "server.log"), "-w", "-t", "60", "start"]), **run)
     except subprocess.CalledProcessError as error:
         log = (root / "server.log").read_text(errors="replace") if (root / "server.log").exists() else ""
         shutil.rmtree(root, ignore_errors=True)
-        raise RuntimeError(f"pg_ctl start failed: {error.stderr}\n{log}") from error
+        raise RuntimeError(f"{error.cmd[-1]} failed: {error.stderr}\n{log}") from error
     try:
         yield f"postgresql://{SUPERUSER}@127.0.0.1:{port}"
     finally:
         subprocess.run(_as_server_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]),
                        capture_output=True, timeout=60)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A running PostgreSQL server for the session (fsync off); its URL without a database name."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with temporary_server() as url:
+        yield url
 
 
 @pytest.fixture
