@@ -17,12 +17,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from functools import partial
-from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
@@ -36,7 +33,7 @@ from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate, flag_top_k
 from triage.preprocess import PreprocessSpec
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
-from .isolation import decoder_pool, run_alone
+from .isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder, check_timeout
 from .paths import default_bundle_dir
 
 # Files that sit beside studies and are never images: skipped when walking a folder.
@@ -89,37 +86,19 @@ def _prepare_unless_known(path: str) -> Prepared | Known:
 
 
 def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, known: frozenset[tuple[str, str]],
-                     workers: int) -> Iterator[Prepared | Known]:
+                     workers: int, decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> Iterator[Prepared | Known]:
     """Prepare files in ``workers`` processes (in this process when workers <= 1), in order.
 
-    A worker that dies (a crashing decoder, the OOM killer) costs no file and stalls
-    nothing: the files in flight are retried one process each, and a file that kills
-    its process again is recorded for human review.
+    A worker that dies (a crashing decoder, the OOM killer) or runs past ``decode_timeout_s``
+    on one file costs no other file and stalls nothing (see ``deploy.isolation.Decoder``):
+    the file goes to human review as ``decode_failed`` or ``decode_timeout``.
     """
     if workers <= 1:
         _init_worker(spec, known)
         yield from map(_prepare_unless_known, files)
         return
-    start_pool = partial(decoder_pool, initializer=_init_worker, initargs=(spec, known))
-    pool, in_flight, queued = start_pool(workers), deque(), iter(files)
-    try:
-        while True:
-            for path in islice(queued, 4 * workers - len(in_flight)):
-                in_flight.append((path, pool.submit(_prepare_unless_known, path)))
-            if not in_flight:
-                return
-            path, future = in_flight.popleft()
-            try:
-                yield future.result()
-            except BrokenProcessPool:
-                pool.shutdown(cancel_futures=True)
-                retry = [path] + [p for p, _ in in_flight]
-                in_flight.clear()
-                yield from (run_alone(_prepare_unless_known, p, initializer=_init_worker, initargs=(spec, known))
-                            for p in retry)
-                pool = start_pool(workers)
-    finally:
-        pool.shutdown(cancel_futures=True)
+    with Decoder(workers, decode_timeout_s, _init_worker, (spec, known)) as decoder:
+        yield from decoder.map(_prepare_unless_known, files)
 
 
 def _batches(stream: Iterable[Prepared | Known], size: int) -> Iterator[list[Prepared | Known]]:
@@ -200,48 +179,83 @@ class RunSummary:
 
 
 def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path, flag_rate: float = DEFAULT_FLAG_RATE,
-              workers: int = 1, device: str = "auto", progress: bool | None = None) -> RunSummary:
-    """Score every file under ``paths``; returns the run summary. Raises on operational failure only."""
+              workers: int = 1, device: str = "auto", progress: bool | None = None,
+              decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> RunSummary:
+    """Score every file under ``paths``; returns the run summary. Raises on operational failure only.
+
+    ``decode_timeout_s`` bounds each file's decode in a worker process (``workers`` >= 2).
+    """
     start = time.perf_counter()
     check_flag_rate(flag_rate)
+    check_timeout(decode_timeout_s)
     check_writable(out)
     files = list_inputs(paths)
     run_id = uuid.uuid4().hex
     secret = load_or_create_secret(default_secret_path(audit_db))
     with open_store(audit_db) as store:
-        decided_rows = store.decided_keys(bundle.sha256)
-        decided = {k: decision_from_row(v) for k, v in decided_rows.items()}
-        saved = store.load_pending(bundle.sha256)
-        # A run killed between its audit append and clearing its pending rows left them behind.
-        store.clear_pending([(*k, bundle.sha256) for k in saved if k in decided])
-        pending = {k: Decision(**v) for k, v in saved.items() if k not in decided}
+        state = resume_state(store, bundle)
         model = load_model(bundle, device)
         fresh, seen_known = _score_new_files(
-            files, model, store, frozenset(decided) | frozenset(pending), workers,
-            lambda pid: pseudonymize(pid, secret), run_id, progress)
-        new = fresh + [pending[k] for k in seen_known if k in pending]
-        previous = [decided[k] for k in seen_known if k in decided]
-        risks = scored_study_risks(new + previous)
-        flags = flag_top_k(risks, flag_rate)
-        final_new, final_previous = finalize(new, flags, risks), finalize(previous, flags, risks)
-        superseding = [
-            dataclasses.replace(now, supersedes=decided_rows[(before.path, before.sha256)]["id"], run_id=run_id)
-            for before, now in zip(previous, final_previous)
-            if now.flagged != before.flagged
-        ]
-        store.append_decisions(final_new + superseding)
-        store.clear_pending([(d.path, d.sha256, bundle.sha256) for d in new])
+            files, model, store, state.known, workers,
+            lambda pid: pseudonymize(pid, secret), run_id, progress, decode_timeout_s)
+        final_new, final_previous = record_run(store, bundle, state, fresh, seen_known, flag_rate, run_id)
     write_worklist(final_new + final_previous, out)
-    return RunSummary(len(files), len(previous), final_new + final_previous, model.provider, time.perf_counter() - start)
+    return RunSummary(len(files), len(final_previous), final_new + final_previous, model.provider,
+                      time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What earlier runs of a bundle left in the store: appended decisions and pending (unappended) drafts."""
+
+    rows: dict[tuple[str, str], dict]
+    decided: dict[tuple[str, str], Decision]
+    pending: dict[tuple[str, str], Decision]
+
+    @property
+    def known(self) -> frozenset[tuple[str, str]]:
+        """(path, sha256) of every file this bundle has already scored."""
+        return frozenset(self.decided) | frozenset(self.pending)
+
+
+def resume_state(store: AuditStore, bundle: Bundle) -> ResumeState:
+    """Read what earlier runs of ``bundle`` left; pending rows whose decision was appended are cleared."""
+    rows = store.decided_keys(bundle.sha256)
+    decided = {k: decision_from_row(v) for k, v in rows.items()}
+    saved = store.load_pending(bundle.sha256)
+    # A run killed between its audit append and clearing its pending rows left them behind.
+    store.clear_pending([(*k, bundle.sha256) for k in saved if k in decided])
+    return ResumeState(rows, decided, {k: Decision(**v) for k, v in saved.items() if k not in decided})
+
+
+def record_run(store: AuditStore, bundle: Bundle, state: ResumeState, fresh: Sequence[Decision],
+               seen_known: Sequence[tuple[str, str]], flag_rate: float,
+               run_id: str) -> tuple[list[Decision], list[Decision]]:
+    """Flag the top ``flag_rate`` of all the run's studies (new drafts, pending and earlier decisions),
+    append the new decisions and the earlier ones whose flag changed, clear pending; (new, earlier) finalized."""
+    new = list(fresh) + [state.pending[k] for k in seen_known if k in state.pending]
+    previous = [state.decided[k] for k in seen_known if k in state.decided]
+    risks = scored_study_risks(new + previous)
+    flags = flag_top_k(risks, flag_rate)
+    final_new, final_previous = finalize(new, flags, risks), finalize(previous, flags, risks)
+    superseding = [
+        dataclasses.replace(now, supersedes=state.rows[(before.path, before.sha256)]["id"], run_id=run_id)
+        for before, now in zip(previous, final_previous)
+        if now.flagged != before.flagged
+    ]
+    store.append_decisions(final_new + superseding)
+    store.clear_pending([(d.path, d.sha256, bundle.sha256) for d in new])
+    return final_new, final_previous
 
 
 def _score_new_files(files: Sequence[str], model: Model, store: AuditStore, known: frozenset[tuple[str, str]],
                      workers: int, pseudonymize_id: Callable[[str], str], run_id: str,
-                     progress: bool | None) -> tuple[list[Decision], list[tuple[str, str]]]:
+                     progress: bool | None, decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S,
+                     ) -> tuple[list[Decision], list[tuple[str, str]]]:
     """Drafts for the files this bundle has not scored (saved as pending per batch), and the keys it had."""
     fresh: list[Decision] = []
     seen_known: list[tuple[str, str]] = []
-    stream = _prepared_stream(files, model.bundle.preprocessing, known, workers)
+    stream = _prepared_stream(files, model.bundle.preprocessing, known, workers, decode_timeout_s)
     with tqdm(total=len(files), unit="file", disable=None if progress is None else not progress, file=sys.stderr) as bar:
         for batch in _batches(stream, BATCH_SIZE):
             seen_known += [(item.path, item.sha256) for item in batch if isinstance(item, Known)]
@@ -257,7 +271,8 @@ def score_command(args: argparse.Namespace) -> int:
     try:
         bundle = load_bundle(args.bundle)
         audit_db = args.audit_db if is_url(args.audit_db) else Path(args.audit_db)
-        summary = run_score(args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.workers, args.device)
+        summary = run_score(args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.workers, args.device,
+                            decode_timeout_s=args.decode_timeout)
     except (TriageError, OSError, ValueError) as error:
         print(f"cxr-triage score: error: {error}", file=sys.stderr)
         return 1
@@ -281,4 +296,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--audit-db", default=str(default_audit_db()), help="audit store: a SQLite file or a postgresql:// URL (default: $CXR_TRIAGE_AUDIT_DB or ./cxr-triage-audit.sqlite)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decode worker processes (default: CPU count, at most 4)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device (default auto: CUDA if present)")
+    parser.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT_S, metavar="SECONDS",
+                        help=f"per-file decode limit in a worker process; a file past it goes to human review as "
+                             f"decode_timeout (default {DEFAULT_DECODE_TIMEOUT_S:g})")
     parser.set_defaults(func=score_command)

@@ -1,20 +1,40 @@
-"""Decode in processes of their own, so a crashing codec (or the OOM killer) costs one file, not the program."""
+"""Decode in processes of their own, so a crashing or stuck codec (or the OOM killer) costs one file, not the program.
+
+``Decoder.map`` runs a task over paths in a pool of processes and yields the results in
+order. A process that dies (a crashing codec, the OOM killer) costs no file: the files
+in flight are retried one process each, and one that kills its process again is
+recorded as ``decode_failed``. A file whose task runs past ``timeout_s`` has its process
+killed and is recorded as ``decode_timeout``; the other files in flight are retried.
+Either way the file goes to human review, and a fresh pool takes over.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
 from typing import Any
 
 from triage.pipeline import Prepared, sha256_or_empty
+
+DEFAULT_DECODE_TIMEOUT_S = 60.0
+"""Seconds one file may take to decode and preprocess in a worker (a chest radiograph takes well under 5 s)."""
+QUEUED_PER_WORKER = 4
 
 
 def decoder_pool(workers: int, initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
     """A pool of decode processes started from a clean forkserver (no inherited ONNX Runtime threads)."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
                                initializer=initializer, initargs=initargs)
+
+
+def check_timeout(timeout_s: float | None) -> None:
+    """A decode timeout is a positive number of seconds (or None: no limit)."""
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"decode timeout {timeout_s!r} s must be > 0. Fix: pass --decode-timeout with a positive number of seconds")
 
 
 def crashed(path: str) -> Prepared:
@@ -24,11 +44,91 @@ def crashed(path: str) -> Prepared:
     return Prepared(path, sha256_or_empty(path), reason="decode_failed", detail=detail)
 
 
+def timed_out(path: str, timeout_s: float) -> Prepared:
+    """The record of a file whose decoding ran past the timeout (its process was killed): human review."""
+    detail = (f"{path}: decode_timeout: decoding did not finish within {timeout_s:g} s, so its process was stopped. "
+              "Fix: re-export the study from PACS uncompressed; if the file is valid, raise --decode-timeout "
+              "and report it to the maintainers")
+    return Prepared(path, sha256_or_empty(path), reason="decode_timeout", detail=detail)
+
+
+def kill(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now, killing its processes (a stuck codec never returns to be shut down politely)."""
+    for process in list((pool._processes or {}).values()):  # CPython 3.8+: pid -> Process; no public way to kill
+        process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_alone(task: Callable[..., Any], path: str, *args: Any, initializer: Callable[..., None] | None = None,
-              initargs: tuple = ()) -> Any:
-    """``task(path, *args)`` in a process of its own; ``crashed(path)`` if that process dies too."""
-    with decoder_pool(1, initializer, initargs) as pool:
-        try:
-            return pool.submit(task, path, *args).result()
-        except BrokenProcessPool:
-            return crashed(path)
+              initargs: tuple = (), timeout_s: float | None = None) -> Any:
+    """``task(path, *args)`` in a process of its own; ``crashed``/``timed_out(path)`` if that process dies or hangs."""
+    pool = decoder_pool(1, initializer, initargs)
+    try:
+        result = pool.submit(task, path, *args).result(timeout=timeout_s)
+    except BrokenProcessPool:
+        result = crashed(path)
+    except TimeoutError:
+        result = timed_out(path, timeout_s or 0.0)
+    kill(pool)
+    return result
+
+
+class Decoder:
+    """A pool of ``workers`` decode processes that survives crashed and stuck tasks.
+
+    ``timeout_s`` bounds each file: the clock starts when the file is the oldest one
+    in flight (so a file gets at least ``timeout_s`` of its own; None means no limit).
+    Use as a context manager, or call ``close``.
+    """
+
+    def __init__(self, workers: int, timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S,
+                 initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> None:
+        check_timeout(timeout_s)
+        self.workers, self.timeout_s = max(1, workers), timeout_s
+        self.initializer, self.initargs = initializer, initargs
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> "Decoder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes (idle ones exit; busy ones are killed)."""
+        if self._pool is not None:
+            kill(self._pool)
+            self._pool = None
+
+    def map(self, task: Callable[..., Any], paths: Iterable[str], *args: Any) -> Iterator[Any]:
+        """``task(path, *args)`` for every path, in worker processes, yielded in order."""
+        queued, in_flight = iter(paths), deque()
+        while True:
+            in_flight.extend((p, self._submit(task, p, *args)) for p in islice(queued, QUEUED_PER_WORKER * self.workers - len(in_flight)))
+            if not in_flight:
+                return
+            path, future = in_flight.popleft()
+            try:
+                yield future.result(timeout=self.timeout_s)
+            except BrokenProcessPool:
+                yield from self._recover(task, [(path, future)] + list(in_flight), args)
+                in_flight.clear()
+            except TimeoutError:
+                yield timed_out(path, self.timeout_s or 0.0)
+                yield from self._recover(task, list(in_flight), args)
+                in_flight.clear()
+
+    def _submit(self, task: Callable[..., Any], path: str, *args: Any) -> Future:
+        if self._pool is None:
+            self._pool = decoder_pool(self.workers, self.initializer, self.initargs)
+        return self._pool.submit(task, path, *args)
+
+    def _recover(self, task: Callable[..., Any], in_flight: list[tuple[str, Future]], args: tuple) -> Iterator[Any]:
+        """After a dead or stuck process: finished results kept, the other files in flight alone, a fresh pool later."""
+        self.close()
+        for path, future in in_flight:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                yield future.result()
+            else:
+                yield run_alone(task, path, *args, initializer=self.initializer, initargs=self.initargs,
+                                timeout_s=self.timeout_s)

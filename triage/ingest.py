@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import zlib
 from os import PathLike
 from pathlib import Path
 
@@ -27,13 +28,15 @@ from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import _read_file_meta_info
 from pydicom.pixels import get_decoder, pixel_array
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, generate_uid)
 
 from .decode import decode_reduced
 from .errors import BadInputError, OutOfScopeError
 from .radiograph import ImageMeta, Radiograph
-from .scope import MIN_SIDE_PX, check_anatomy, check_format, integer
+from .scope import MAX_DECODED_BYTES, MIN_SIDE_PX, check_anatomy, check_format, integer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -41,9 +44,11 @@ PIXEL_DATA_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010)
 ACR_NEMA_FIRST_GROUPS = (0x0000, 0x0002, 0x0008)  # a data set without preamble starts with one of these
 UNDEFINED_LENGTH = 0xFFFFFFFF
 MAX_FILE_BYTES = 1024 * 2**20  # refuse to read larger files into memory
+MAX_INFLATED_BYTES = MAX_DECODED_BYTES + 64 * 2**20  # a deflated data set: pixels plus a generous header
+INFLATE_CHUNK_BYTES = 16 * 2**20
 REEXPORT = "re-export the study from PACS uncompressed (Explicit VR Little Endian)"
 PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, struct.error, ValueError, KeyError,
-                IndexError, NotImplementedError, TypeError)
+                IndexError, NotImplementedError, TypeError, zlib.error)
 DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError, IndexError,
                  EOFError, struct.error)
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -133,11 +138,14 @@ def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int,
 def parse_dicom(path: str, data: bytes) -> Dataset:
     """Parse the whole data set and convert every element (pixel data stays undecoded bytes)."""
     try:
+        check_inflated_size(path, data)
         ds = dcmread(io.BytesIO(data), force=True)
         cut = where_cut(ds, data)
         if not cut:
             for _ in ds.iterall():  # convert raw values now, so a damaged element fails here, not later
                 pass
+    except BadInputError:
+        raise
     except PARSE_ERRORS as error:
         raise BadInputError(
             path, "not_dicom", f"the DICOM header could not be parsed ({type(error).__name__}: {error})",
@@ -149,6 +157,30 @@ def parse_dicom(path: str, data: bytes) -> Dataset:
     if cut:
         raise truncated(path, cut)
     return ds
+
+
+def check_inflated_size(path: str, data: bytes, limit_bytes: int = MAX_INFLATED_BYTES) -> None:
+    """A Deflated Explicit VR Little Endian file must inflate to at most ``limit_bytes`` (a zip bomb, else).
+
+    pydicom inflates the whole data set in one call, before any element is read, so it
+    is measured here first, in bounded chunks that are thrown away.
+    """
+    if not is_dicom_part10(data):
+        return
+    stream = io.BytesIO(data)
+    stream.seek(132)
+    meta = _read_file_meta_info(stream)  # pydicom's own file meta reader: where the data set starts
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), data[stream.tell():], 0
+    while pending and not inflater.eof:
+        total += len(inflater.decompress(pending, INFLATE_CHUNK_BYTES))
+        pending = inflater.unconsumed_tail
+        if total > limit_bytes:
+            raise BadInputError(
+                path, "too_large", f"the deflated data set (Transfer Syntax UID (0002,0010) {DeflatedExplicitVRLittleEndian}) "
+                f"inflates to over {limit_bytes / 2**20:.0f} MiB from {len(data)} bytes (a zip bomb)",
+                "check what this file is; re-export the study from PACS uncompressed (Explicit VR Little Endian)")
 
 
 def looks_like_data_set(ds: Dataset) -> bool:

@@ -19,8 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared,
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 from ..batch import decision_from_row
-from ..isolation import decoder_pool, run_alone
+from ..isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder
 from ..paths import default_bundle_dir
 from .assembler import StudyAssembler
 from .config import Config
@@ -55,7 +53,7 @@ class Workstation:
         self.config = config
         self.bundle = load_bundle(config.bundle or default_bundle_dir())
         self.model = load_model(self.bundle, config.device)
-        self._decoder: ProcessPoolExecutor | None = None  # run() starts it; without it, decode in this thread
+        self._decoder: Decoder | None = None  # run() starts it; without it, decode in this thread
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
         self.assembler = StudyAssembler(config.quiet_period_s)
         self.recalibrator = SiteRecalibrator(self.bundle.threshold, config.flag_rate, config.window, config.min_history)
@@ -80,7 +78,7 @@ class Workstation:
         secret = load_or_create_secret(default_secret_path(self.config.audit_db))
         self._pseudonymize = lambda pid: pseudonymize(pid, secret)
         self._run_id = uuid.uuid4().hex
-        self._decoder = decoder_pool(1)  # decode in a process: off the GIL that the DICOM listener needs
+        self._decoder = Decoder(1, DEFAULT_DECODE_TIMEOUT_S)  # decode in a process: off the GIL that the DICOM listener needs
         try:
             with AuditStore(self.config.audit_db) as store:
                 self._load_state(store)
@@ -99,7 +97,7 @@ class Workstation:
                     watcher.join(timeout=5)
                     self.outbox.stop()
         finally:
-            self._decoder.shutdown(cancel_futures=True)
+            self._decoder.close()
             self._decoder = None
 
     def _serve(self, store: AuditStore, stop: threading.Event) -> None:
@@ -214,18 +212,16 @@ class Workstation:
         return final
 
     def _prepare_all(self, paths: list[str]) -> list[Prepared]:
-        """Decode and preprocess in the decoder process; if it dies, each file alone, then a fresh decoder."""
+        """Decode and preprocess in the decoder process (see ``deploy.isolation.Decoder``): a file that
+        crashes it or runs past the decode timeout goes to human review, and a fresh decoder takes over."""
         spec = self.bundle.preprocessing
         if self._decoder is None:
             return [prepare(p, spec) for p in paths]
-        try:
-            return list(self._decoder.map(prepare, paths, [spec] * len(paths)))
-        except BrokenProcessPool:
-            log.error("the decoder process died; decoding %d file(s) one process each", len(paths))
-            self._decoder.shutdown(cancel_futures=True)
-            prepared = [run_alone(prepare, p, spec) for p in paths]
-            self._decoder = decoder_pool(1)
-            return prepared
+        prepared = list(self._decoder.map(prepare, paths, spec))
+        for item in prepared:
+            if item.reason in ("decode_failed", "decode_timeout") and "process" in item.detail:
+                log.error("%s", item.detail)
+        return prepared
 
     def promote_starving(self, store: AuditStore, now: float) -> list[Decision]:
         """Starvation guard: flag unflagged, unreviewed studies decided more than ``max_wait_s`` ago."""

@@ -1,0 +1,153 @@
+"""Resource guards on real crafted files: size limits checked before reading or decoding, and a per-file decode timeout."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
+
+from tests.conftest import build_dataset
+from tests.tiny_bundle import build_tiny_bundle
+from triage.audit import AuditStore
+from triage.errors import BadInputError
+from triage.ingest import MAX_FILE_BYTES, check_inflated_size, read_radiograph
+from triage.scope import MAX_DECODED_BYTES
+
+REPO = Path(__file__).resolve().parents[1]
+SLOW_FILE = REPO / "tests" / "fuzz" / "slow" / "j2k-16000px-flat.dcm"  # 1.4 kB; decodes to 16000 x 16000 in ~8 s
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def bomb_header(rows: int, cols: int) -> Dataset:
+    """A valid chest DX header whose Rows/Columns are replaced by ``rows`` x ``cols`` (16 bits allocated)."""
+    ds = build_dataset(rows=64, cols=64, bits_stored=16)
+    ds.Rows, ds.Columns = rows, cols
+    return ds
+
+
+def test_native_bomb_is_refused_as_too_large_before_the_pixel_data_is_touched(tmp_path):
+    # 60000 x 60000 x 2 bytes = 6.7 GiB claimed by 8 kB of pixel data: had the decoder (or
+    # even the length check before it) run, the reason would be 'truncated'.
+    path = save(bomb_header(60000, 60000), tmp_path / "bomb.dcm")
+    assert path.stat().st_size < 20_000
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(path)
+    assert caught.value.reason == "too_large"
+    assert "6866 MiB, over the 512 MiB limit" in caught.value.detail and "(0028,0010)" in caught.value.detail
+    assert caught.value.meta is not None and caught.value.meta.study_uid  # the record still names the study
+
+
+def test_compressed_bomb_is_refused_before_the_codec_runs(tmp_path):
+    # Encapsulated garbage: a codec would fail on it with 'decode_failed'; the size guard answers first.
+    ds = bomb_header(40000, 40000)
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + bytes(60)])
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(save(ds, tmp_path / "bomb-j2k.dcm"))
+    assert caught.value.reason == "too_large"
+
+
+def test_just_under_the_decoded_limit_is_not_refused_for_size(tmp_path):
+    side = int((MAX_DECODED_BYTES / 2) ** 0.5)  # 16-bit: exactly at most the limit
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(save(bomb_header(side, side), tmp_path / "big.dcm"))
+    assert caught.value.reason == "truncated"  # past the size guard, stopped by the length check
+
+
+def deflated_file(path: Path, inflated_bytes: int) -> Path:
+    """A Deflated Explicit VR Little Endian Part 10 file whose data set inflates to ``inflated_bytes`` (zeros)."""
+    header = build_dataset(rows=64, cols=64)
+    header.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    header.save_as(buffer, enforce_file_format=True)
+    whole = buffer.getvalue()
+    meta_end = 132 + 12 + int.from_bytes(whole[140:144], "little")  # (0002,0000) File Meta Information Group Length
+    deflater, chunk, body = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS), bytes(2**24), []
+    for _ in range(inflated_bytes // len(chunk)):
+        body.append(deflater.compress(chunk))
+    body.append(deflater.compress(bytes(inflated_bytes % len(chunk))) + deflater.flush())
+    path.write_bytes(whole[:meta_end] + b"".join(body))
+    return path
+
+
+def test_a_deflate_bomb_is_measured_in_bounded_chunks_and_refused(tmp_path):
+    path = deflated_file(tmp_path / "zip-bomb.dcm", 3 * 2**20)
+    with pytest.raises(BadInputError) as caught:
+        check_inflated_size(str(path), path.read_bytes(), limit_bytes=2**20)
+    assert caught.value.reason == "too_large" and "zip bomb" in caught.value.detail
+    check_inflated_size(str(path), path.read_bytes(), limit_bytes=4 * 2**20)  # under its limit: no error
+
+
+@pytest.mark.slow
+def test_a_deflate_bomb_over_the_default_limit_never_reaches_pydicom(tmp_path):
+    path = deflated_file(tmp_path / "zip-bomb.dcm", MAX_DECODED_BYTES + 65 * 2**20)  # 577 MiB of zeros in ~0.6 MB
+    assert path.stat().st_size < 2 * 2**20
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(path)
+    assert caught.value.reason == "too_large"
+
+
+def test_a_corrupt_deflate_stream_is_bad_input_not_a_crash(tmp_path):
+    path = deflated_file(tmp_path / "broken.dcm", 4096)
+    data = path.read_bytes()
+    path.write_bytes(data[:-40] + bytes(b ^ 0x5A for b in data[-40:]))
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(path)
+    assert caught.value.reason in ("not_dicom", "truncated")
+
+
+def test_a_file_over_the_size_limit_is_refused_without_reading_it(tmp_path):
+    path = tmp_path / "huge.dcm"
+    with open(path, "wb") as handle:  # sparse: no disk space used, and reading it would take a GiB of memory
+        handle.truncate(MAX_FILE_BYTES + 1)
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(path)
+    assert caught.value.reason == "too_large" and "MiB limit" in caught.value.detail
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.mark.skipif(not SLOW_FILE.exists(), reason=f"needs the slow-decode file {SLOW_FILE}")
+def test_a_stuck_decode_times_out_in_its_worker_and_costs_no_other_file(tmp_path, tiny):
+    """A real 1.4 kB JPEG 2000 file that takes ~8 s to decode, scored with a 3 s decode timeout."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "slow.dcm").write_bytes(SLOW_FILE.read_bytes())
+    for i in range(3):
+        save(build_dataset(rows=96, cols=96, patient_id=f"P{i}"), folder / f"quick{i}.dcm")
+    out, db = tmp_path / "w.csv", tmp_path / "a.sqlite"
+    result = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "score", str(folder), "--bundle", str(tiny), "--out", str(out),
+         "--audit-db", str(db), "--workers", "2", "--decode-timeout", "3", "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out, newline=""))}
+    assert rows["slow.dcm"]["status"] == "human_review" and rows["slow.dcm"]["reason"] == "decode_timeout"
+    assert "within 3 s" in rows["slow.dcm"]["detail"] and "--decode-timeout" in rows["slow.dcm"]["detail"]
+    assert all(rows[f"quick{i}.dcm"]["status"] == "scored" for i in range(3))
+    assert "decode_timeout: 1" in result.stdout
+    with AuditStore(db) as store:
+        assert len(store.decisions()) == 4 and store.verify().ok
+
+
+def test_the_decode_timeout_must_be_positive(tmp_path, tiny):
+    result = subprocess.run([sys.executable, "-m", "deploy.cli", "score", str(tmp_path), "--bundle", str(tiny),
+                             "--out", str(tmp_path / "w.csv"), "--audit-db", str(tmp_path / "a.sqlite"),
+                             "--decode-timeout", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "--decode-timeout" in result.stderr
