@@ -89,3 +89,34 @@ def test_floats_survive_postgresql_exactly_so_hashes_match(pg_url):
         store.append_decisions([Decision(path="/a", sha256="x", status="scored", risk=risk, decode_ms=1 / 3)])
         [row] = store.decisions()
         assert row["risk"] == risk and row["decode_ms"] == 1 / 3 and store.verify().ok
+
+
+SCORER_GRANTS = [  # as in SECURITY.md: the role the scorers, workstations and dashboard use
+    "GRANT USAGE ON SCHEMA public TO {role}",
+    "GRANT SELECT, INSERT ON decisions, reviews TO {role}",
+    "GRANT SELECT, UPDATE ON meta TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON pending_scores TO {role}",
+]
+
+
+def test_a_least_privilege_role_appends_but_cannot_change_rows_or_drop_the_triggers(pg_url):
+    import psycopg
+
+    open_store(pg_url).close()  # first use, by the tables' owner
+    role = "scorer_" + pg_url.rsplit("/", 1)[1]  # roles are per server: named after this test's database
+    with psycopg.connect(pg_url, autocommit=True) as owner:
+        owner.execute(f"CREATE ROLE {role} LOGIN")
+        for grant in SCORER_GRANTS:
+            owner.execute(grant.format(role=role))
+    url = pg_url.replace("postgresql://cxr@", f"postgresql://{role}@")
+    with open_store(url) as store:  # create=True: no DDL on a made store
+        [decision_id] = store.append_decisions([Decision(path="/a", sha256="x", status="scored", risk=0.5)])
+        store.append_review(decision_id, "dr.a", "agree")
+        store.save_pending([("/b", "y", "bundle", {"risk": 0.1})])
+        store.clear_pending([("/b", "y", "bundle")])
+        assert store.verify().ok
+    with psycopg.connect(url, autocommit=True) as attacker:
+        for statement in ("DROP TRIGGER decisions_no_update ON decisions", "UPDATE decisions SET risk = 0.9",
+                          "DELETE FROM reviews", "TRUNCATE decisions"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                attacker.execute(statement)

@@ -66,8 +66,10 @@ def redact(url: str) -> str:
 class PostgresAuditStore(AuditStore):
     """The audit store in the PostgreSQL database at ``url``; a context manager.
 
-    ``create=False`` refuses a database without the audit tables (and creates nothing, so
-    a role with only SELECT and INSERT rights can open it). Raises ``AuditError`` naming
+    ``create=False`` refuses a database without the audit tables. Tables, triggers and the
+    chain heads are created on first use only, so later a role that holds just the rights
+    SECURITY.md lists (and does not own the tables, so cannot drop the triggers) can use
+    the store. Raises ``AuditError`` naming
     the URL (password hidden) and the fix.
     """
 
@@ -85,18 +87,23 @@ class PostgresAuditStore(AuditStore):
         except psycopg.Error as error:
             raise self._error("cannot connect to", error) from error
         try:
-            if create:
-                self._create_schema()
+            if create and not self._has_store():
+                self._create_schema()  # DDL only on first use: a role without CREATE rights can use a made store
             else:
                 self._check_schema()
         except AuditError:
             self._db.close()
             raise
 
+    def _has_store(self) -> bool:
+        """True when the audit tables exist (complete: ``meta`` is created and filled in the same transaction)."""
+        with self._db_errors("cannot read"):
+            return bool(list(self._execute("SELECT to_regclass('meta') IS NOT NULL AS present"))[0]["present"])
+
     def _check_schema(self) -> None:
         """Refuse a database that has no audit store, or one of another schema version."""
         with self._db_errors("cannot read"):
-            present = list(self._execute("SELECT to_regclass('meta') IS NOT NULL AS present"))[0]["present"]
+            present = self._has_store()
             found = list(self._execute("SELECT value FROM meta WHERE key = 'schema_version'")) if present else []
         if not found:
             raise AuditError(f"{self.location}: no audit store in this database. Fix: pass --audit-db the URL the "
