@@ -119,9 +119,15 @@ class Decoder:
                 in_flight.clear()
 
     def _submit(self, task: Callable[..., Any], path: str, *args: Any) -> Future:
-        if self._pool is None:
-            self._pool = decoder_pool(self.workers, self.initializer, self.initargs)
-        return self._pool.submit(task, path, *args)
+        """Submit to the pool; one whose process died while idle (killed from outside) is replaced first."""
+        for _ in range(2):
+            if self._pool is None:
+                self._pool = decoder_pool(self.workers, self.initializer, self.initargs)
+            try:
+                return self._pool.submit(task, path, *args)
+            except BrokenProcessPool:
+                self.close()
+        raise BrokenProcessPool(f"{path}: a fresh decoder pool broke before its first task. Fix: check memory limits")
 
     def _recover(self, task: Callable[..., Any], in_flight: list[tuple[str, Future]], args: tuple) -> Iterator[Any]:
         """After a dead or stuck process: finished results kept, the other files in flight alone, a fresh pool later."""
