@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import triage
 
-from . import audit_cmd, batch, dashboard_cmd
+from . import audit_cmd, batch, dashboard_cmd, dask_engine
 from .workstation import cli as workstation
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cxr-triage {triage.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     batch.add_parser(subparsers)
+    dask_engine.add_engine_flags(subparsers.choices["score"])  # --engine local|dask, --scheduler
     audit_cmd.add_parser(subparsers)
     dashboard_cmd.add_parser(subparsers)
     workstation.add_parser(subparsers)

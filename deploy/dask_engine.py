@@ -1,0 +1,255 @@
+"""``cxr-triage score --engine dask``: the batch scorer with decode and inference on Dask workers.
+
+The client (this process) lists the files, reads what earlier runs left in the audit
+store, and submits chunks of files; each Dask worker decodes and preprocesses them
+(``triage.pipeline.prepare``) and runs the model on one ONNX Runtime session per worker
+process, kept in ``_SESSIONS`` (keyed by bundle folder, sha256 and device; CUDA when the
+worker has it, see ``triage.inference.choose_providers``). Workers return drafts without
+pixels; the client pseudonymizes patient ids (the site secret never leaves it), saves each
+chunk's drafts as pending (an upsert keyed by path, sha256 and bundle), and at the end
+flags the top ``flag_rate`` of all studies and appends the audit records with the local
+engine's own functions (``deploy.batch.resume_state`` / ``record_run`` / ``write_worklist``).
+
+A lost worker costs nothing: Dask reruns its tasks elsewhere, and since only the client
+writes, a rerun task cannot duplicate a record. A chunk that kills ``allowed-failures``
+workers (a crashing codec) is split into single-file tasks, and a file that still kills
+its workers goes to human review as ``decode_failed``. A rerun of the same command is
+idempotent: files already audited with the same path, sha256 and bundle are skipped.
+
+``distributed`` is imported only when this engine runs (the ``scale`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import socket
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from triage.audit import AuditStore, Decision, is_url, open_store
+from triage.bundle import Bundle, load_bundle
+from triage.errors import BundleError, TriageError
+from triage.inference import Model, load_model
+from triage.pipeline import Prepared, draft, prepare, score_prepared, sha256_or_empty
+from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate
+from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
+
+from . import batch
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+MAX_CHUNK = batch.BATCH_SIZE  # files per task: one model batch
+CHUNKS_PER_WORKER = 4  # at least this many tasks per worker, so a slow or lost one is a small share
+
+_SESSIONS: dict[tuple[str, str, str], Model] = {}  # per worker process
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """What a worker returns for one chunk: drafts (no pseudonym yet) with each one's raw patient id
+    (None when the file had no readable header), the (path, sha256) keys it skipped as already scored,
+    and the ONNX Runtime provider that ran the model."""
+
+    drafts: list[Decision]
+    patient_ids: list[str | None]
+    known: list[tuple[str, str]]
+    provider: str
+
+
+def worker_model(bundle_dir: str, bundle_sha256: str, device: str) -> Model:
+    """This worker process's session on the bundle, loaded and verified on first use."""
+    key = (bundle_dir, bundle_sha256, device)
+    if key not in _SESSIONS:
+        bundle = load_bundle(bundle_dir)
+        if bundle.sha256 != bundle_sha256:
+            raise BundleError(
+                f"{bundle_dir}: on worker host {socket.gethostname()} the bundle's manifest sha256 is "
+                f"{bundle.sha256[:12]}..., the client's is {bundle_sha256[:12]}.... Fix: give every worker the same "
+                "bundle at the same path (a shared read-only folder, or the same release copied to each machine)")
+        _SESSIONS[key] = load_model(bundle, device, threads=worker_threads())
+    return _SESSIONS[key]
+
+
+def worker_threads() -> int:
+    """ONNX Runtime intra-op threads: the Dask worker's thread count (0, ORT's choice, outside a worker)."""
+    from distributed import get_worker
+
+    try:
+        return get_worker().state.nthreads
+    except ValueError:  # not running inside a Dask worker
+        return 0
+
+
+def score_chunk(paths: Sequence[str], bundle_dir: str, bundle_sha256: str, device: str,
+                known: dict[str, frozenset[str]], run_id: str) -> ChunkResult:
+    """Worker task: skip files this bundle already scored (``known``: path -> sha256s), decode, preprocess
+    and score the rest in one model batch."""
+    model = worker_model(bundle_dir, bundle_sha256, device)
+    prepared: list[Prepared] = []
+    seen: list[tuple[str, str]] = []
+    for path in paths:
+        digest = sha256_or_empty(path)
+        if digest in known.get(path, ()):
+            seen.append((path, digest))
+        else:
+            prepared.append(prepare(path, model.bundle.preprocessing))
+    drafts = score_prepared(model, prepared, lambda _: "", run_id)  # the client pseudonymizes
+    patient_ids = [None if p.meta is None else p.meta.patient_id for p in prepared]
+    return ChunkResult(drafts, patient_ids, seen, model.provider)
+
+
+def partition(files: Sequence[str], workers: int) -> list[list[str]]:
+    """Consecutive chunks of at most ``MAX_CHUNK`` files, at least ``CHUNKS_PER_WORKER`` per worker when possible."""
+    size = max(1, min(MAX_CHUNK, math.ceil(len(files) / max(1, CHUNKS_PER_WORKER * workers))))
+    return [list(files[i:i + size]) for i in range(0, len(files), size)]
+
+
+def pseudonymized(result: ChunkResult, secret: bytes) -> list[Decision]:
+    """The chunk's drafts with the keyed pseudonym of each patient id, as the local engine writes them."""
+    return [d if pid is None else dataclasses.replace(d, patient_pseudo_id=pseudonymize(pid, secret))
+            for d, pid in zip(result.drafts, result.patient_ids)]
+
+
+def killed_result(path: str, bundle: Bundle, run_id: str) -> ChunkResult:
+    """A file whose task killed every worker that ran it, alone: human review, never dropped."""
+    detail = (f"{path}: decode_failed: every Dask worker that read this file died (a crashing decoder or the OOM "
+              "killer). Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
+    crashed = Prepared(path, sha256_or_empty(path), reason="decode_failed", detail=detail)
+    return ChunkResult([draft(crashed, bundle, lambda _: "", run_id=run_id)], [None], [], "")
+
+
+@contextmanager
+def dask_client(scheduler: str | None, workers: int) -> Iterator["Client"]:
+    """A client of the scheduler at ``scheduler``, else of a local cluster of ``workers`` single-thread processes."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler, timeout="30s") as client:
+            yield client
+        return
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def run_dask(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path,
+             flag_rate: float = DEFAULT_FLAG_RATE, scheduler: str | None = None, workers: int = 2,
+             device: str = "auto", progress: bool | None = None,
+             on_chunk: Callable[["Client"], None] | None = None) -> batch.RunSummary:
+    """Score every file under ``paths`` on Dask workers; same decisions, audit and worklist as ``batch.run_score``.
+
+    ``on_chunk(client)`` is called after each finished chunk is saved (progress reports, tests).
+    Raises on operational failure only (bundle, store, worklist, scheduler).
+    """
+    start = time.perf_counter()
+    check_flag_rate(flag_rate)
+    batch.check_writable(out)
+    files = batch.list_inputs(paths)
+    run_id = uuid.uuid4().hex
+    secret = load_or_create_secret(default_secret_path(audit_db))
+    with open_store(audit_db) as store, dask_client(scheduler, workers) as client:
+        state = batch.resume_state(store, bundle)
+        chunks = partition(files, max(1, len(client.nthreads())))
+        results = score_on_cluster(client, chunks, bundle, device, state.known, run_id, store, secret, progress, on_chunk)
+        fresh = [d for i in range(len(chunks)) for d in results[i][0]]
+        seen_known = [k for i in range(len(chunks)) for k in results[i][1]]
+        final_new, final_previous = batch.record_run(store, bundle, state, fresh, seen_known, flag_rate, run_id)
+    batch.write_worklist(final_new + final_previous, out)
+    providers = ", ".join(sorted({p for _, _, p in results.values() if p})) or "none (no file was scored)"
+    return batch.RunSummary(len(files), len(final_previous), final_new + final_previous, providers,
+                            time.perf_counter() - start)
+
+
+def score_on_cluster(client: "Client", chunks: list[list[str]], bundle: Bundle, device: str,
+                     known: frozenset[tuple[str, str]], run_id: str, store: AuditStore, secret: bytes,
+                     progress: bool | None, on_chunk: Callable[["Client"], None] | None,
+                     ) -> dict[int, tuple[list[Decision], list[tuple[str, str]], str]]:
+    """Chunk index -> (pseudonymized drafts, skipped keys, provider); each chunk's drafts saved as pending on arrival."""
+    from distributed import as_completed
+    from distributed.scheduler import KilledWorker
+
+    known_by_path: dict[str, set[str]] = defaultdict(set)
+    for path, digest in known:
+        known_by_path[path].add(digest)
+    bundle_dir = str(Path(bundle.path).resolve())
+
+    def submit(paths: list[str], tag: str):
+        chunk_known = {p: frozenset(known_by_path[p]) for p in paths if p in known_by_path}
+        return client.submit(score_chunk, paths, bundle_dir, bundle.sha256, device, chunk_known, run_id,
+                             key=f"cxr-triage-score-{run_id}-{tag}", pure=False)
+
+    futures = {submit(chunk, str(i)): i for i, chunk in enumerate(chunks)}
+    results: dict[int, tuple[list[Decision], list[tuple[str, str]], str]] = {}
+    total = sum(map(len, chunks))
+    with tqdm(total=total, unit="file", disable=None if progress is None else not progress, file=sys.stderr) as bar:
+        for future in as_completed(futures):
+            index = futures[future]
+            try:
+                parts = [future.result()]
+            except KilledWorker:
+                parts = [alone_or_killed(submit([p], f"{index}-{j}"), p, bundle, run_id, KilledWorker)
+                         for j, p in enumerate(chunks[index])]
+            drafts = [d for part in parts for d in pseudonymized(part, secret)]
+            store.save_pending([(d.path, d.sha256, bundle.sha256, dataclasses.asdict(d)) for d in drafts])
+            results[index] = (drafts, [k for part in parts for k in part.known],
+                              next((part.provider for part in parts if part.provider), ""))
+            bar.update(len(chunks[index]))
+            if on_chunk is not None:
+                on_chunk(client)
+    return results
+
+
+def alone_or_killed(future, path: str, bundle: Bundle, run_id: str, killed: type[Exception]) -> ChunkResult:
+    """The result of a single-file task, or the human-review record when it kills its workers too."""
+    try:
+        return future.result()
+    except killed:
+        return killed_result(path, bundle, run_id)
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def add_engine_flags(score_parser: argparse.ArgumentParser) -> None:
+    """Add ``--engine`` and ``--scheduler`` to ``cxr-triage score`` and route the command through ``score_command``."""
+    score_parser.add_argument("--engine", choices=("local", "dask"), default="local",
+                              help="local (default): decode in worker processes of this machine; dask: decode and "
+                                   "score on Dask workers (the 'scale' extra)")
+    score_parser.add_argument("--scheduler", metavar="ADDRESS",
+                              help="with --engine dask: a running Dask scheduler (tcp://host:8786); without it, a "
+                                   "local cluster of --workers single-thread worker processes is started")
+    score_parser.set_defaults(func=score_command)
+
+
+def score_command(args: argparse.Namespace) -> int:
+    """``cxr-triage score``: the local engine, or the Dask engine with ``--engine dask``."""
+    if args.engine == "local":
+        if args.scheduler:
+            print("cxr-triage score: error: --scheduler needs --engine dask", file=sys.stderr)
+            return 1
+        return batch.score_command(args)
+    try:
+        bundle = load_bundle(args.bundle)
+        audit_db = args.audit_db if is_url(args.audit_db) else Path(args.audit_db)
+        summary = run_dask(args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.scheduler,
+                           max(1, args.workers), args.device)
+    except (TriageError, OSError, ValueError) as error:  # OSError includes a scheduler that does not answer
+        print(f"cxr-triage score: error: {error}", file=sys.stderr)
+        return 1
+    print(f"bundle: {bundle.name} {bundle.version} (sha256 {bundle.sha256[:12]})")
+    print("engine: dask" + (f" (scheduler {args.scheduler})" if args.scheduler else f" (local cluster, {args.workers} workers)"))
+    print("\n".join(summary.lines()))
+    print(f"worklist: {args.out}\naudit: {args.audit_db}")
+    return 0
