@@ -22,7 +22,7 @@ from .preprocess import PreprocessSpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-REQUIRED_FILES = ("model.onnx", "MODEL_CARD.md")
+REQUIRED_FILES = ("MODEL_CARD.md",)  # plus the served model file named by model.file (fp32 or int8)
 REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "schema_version": int,
     "name": str,
