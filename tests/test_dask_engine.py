@@ -1,0 +1,143 @@
+"""The Dask engine on a real LocalCluster (2 worker processes): same decisions and worklist as the local
+engine, exactly one decision per file when a worker process is killed mid-run, idempotent reruns."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from deploy.batch import list_inputs
+from deploy.cli import main
+from deploy.dask_engine import partition, run_dask
+from tests.test_batch import write_pngs
+from tests.tiny_bundle import build_tiny_bundle
+from triage.audit import open_store
+from triage.bundle import load_bundle
+
+distributed = pytest.importorskip("distributed", reason="the Dask engine needs the 'scale' extra (dask[distributed])")
+pytestmark = pytest.mark.slow  # a cluster start and several runs: about 30 s on 2 shared cores
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """38 PNG studies, the 12 real Kermany chest DICOMs, an out-of-scope J2K extremity CR and a broken file."""
+    folder = tmp_path_factory.mktemp("in")
+    write_pngs(folder / "png", 38)
+    shutil.copytree(ROOT / "samples" / "kermany", folder / "kermany")
+    shutil.copy(ROOT / "samples" / "dicom" / "fuji-cr-extremity-j2k.dcm", folder / "extremity.dcm")
+    (folder / "broken.dcm").write_bytes(b"DICM? no, just text")
+    return folder
+
+
+def read_worklist(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def same_worklist(dask_rows: list[dict], local_rows: list[dict]) -> None:
+    """Row for row: same order, files, studies, status, reasons, flags; risks equal to float precision."""
+    assert len(dask_rows) == len(local_rows)
+    for ours, theirs in zip(dask_rows, local_rows):
+        for column in ("path", "study_uid", "status", "flagged", "reason", "finding", "policy", "sha256"):
+            assert ours[column] == theirs[column], column
+        for column in ("risk", "study_risk", "threshold"):
+            assert (ours[column] == "") == (theirs[column] == "")
+            if ours[column]:
+                assert float(ours[column]) == pytest.approx(float(theirs[column]), abs=1e-6)
+
+
+def decisions_per_file(db: Path) -> Counter:
+    with open_store(db) as store:
+        assert store.verify().ok
+        return Counter((d["path"], d["sha256"]) for d in store.decisions() if not d.get("supersedes"))
+
+
+@pytest.fixture(scope="module")
+def local_run(studies, tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("local")
+    out, db = folder / "worklist.csv", folder / "audit.sqlite"
+    assert main(["score", str(studies), "--bundle", str(tiny), "--out", str(out), "--audit-db", str(db),
+                 "--workers", "1"]) == 0
+    return read_worklist(out)
+
+
+def test_dask_engine_gives_the_local_engines_decisions_and_worklist(cluster, studies, tiny, local_run, tmp_path, capsys):
+    out, db = tmp_path / "worklist.csv", tmp_path / "audit.sqlite"
+    assert main(["score", str(studies), "--bundle", str(tiny), "--out", str(out), "--audit-db", str(db),
+                 "--engine", "dask", "--scheduler", cluster.scheduler_address]) == 0
+    assert "engine: dask" in capsys.readouterr().out
+    rows = read_worklist(out)
+    same_worklist(rows, local_run)
+    scored_studies = {r["study_uid"] for r in rows if r["status"] == "scored"}
+    flagged_studies = {r["study_uid"] for r in rows if r["flagged"] == "1"}
+    assert len(flagged_studies) == math.ceil(0.05 * len(scored_studies)) >= 2  # top 5% of ALL studies
+    per_file = decisions_per_file(db)
+    assert len(per_file) == len(list_inputs([studies])) == 52 and set(per_file.values()) == {1}
+
+
+def test_a_rerun_is_idempotent(cluster, studies, tiny, local_run, tmp_path):
+    out, db = tmp_path / "worklist.csv", tmp_path / "audit.sqlite"
+    first = run_dask([str(studies)], load_bundle(tiny), db, out, scheduler=cluster.scheduler_address, progress=False)
+    again = run_dask([str(studies)], load_bundle(tiny), db, out, scheduler=cluster.scheduler_address, progress=False)
+    assert first.skipped == 0 and again.skipped == again.files == 52
+    with open_store(db) as store:
+        assert len(store.decisions()) == 52 and store.load_pending(load_bundle(tiny).sha256) == {}
+    same_worklist(read_worklist(out), local_run)
+
+
+def test_a_worker_killed_mid_run_costs_no_decision_and_duplicates_none(cluster, studies, tiny, local_run, tmp_path):
+    killed: list[int] = []
+
+    def kill_a_worker(client) -> None:
+        """After the first chunk: SIGKILL the worker process holding the most unfinished or ungathered work."""
+        if killed:
+            return
+        load = Counter({w: len(keys) for w, keys in client.has_what().items()})
+        load.update({w: len(keys) for w, keys in client.processing().items()})
+        victim = max(client.nthreads(), key=lambda w: load[w])
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    out, db = tmp_path / "worklist.csv", tmp_path / "audit.sqlite"
+    summary = run_dask([str(studies)], load_bundle(tiny), db, out, scheduler=cluster.scheduler_address,
+                       progress=False, on_chunk=kill_a_worker)
+    assert killed, "no worker was killed"
+    assert len(summary.decisions) == 52
+    per_file = decisions_per_file(db)
+    assert len(per_file) == 52 and set(per_file.values()) == {1}
+    same_worklist(read_worklist(out), local_run)
+
+
+def test_files_are_partitioned_in_order_into_model_batches():
+    files = [f"f{i:03d}" for i in range(100)]
+    chunks = partition(files, 2)
+    assert [f for chunk in chunks for f in chunk] == files
+    assert max(map(len, chunks)) <= 16 and len(chunks) >= 8
+    assert partition(files[:3], 4) == [["f000"], ["f001"], ["f002"]]
+
+
+def test_scheduler_needs_the_dask_engine(studies, tiny, tmp_path, capsys):
+    assert main(["score", str(studies), "--bundle", str(tiny), "--out", str(tmp_path / "w.csv"),
+                 "--audit-db", str(tmp_path / "a.sqlite"), "--scheduler", "tcp://127.0.0.1:1"]) == 1
+    assert "--scheduler needs --engine dask" in capsys.readouterr().err
