@@ -31,9 +31,17 @@ class AuthConfigError(ValueError):
 
 
 def default_config_path(audit_db: str | Path) -> Path:
-    """$CXR_DASHBOARD_CONFIG, else ``dashboard-users.json`` in the audit store's folder."""
+    """$CXR_DASHBOARD_CONFIG, else ``dashboard-users.json`` in the audit store's folder.
+
+    A ``postgresql://`` store has no folder: then AuthConfigError says to pass the config file.
+    """
     override = os.environ.get(CONFIG_ENV)
-    return Path(override) if override else Path(audit_db).parent / CONFIG_FILENAME
+    if override:
+        return Path(override)
+    if str(audit_db).startswith(("postgresql://", "postgres://")):
+        raise AuthConfigError(f"the audit store is a PostgreSQL database, so there is no folder to find the login "
+                              f"config in. Fix: pass --config FILE (or set ${CONFIG_ENV})")
+    return Path(audit_db).parent / CONFIG_FILENAME
 
 
 def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from triage.audit import AuditStore, VerifyResult
+from triage.audit import AuditStore, VerifyResult, is_url, open_store
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 PSI_ALERT = 0.2        # population stability index above this: the risk distribution has drifted
@@ -31,7 +31,11 @@ SUBGROUPS = ("patient_sex", "age_band", "view_position", "manufacturer")
 
 
 def data_version(audit_db: str | Path) -> tuple[float, ...]:
-    """Modification times of the store and its WAL: a cache key that changes whenever a record lands."""
+    """A cache key that changes whenever a record lands: the chain heads of a PostgreSQL store, else the
+    modification times of the SQLite file and its WAL."""
+    if is_url(audit_db):
+        with open_store(audit_db, create=False) as store:
+            return tuple(float(head["last_id"]) for head in store.chain_heads().values())
     path = Path(audit_db)
     return tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (path, Path(f"{path}-wal")))
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from triage.audit import AUDIT_DB_ENV, DEFAULT_AUDIT_DB, default_audit_db
+from triage.audit import AUDIT_DB_ENV, DEFAULT_AUDIT_DB, default_audit_db, is_url, open_store, redact
+from triage.errors import AuditError
 
 from .paths import REPO_ROOT, default_bundle_dir
 
@@ -26,15 +27,17 @@ def dashboard_command(args: argparse.Namespace) -> int:
     """Check the paths and the logins, then run Streamlit until it stops; returns its exit code."""
     from dashboards.auth import AuthConfigError, default_config_path, is_local_address, load_users
 
-    audit_db = Path(args.audit_db)
-    config = Path(args.config) if args.config else default_config_path(audit_db)
-    if not audit_db.is_file():
+    audit_db = args.audit_db if is_url(args.audit_db) else Path(args.audit_db).resolve()
+    if not is_url(audit_db) and not audit_db.is_file():
         print(f"cxr-triage dashboard: error: {audit_db}: no audit store here. Fix: pass --audit-db the store "
               "that cxr-triage score wrote", file=sys.stderr)
         return 1
     try:
+        if is_url(audit_db):
+            open_store(audit_db, create=False).close()  # reachable, and a store is there
+        config = Path(args.config) if args.config else default_config_path(audit_db)
         users = load_users(config)
-    except AuthConfigError as error:
+    except (AuthConfigError, AuditError) as error:
         print(f"cxr-triage dashboard: error: {error}", file=sys.stderr)
         return 1
     if not users and not is_local_address(args.address):
@@ -48,9 +51,10 @@ def dashboard_command(args: argparse.Namespace) -> int:
         print("cxr-triage dashboard: error: Streamlit is not installed. Fix: pip install -e '.[dashboard]'",
               file=sys.stderr)
         return 1
-    env = {**os.environ, "CXR_DASHBOARD_AUDIT_DB": str(audit_db.resolve()),
+    env = {**os.environ, "CXR_DASHBOARD_AUDIT_DB": str(audit_db),
            "CXR_DASHBOARD_BUNDLE": str(Path(args.bundle).resolve()), "CXR_DASHBOARD_CONFIG": str(config.resolve())}
-    print(f"dashboard on http://{args.address}:{args.port} (audit store {audit_db}, logins {config})", flush=True)
+    shown = redact(audit_db) if is_url(audit_db) else audit_db
+    print(f"dashboard on http://{args.address}:{args.port} (audit store {shown}, logins {config})", flush=True)
     try:
         return subprocess.call(streamlit_command(args), env=env)
     except KeyboardInterrupt:
@@ -63,7 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description="Serve the review and audit dashboard. Logins are required; add them "
                                                "with python -m dashboards.users add NAME.")
     parser.add_argument("--audit-db", default=str(default_audit_db()),
-                        help=f"SQLite audit store (default: ${AUDIT_DB_ENV} or ./{DEFAULT_AUDIT_DB})")
+                        help=f"audit store: a SQLite file or a postgresql:// URL (default: ${AUDIT_DB_ENV} or "
+                             f"./{DEFAULT_AUDIT_DB})")
     parser.add_argument("--bundle", default=str(default_bundle_dir()), help="model bundle folder (default: the demo)")
     parser.add_argument("--port", type=int, default=8501, help="TCP port (default 8501)")
     parser.add_argument("--address", default="127.0.0.1",

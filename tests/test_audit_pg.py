@@ -120,3 +120,26 @@ def test_a_least_privilege_role_appends_but_cannot_change_rows_or_drop_the_trigg
                           "DELETE FROM reviews", "TRUNCATE decisions"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 attacker.execute(statement)
+
+
+def test_the_dashboard_reads_a_postgresql_store_and_needs_an_explicit_login_config(pg_url, tmp_path, monkeypatch,
+                                                                                  capsys):
+    pytest.importorskip("pandas", reason="needs the dashboard extra")
+    from dashboards import data
+    from deploy import cli
+
+    monkeypatch.delenv("CXR_DASHBOARD_CONFIG", raising=False)
+    args = ["dashboard", "--audit-db", pg_url, "--address", "0.0.0.0", "--port", "0"]
+    assert cli.main(args) == 1
+    assert "no audit store in this database" in capsys.readouterr().err
+    with open_store(pg_url) as store:
+        store.append_decisions([Decision(path="/a", sha256="x", status="scored", risk=0.5, study_uid="1.2")])
+    before = data.data_version(pg_url)
+    assert cli.main(args) == 1
+    assert "Fix: pass --config FILE" in capsys.readouterr().err  # no folder to find dashboard-users.json in
+    assert cli.main([*args, "--config", str(tmp_path / "users.json")]) == 1
+    assert "refusing to listen on 0.0.0.0 with no logins" in capsys.readouterr().err
+    with open_store(pg_url) as store:
+        store.append_review(1, "dr.a", "agree")
+    assert data.data_version(pg_url) != before
+    assert list(data.read_decisions(pg_url)["path"]) == ["/a"] and data.verify_store(pg_url).ok

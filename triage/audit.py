@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from . import __version__
 from .errors import AuditError
@@ -160,6 +161,18 @@ SCHEMA_STATEMENTS = [
 def is_url(target: str | Path) -> bool:
     """True when ``target`` names a PostgreSQL database (``postgresql://`` or ``postgres://``) rather than a file."""
     return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (in the user part or a ``password=`` parameter) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            netloc = f"{user.split(':', 1)[0]}:***@{host}"
+    query = "&".join("password=***" if q.lower().startswith("password=") else q for q in parts.query.split("&"))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def open_store(target: str | Path, create: bool = True) -> "AuditStore":
@@ -466,6 +479,11 @@ class AuditStore:
                               [tuple(k) for k in keys])
 
     # -- verification, anchoring and export -----------------------------------------------
+
+    def chain_heads(self) -> dict[str, dict[str, Any]]:
+        """{table: {"last_id", "hash", "count"}} as recorded in ``meta``: a cheap "has anything changed" check."""
+        with self._db_errors("cannot read"):
+            return {table: self._head(table) for table in CHAINS}
 
     def head(self) -> str:
         """One line naming the last record of each chain, to keep outside this store (see SECURITY.md).

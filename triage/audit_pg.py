@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from .audit import CHAINS, SCHEMA_VERSION, AuditStore, table_sql
+from .audit import CHAINS, SCHEMA_VERSION, AuditStore, redact, table_sql
 from .errors import AuditError
 
 try:
@@ -49,18 +48,6 @@ SCHEMA_STATEMENTS = [
     _APPEND_ONLY_FUNCTION,
     *(trigger for table in CHAINS for trigger in _append_only_triggers(table)),
 ]
-
-
-def redact(url: str) -> str:
-    """``url`` with its password (in the user part or a ``password=`` parameter) replaced by ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        if ":" in user:
-            netloc = f"{user.split(':', 1)[0]}:***@{host}"
-    query = "&".join("password=***" if q.lower().startswith("password=") else q for q in parts.query.split("&"))
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class PostgresAuditStore(AuditStore):
