@@ -143,3 +143,19 @@ def test_the_dashboard_reads_a_postgresql_store_and_needs_an_explicit_login_conf
         store.append_review(1, "dr.a", "agree")
     assert data.data_version(pg_url) != before
     assert list(data.read_decisions(pg_url)["path"]) == ["/a"] and data.verify_store(pg_url).ok
+
+
+def test_a_long_lived_store_reconnects_after_the_server_drops_its_connection(pg_url):
+    import psycopg
+
+    with open_store(pg_url) as store:
+        store.append_decisions([Decision(path="/a", sha256="x", status="scored")])
+        database = pg_url.rsplit("/", 1)[1]
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # what a server restart does to open sessions
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND "
+                          "pid <> pg_backend_pid()", (database,))
+        with pytest.raises(AuditError, match="Fix:"):
+            store.decisions()  # the read that finds the connection gone fails, naming the fix
+        assert [r["path"] for r in store.decisions()] == ["/a"]  # the next one reconnects
+        assert store.append_decisions([Decision(path="/b", sha256="y", status="scored")]) == [2]
+        assert store.verify().ok

@@ -11,7 +11,8 @@ the chained tables. Needs ``psycopg`` (the ``scale`` extra).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from .audit import CHAINS, SCHEMA_VERSION, AuditStore, redact, table_sql
@@ -69,10 +70,8 @@ class PostgresAuditStore(AuditStore):
             raise AuditError(f"{self.location}: PostgreSQL audit stores need psycopg. "
                              "Fix: pip install -e '.[scale]' (or pip install 'psycopg[binary]')")
         self._database_errors = (psycopg.Error,)
-        try:
-            self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
-        except psycopg.Error as error:
-            raise self._error("cannot connect to", error) from error
+        self._depth = 0  # nesting of _transaction
+        self._db = self._connect()
         try:
             if create and not self._has_store():
                 self._create_schema()  # DDL only on first use: a role without CREATE rights can use a made store
@@ -81,6 +80,12 @@ class PostgresAuditStore(AuditStore):
         except AuditError:
             self._db.close()
             raise
+
+    def _connect(self) -> "psycopg.Connection":
+        try:
+            return psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S)
+        except psycopg.Error as error:
+            raise self._error("cannot connect to", error) from error
 
     def _has_store(self) -> bool:
         """True when the audit tables exist (complete: ``meta`` is created and filled in the same transaction)."""
@@ -106,6 +111,27 @@ class PostgresAuditStore(AuditStore):
         if rows:
             with self._db.cursor() as cursor:
                 cursor.executemany(sql.replace("?", "%s"), [tuple(r) for r in rows])
+
+    @contextmanager
+    def _db_errors(self, doing: str) -> Iterator[None]:
+        """As AuditStore's, first reconnecting if the server dropped the connection (a restart, a failover).
+
+        Never inside a transaction: its statements must all run on the connection that began it.
+        """
+        if self._depth == 0 and (self._db.closed or self._db.info.status != psycopg.pq.ConnStatus.OK):
+            self._db.close()
+            self._db = self._connect()
+        with super()._db_errors(doing):
+            yield
+
+    @contextmanager
+    def _transaction(self, doing: str, write: bool = True) -> Iterator[None]:
+        with super()._transaction(doing, write):
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
 
     def _begin(self, write: bool) -> None:
         self._db.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
