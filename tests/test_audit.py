@@ -370,3 +370,18 @@ def test_an_unreachable_postgresql_server_is_an_audit_error_that_hides_the_passw
         open_store(f"postgresql://cxr:hunter2@127.0.0.1:{port}/audit")
     assert "hunter2" not in str(raised.value) and "cxr:***@127.0.0.1" in str(raised.value)
     assert "Fix: check that the PostgreSQL server is running" in str(raised.value)
+
+
+def test_a_store_written_by_release_0_1_0_verifies_anchors_and_takes_new_records(tmp_path):
+    path = tmp_path / "old.sqlite"
+    connection = sqlite3.connect(path)
+    connection.executescript((Path(__file__).parent / "data" / "audit" / "audit-0.1.0.sql").read_text())
+    connection.close()
+    with open_store(path) as store:
+        assert store.verify().message == "audit chain OK: 4 decisions, 1 reviews"
+        anchor = store.head()
+        assert anchor.startswith("cxr-triage-audit-head decisions=4:")
+        assert store.decisions()[0]["software_version"] == "0.1.0"
+        assert store.append_decisions([decision(9)]) == [5] and store.append_review(5, "dr.b", "disagree") == 2
+        result = store.verify([anchor])
+    assert result.ok and (result.n_records, result.n_reviews) == (5, 2)
