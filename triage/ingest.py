@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import struct
 import zlib
 from os import PathLike
@@ -29,6 +30,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, generate_uid)
@@ -122,6 +124,7 @@ def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int,
         check_pixel_data_present(ds, path)
         check_format(ds, path, min_side_px)
         check_pixel_attributes(ds, path)
+        check_display_attributes(ds, path)
         ensure_transfer_syntax(ds, path)
         pixels = decode_reduced(ds, reduce_to) if reduce_to else None
         if pixels is None:
@@ -249,6 +252,78 @@ def check_pixel_attributes(ds: Dataset, path: str) -> None:
                             f"{REEXPORT}; report the modality's export settings to its vendor")
     if "SamplesPerPixel" not in ds:
         ds.SamplesPerPixel = 1  # Type 1, but missing from some old files; 1 is the only monochrome value
+
+
+def check_display_attributes(ds: Dataset, path: str) -> None:
+    """Rescale, window and LUT attributes that preprocessing reads are well formed, else ``unsupported_pixel_format``."""
+    problems = [rescale_problem(ds), window_problem(ds),
+                lut_problem(ds, "ModalityLUTSequence", "Modality LUT Sequence (0028,3000)", (8, 16)),
+                lut_problem(ds, "VOILUTSequence", "VOI LUT Sequence (0028,3010)", tuple(range(1, 17)))]
+    problems = [p for p in problems if p]
+    if problems:
+        raise BadInputError(path, "unsupported_pixel_format", "; ".join(problems),
+                            f"{REEXPORT}; report the modality's export settings to its vendor")
+
+
+def numbers(ds: Dataset, keyword: str) -> list[float] | None:
+    """A numeric tag's values as finite floats; None when absent or empty; ValueError when not numbers."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    values = [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{value!r}")
+    return values
+
+
+def rescale_problem(ds: Dataset) -> str:
+    """Rescale Slope/Intercept (0028,1053)/(0028,1052): one finite number each, when present."""
+    for keyword, tag in (("RescaleSlope", "(0028,1053)"), ("RescaleIntercept", "(0028,1052)")):
+        try:
+            values = numbers(ds, keyword)
+        except (TypeError, ValueError):
+            return f"{keyword} {tag} is {ds.get(keyword)!r}, not a finite number"
+        if values is not None and len(values) != 1:
+            return f"{keyword} {tag} has {len(values)} values, not 1"
+    return ""
+
+
+def window_problem(ds: Dataset) -> str:
+    """Window Center/Width (0028,1050)/(0028,1051): finite numbers, when present."""
+    for keyword, tag in (("WindowCenter", "(0028,1050)"), ("WindowWidth", "(0028,1051)")):
+        try:
+            numbers(ds, keyword)
+        except (TypeError, ValueError):
+            return f"{keyword} {tag} is {ds.get(keyword)!r}, not finite numbers"
+    return ""
+
+
+def lut_problem(ds: Dataset, keyword: str, name: str, bits_allowed: tuple[int, ...]) -> str:
+    """The first LUT item has a 3-value LUT Descriptor (0028,3002) and at least that many LUT Data (0028,3006) entries."""
+    items = ds.get(keyword)
+    if not items:
+        return ""
+    item = items[0]
+    descriptor = item.get("LUTDescriptor")
+    values = list(descriptor) if isinstance(descriptor, (list, tuple, MultiValue)) else [descriptor]
+    if descriptor is None or len(values) != 3 or not all(isinstance(v, int) for v in values):
+        return f"{name}: LUT Descriptor (0028,3002) is {descriptor!r}, not 3 integers"
+    count, bits = values[0] or 65536, values[2]
+    if bits not in bits_allowed:
+        return f"{name}: LUT Descriptor (0028,3002) gives {bits} bits per entry, not {bits_allowed[0]}-{bits_allowed[-1]}"
+    entries = lut_entries(item.get("LUTData"))
+    if entries < count:
+        return f"{name}: LUT Data (0028,3006) holds {entries} entries, LUT Descriptor (0028,3002) declares {count}"
+    return ""
+
+
+def lut_entries(data: object) -> int:
+    """Entries in LUT Data (0028,3006): 16-bit words when OW bytes (as pydicom and preprocessing read them), else values."""
+    if data is None:
+        return 0
+    if isinstance(data, bytes):
+        return len(data) // 2
+    return len(data) if isinstance(data, (list, tuple, MultiValue)) else 1
 
 
 def ensure_transfer_syntax(ds: Dataset, path: str) -> None:
