@@ -1,0 +1,87 @@
+"""Reduced-resolution vs full decode per codec, measured side by side (interleaved) in one run.
+
+For each real chest file (one per codec), ``--rounds`` times, alternating full and reduced:
+  decode ms   read_radiograph (+ preprocess to the model input), one process
+  score ms    decode + preprocess + the model on that one image (batch 1)
+  ratio       full / reduced (robust to a shared CPU: both run in the same minute)
+  |d risk|    |risk(reduced) - risk(full)|
+Reduced decode is ``read_radiograph(path, reduce_to=decode_size(spec))`` (triage.decode: 4 x the model
+input). The "1x" columns decode at the level just above the model input instead (reduce_to=spec.size):
+faster, but further from the full-decode risk.
+
+Usage: python benchmarks/bench_decode.py [--bundle DIR] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from pydicom.data import get_testdata_file
+
+from deploy.paths import default_bundle_dir
+from triage.bundle import load_bundle
+from triage.decode import decode_size
+from triage.inference import load_model
+from triage.ingest import read_radiograph
+from triage.preprocess import preprocess
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "dicom" / "chest"
+FILES = {
+    "j2k-lossless": get_testdata_file("RG1_J2KR.dcm"),
+    "j2k-lossy": str(ROOT / "samples" / "dicom" / "philips-cr-chest-pa-j2k.dcm"),
+    "jpeg-baseline (philips)": str(ROOT / "tests" / "data" / "reduced" / "philips-cr-pa-jpeg-baseline.dcm"),
+    "jpeg-baseline (konica)": str(SHARED / "konica-cr-pa-mono1-jpeg-baseline.dcm"),
+    "jpeg-baseline (siim 1024)": str(SHARED / "siim-cr-mono2-jpeg-baseline.dcm"),
+    "jpeg-ls": str(SHARED / "philips-cr-pa-mono1-jpegls-nearlossless.dcm"),
+}
+
+
+def timed_score(path: str, model, reduce_to) -> tuple[float, float, float, tuple[int, int]]:
+    """(decode+preprocess ms, score ms, risk, decoded shape) for one file."""
+    column = model.bundle.findings.index(model.bundle.triage_finding)
+    start = time.perf_counter()
+    radiograph = read_radiograph(path, reduce_to=reduce_to)
+    model_input = preprocess(radiograph, model.bundle.preprocessing)
+    decoded = time.perf_counter()
+    risk = float(model.risks(model_input[None])[0, column])
+    done = time.perf_counter()
+    return (decoded - start) * 1000, (done - start) * 1000, risk, radiograph.pixels.shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default=str(default_bundle_dir()))
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    bundle = load_bundle(args.bundle)
+    model = load_model(bundle, "cpu")
+    target = decode_size(bundle.preprocessing)
+    print(f"bundle {bundle.name} {bundle.version}, provider {model.provider}, reduce_to {target}, "
+          f"median of {args.rounds} interleaved rounds; absolute ms are on a shared CPU, the ratios are the result")
+    print(f"{'codec':<26} {'full px':>11} {'reduced px':>11} {'full ms':>8} {'red. ms':>8} {'decode x':>8} "
+          f"{'score x':>8} {'|d risk|':>8} {'1x px':>9} {'1x score x':>10} {'1x |d risk|':>11}")
+    for codec, path in FILES.items():
+        if not Path(path).is_file():
+            print(f"{codec:<26} (skipped: {path} is absent)")
+            continue
+        timed_score(path, model, None)  # warm the file cache and the session
+        full, reduced, one = [], [], []
+        for _ in range(args.rounds):
+            full.append(timed_score(path, model, None))
+            reduced.append(timed_score(path, model, target))
+            one.append(timed_score(path, model, bundle.preprocessing.size))
+        o_score = statistics.median(t[1] for t in one)
+        f_dec, r_dec = (statistics.median(t[0] for t in runs) for runs in (full, reduced))
+        f_score, r_score = (statistics.median(t[1] for t in runs) for runs in (full, reduced))
+        shape = lambda runs: "x".join(map(str, runs[0][3]))  # noqa: E731
+        print(f"{codec:<26} {shape(full):>11} {shape(reduced):>11} {f_dec:8.1f} {r_dec:8.1f} {f_dec / r_dec:8.2f} "
+              f"{f_score / r_score:8.2f} {abs(full[0][2] - reduced[0][2]):8.4f} {shape(one):>9} {f_score / o_score:10.2f} "
+              f"{abs(full[0][2] - one[0][2]):11.4f}")
+
+
+if __name__ == "__main__":
+    main()
