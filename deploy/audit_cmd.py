@@ -1,4 +1,4 @@
-"""``cxr-triage audit verify | head | export``: check, anchor and read out the audit store.
+"""``cxr-triage audit verify | head | copy | export``: check, anchor, move and read out the audit store.
 
 ``--audit-db`` takes a SQLite file or a ``postgresql://`` URL (``triage.audit.open_store``).
 """
@@ -71,9 +71,22 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def copy_command(args: argparse.Namespace) -> int:
+    """Copy a store verbatim into a new one (e.g. SQLite to PostgreSQL), then verify the copy; 0 when it verifies."""
+    try:
+        with open_store(args.audit_db, create=False) as source, open_store(args.to) as target:
+            copied = source.copy_to(target)
+            result = target.verify()
+    except AuditError as error:
+        print(f"cxr-triage audit copy: error: {error}", file=sys.stderr)
+        return 1
+    print(f"copied {copied['decisions']} decisions and {copied['reviews']} reviews; the copy: {result.message}")
+    return 0 if result.ok else 1
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``audit verify``, ``audit head`` and ``audit export`` on the main CLI."""
-    parser = subparsers.add_parser("audit", help="verify, anchor or export the audit store",
+    """Register ``audit verify``, ``head``, ``copy`` and ``export`` on the main CLI."""
+    parser = subparsers.add_parser("audit", help="verify, anchor, copy or export the audit store",
                                    description="Check the audit store's hash chains, print their head to keep "
                                                "elsewhere, or export its decisions as CSV.")
     commands = parser.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
@@ -96,6 +109,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                            "later, audit verify --anchor LINE proves the store was not rewritten.")
     head.add_argument("--audit-db", default=str(default_audit_db()), help=db_help)
     head.set_defaults(func=head_command)
+
+    copy = commands.add_parser("copy", help="copy the store into a new one, e.g. SQLite to PostgreSQL",
+                               description="Copy every decision and review verbatim (same ids and hashes, so anchored "
+                                           "heads stay valid) into a new, empty store, then verify the copy. Refuses "
+                                           "a source that does not verify.")
+    copy.add_argument("--audit-db", default=str(default_audit_db()), help=db_help)
+    copy.add_argument("--to", required=True, metavar="TARGET", help="the new store: a SQLite file or a postgresql:// URL")
+    copy.set_defaults(func=copy_command)
 
     export = commands.add_parser("export", help="write every decision to a CSV (pseudonymized patient IDs only)",
                                  description="Write every decision, all columns, one header row, to --out.")

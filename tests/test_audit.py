@@ -385,3 +385,10 @@ def test_a_store_written_by_release_0_1_0_verifies_anchors_and_takes_new_records
         assert store.append_decisions([decision(9)]) == [5] and store.append_review(5, "dr.b", "disagree") == 2
         result = store.verify([anchor])
     assert result.ok and (result.n_records, result.n_reviews) == (5, 2)
+
+
+def test_copy_to_in_small_chunks_gives_an_identical_store_with_the_same_head(db, tmp_path):
+    with open_store(db) as source, open_store(tmp_path / "copy.sqlite") as copy:
+        assert source.copy_to(copy, chunk=2) == {"decisions": 5, "reviews": 2}
+        assert copy.decisions() == source.decisions() and copy.reviews() == source.reviews()
+        assert copy.chain_heads() == source.chain_heads() and copy.verify().ok

@@ -159,3 +159,44 @@ def test_a_long_lived_store_reconnects_after_the_server_drops_its_connection(pg_
         assert [r["path"] for r in store.decisions()] == ["/a"]  # the next one reconnects
         assert store.append_decisions([Decision(path="/b", sha256="y", status="scored")]) == [2]
         assert store.verify().ok
+
+
+def load_release_0_1_0(path: Path) -> Path:
+    """A SQLite store as release 0.1.0 wrote it (4 decisions, 1 review)."""
+    import sqlite3
+
+    connection = sqlite3.connect(path)
+    connection.executescript((REPO / "tests" / "data" / "audit" / "audit-0.1.0.sql").read_text())
+    connection.close()
+    return path
+
+
+def test_audit_copy_moves_a_sqlite_store_to_postgresql_and_old_anchors_still_hold(pg_url, tmp_path):
+    old = load_release_0_1_0(tmp_path / "old.sqlite")
+    with open_store(old) as store:
+        store.save_pending([("/p", "s", "b" * 64, {"risk": 0.25})])
+        anchor = store.head()
+    run = cli("audit", "copy", "--audit-db", str(old), "--to", pg_url)
+    assert run.returncode == 0, run.stderr
+    assert "copied 4 decisions and 1 reviews; the copy: audit chain OK: 4 decisions, 1 reviews" in run.stdout
+    with open_store(pg_url) as copy, open_store(old) as source:
+        assert copy.decisions() == source.decisions() and copy.reviews() == source.reviews()
+        assert copy.verify([anchor]).ok and copy.load_pending("b" * 64) == {("/p", "s"): {"risk": 0.25}}
+        assert copy.append_decisions([Decision(path="/new", sha256="n", status="scored")]) == [5]
+    again = cli("audit", "copy", "--audit-db", str(old), "--to", pg_url)
+    assert again.returncode == 1 and "already holds records. Fix: copy into a new, empty store" in again.stderr
+
+
+def test_audit_copy_refuses_a_broken_source_and_writes_nothing(pg_url, tmp_path):
+    import sqlite3
+
+    old = load_release_0_1_0(tmp_path / "old.sqlite")
+    connection = sqlite3.connect(old)
+    connection.execute("DROP TRIGGER decisions_no_update")
+    connection.execute("UPDATE decisions SET risk = 0.99 WHERE id = 2")
+    connection.commit()
+    connection.close()
+    run = cli("audit", "copy", "--audit-db", str(old), "--to", pg_url)
+    assert run.returncode == 1 and "not copying a broken store: decisions record 2" in run.stderr
+    with open_store(pg_url) as copy:
+        assert copy.decisions() == [] and copy.chain_heads()["decisions"]["count"] == 0

@@ -116,6 +116,7 @@ _REVIEW_KINDS = {
 }
 REVIEW_COLUMNS = tuple(_REVIEW_KINDS)
 CHAINS = {"decisions": DECISION_COLUMNS, "reviews": REVIEW_COLUMNS}
+PENDING_COLUMNS = ("path", "sha256", "bundle_sha256", "payload", "created_at")
 ANCHOR_PREFIX = "cxr-triage-audit-head"
 _SQL_TYPE = {"text": "TEXT NOT NULL DEFAULT ''", "real": "REAL", "bool": "INTEGER NOT NULL DEFAULT 0", "int": "INTEGER"}
 
@@ -552,6 +553,46 @@ class AuditStore:
                 return (table, last_id, "its record_hash differs from the anchored head's: the chain was rewritten at "
                         "or before this record since the head was anchored", found[0]["study_uid"])
         return None
+
+    def copy_to(self, target: "AuditStore", chunk: int = 5000) -> dict[str, int]:
+        """Copy every record verbatim (ids, times, hashes) and the pending work into the empty store ``target``.
+
+        For moving a site from SQLite to PostgreSQL: the copy verifies with the same heads,
+        so anchors kept so far stay valid. Reads one snapshot of this store, so writers may
+        keep running (what they add later is not copied). Refuses a source that does not
+        verify and a target that holds records. Returns {table: records copied}; one target
+        transaction, so all or nothing.
+        """
+        copied: dict[str, int] = {}
+        with self._transaction("cannot read", write=False), target._transaction("cannot copy into"):
+            for table, columns in CHAINS.items():
+                count, problem = self._verify_chain(table, columns)
+                if problem is not None:
+                    raise AuditError(f"{self.location}: not copying a broken store: {table} record {problem[0]}: "
+                                     f"{problem[1]}. Fix: investigate (and restore from backup) before moving it")
+                target._lock_head(table)
+                if target._head(table)["count"] or list(target._execute(f"SELECT id FROM {table} LIMIT 1")):
+                    raise AuditError(f"{target.location}: the {table} table already holds records. Fix: copy into "
+                                     "a new, empty store")
+                copied[table] = self._copy_rows(target, table, columns, chunk)
+                target._execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(self._head(table)),
+                                                                            f"head:{table}"))
+            pending = ", ".join(PENDING_COLUMNS)
+            rows = [[r[c] for c in PENDING_COLUMNS] for r in self._execute(f"SELECT {pending} FROM pending_scores")]
+            target._executemany(f"INSERT INTO pending_scores ({pending}) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                rows)
+        return copied
+
+    def _copy_rows(self, target: "AuditStore", table: str, columns: Sequence[str], chunk: int) -> int:
+        """Insert this store's ``table`` rows into ``target`` as they are, ``chunk`` rows per read; both in transactions."""
+        names, marks, last_id, count = ", ".join(columns), ", ".join("?" * len(columns)), 0, 0
+        while True:
+            rows = list(self._execute(f"SELECT {names} FROM {table} WHERE id > ? ORDER BY id LIMIT {int(chunk)}",
+                                      (last_id,)))
+            if not rows:
+                return count
+            target._executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", [[r[c] for c in columns] for r in rows])
+            last_id, count = rows[-1]["id"], count + len(rows)
 
     def export_csv(self, out_path: str | Path) -> int:
         """Write every decision (all columns, one header row) to ``out_path`` atomically; returns rows written.
