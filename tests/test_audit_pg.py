@@ -200,3 +200,34 @@ def test_audit_copy_refuses_a_broken_source_and_writes_nothing(pg_url, tmp_path)
     assert run.returncode == 1 and "not copying a broken store: decisions record 2" in run.stderr
     with open_store(pg_url) as copy:
         assert copy.decisions() == [] and copy.chain_heads()["decisions"]["count"] == 0
+
+
+def test_a_workstation_audits_into_postgresql(pg_url, tmp_path, make_dicom, monkeypatch):
+    import shutil
+    import threading
+    import time
+
+    from deploy.workstation.config import load_config
+    from deploy.workstation.service import Workstation
+    from tests.tiny_bundle import build_tiny_bundle
+
+    monkeypatch.setenv("CXR_TRIAGE_SECRET", str(tmp_path / "site-secret.key"))
+    config = load_config(overrides={"port": 0, "allow_ae": ["CR1"], "inbox": str(tmp_path / "inbox"),
+                                    "audit_db": pg_url, "bundle": str(build_tiny_bundle(tmp_path / "tiny")),
+                                    "quiet_period_s": 0.2, "poll_s": 0.1, "device": "cpu"})
+    station, stop = Workstation(config), threading.Event()
+    thread = threading.Thread(target=station.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert station.ready.wait(60)
+        shutil.copy(make_dicom("cr.dcm", modality="CR"), config.incoming_dir / "cr.dcm")
+        deadline, rows = time.monotonic() + 60, []
+        while not rows and time.monotonic() < deadline:
+            time.sleep(0.1)
+            with open_store(pg_url, create=False) as store:
+                rows = store.decisions()
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert len(rows) == 1 and rows[0]["status"] == "scored" and rows[0]["policy"] == "stream_threshold"
+    assert not Path("postgresql:").exists() and not thread.is_alive()  # no SQLite file made from the URL
