@@ -9,12 +9,10 @@ identifiers that file it into the source study (see ``deploy/workstation/report.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
