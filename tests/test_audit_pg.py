@@ -231,3 +231,16 @@ def test_a_workstation_audits_into_postgresql(pg_url, tmp_path, make_dicom, monk
         thread.join(timeout=30)
     assert len(rows) == 1 and rows[0]["status"] == "scored" and rows[0]["policy"] == "stream_threshold"
     assert not Path("postgresql:").exists() and not thread.is_alive()  # no SQLite file made from the URL
+
+
+def test_verify_and_export_stream_a_table_larger_than_one_fetch(pg_url, tmp_path):
+    from triage.audit_pg import STREAM_ROWS
+
+    n = 2 * STREAM_ROWS + 7
+    with open_store(pg_url) as store:
+        store.append_decisions([Decision(path=f"/f{i}", sha256=str(i), status="scored", risk=i / n) for i in range(n)])
+        result = store.verify()
+        assert store.export_csv(tmp_path / "all.csv") == n
+    assert result.ok and result.n_records == n
+    with open(tmp_path / "all.csv", newline="") as handle:
+        assert [row["path"] for row in csv.DictReader(handle)][-1] == f"/f{n - 1}"

@@ -293,6 +293,10 @@ class AuditStore:
     def _executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self._db.executemany(sql, [tuple(r) for r in rows])
 
+    def _stream(self, sql: str, params: Sequence[Any] = ()) -> Iterable[dict[str, Any]]:
+        """Rows of a whole-table scan without holding them all in memory; inside a transaction."""
+        return self._execute(sql, params)  # sqlite3 cursors already fetch as they are iterated
+
     def _begin(self, write: bool) -> None:
         """BEGIN IMMEDIATE takes SQLite's single write lock, so concurrent appenders chain in turn."""
         self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN DEFERRED")
@@ -527,7 +531,7 @@ class AuditStore:
     def _verify_chain(self, table: str, columns: Sequence[str]) -> tuple[int, tuple[int, str, str] | None]:
         """(records in the table, (first bad id, why, its study) or None)."""
         prev_id, prev_hash, count, problem = 0, GENESIS_HASH, 0, None
-        for row in self._execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id"):
+        for row in self._stream(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id"):
             count += 1
             if problem is None:
                 link = _link_problem(prev_id, prev_hash, row)
@@ -613,7 +617,7 @@ class AuditStore:
                 writer = csv.writer(handle)
                 writer.writerow(DECISION_COLUMNS)
                 count = 0
-                for row in self._execute(f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions ORDER BY id"):
+                for row in self._stream(f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions ORDER BY id"):
                     writer.writerow([_csv_cell(row[name]) for name in DECISION_COLUMNS])
                     count += 1
             os.replace(handle.name, out)

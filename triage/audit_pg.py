@@ -11,6 +11,7 @@ the chained tables. Needs ``psycopg`` (the ``scale`` extra).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -28,6 +29,7 @@ _PG_SQL_TYPE = {"text": "TEXT NOT NULL DEFAULT ''", "real": "DOUBLE PRECISION", 
                 "int": "BIGINT"}
 _SCHEMA_LOCK = 7_377_617_460_297_412  # pg_advisory_xact_lock key: one schema creator at a time
 CONNECT_TIMEOUT_S = 10
+STREAM_ROWS = 2000
 _APPEND_ONLY_FUNCTION = (
     "CREATE OR REPLACE FUNCTION cxr_triage_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ "
     "BEGIN RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP; END $$"
@@ -71,6 +73,7 @@ class PostgresAuditStore(AuditStore):
                              "Fix: pip install -e '.[scale]' (or pip install 'psycopg[binary]')")
         self._database_errors = (psycopg.Error,)
         self._depth = 0  # nesting of _transaction
+        self._cursor_ids = itertools.count()
         self._db = self._connect()
         try:
             if create and not self._has_store():
@@ -132,6 +135,13 @@ class PostgresAuditStore(AuditStore):
                 yield
             finally:
                 self._depth -= 1
+
+    def _stream(self, sql: str, params: Sequence[Any] = ()) -> Iterable[dict[str, Any]]:
+        """A server-side cursor, fetched STREAM_ROWS at a time (a client cursor would load the whole table)."""
+        cursor = self._db.cursor(name=f"cxr_scan_{next(self._cursor_ids)}")
+        cursor.itersize = STREAM_ROWS
+        cursor.execute(sql.replace("?", "%s"), tuple(params) or None)
+        return cursor
 
     def _begin(self, write: bool) -> None:
         self._db.execute("BEGIN" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
