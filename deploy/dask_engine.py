@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 MAX_CHUNK = batch.BATCH_SIZE  # files per task: one model batch
 CHUNKS_PER_WORKER = 4  # at least this many tasks per worker, so a slow or lost one is a small share
 
+CONNECT_TIMEOUT_S = 30
+WORKER_WAIT_S = 120
+
 _SESSIONS: dict[tuple[str, str, str], Model] = {}  # per worker process
 
 
@@ -136,7 +139,17 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator["Client"]:
     from distributed import Client, LocalCluster
 
     if scheduler:
-        with Client(scheduler, timeout="30s") as client:
+        try:
+            client = Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+        except OSError as error:
+            raise OSError(f"{scheduler}: cannot reach the Dask scheduler ({error}). Fix: start it with 'dask scheduler' "
+                          "on that machine and check the address and the firewall (see deploy/SCALE.md)") from None
+        with client:
+            try:
+                client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+            except TimeoutError:
+                raise TimeoutError(f"{scheduler}: no Dask worker joined within {WORKER_WAIT_S} s. Fix: start workers "
+                                   f"with 'dask worker {scheduler}' (see deploy/SCALE.md)") from None
             yield client
         return
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
