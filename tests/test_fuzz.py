@@ -60,3 +60,17 @@ def test_a_bounded_fuzz_run_finds_no_crash(tmp_path):
     tail = "\n".join(line for line in result.stderr.splitlines() if "Instrumenting" not in line)[-3000:]
     assert result.returncode == 0 and not crashers, f"fuzzer found {crashers}:\n{tail}"
     assert f"Done {CI_RUNS} runs" in result.stderr
+
+
+@pytest.mark.skipif(not (FUZZ / "slow" / "j2k-16000px-flat.dcm").exists(), reason="needs tests/fuzz/slow/")
+def test_an_input_that_hangs_the_decoder_is_reported_as_a_timeout_not_a_hung_test(tmp_path):
+    """libFuzzer's -timeout stops an input that runs too long (here a real file that takes ~8 s to decode)."""
+    pytest.importorskip("atheris")
+    slow = tmp_path / "slow.dcm"
+    slow.write_bytes((FUZZ / "slow" / "j2k-16000px-flat.dcm").read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(FUZZ / "fuzz_ingest.py"), "-timeout=2", "-rss_limit_mb=3072",
+                             f"-artifact_prefix={tmp_path}/", str(slow)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "ERROR: libFuzzer: timeout" in result.stderr, result.stderr[-2000:]
+    assert "ALARM: working on the last Unit for" in result.stderr
