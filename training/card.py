@@ -66,9 +66,7 @@ radiograph shows {finding}, so that a triage tool can put the riskiest studies f
 Validation prevalence is {val['n_positive'] / val['n']:.0%}, far above any real worklist, so PPV here
 overstates PPV in practice; sensitivity at a {op['flag_rate']:.0%} flag rate is low by construction
 (most positives cannot fit in the flagged {op['flag_rate']:.0%}). The temperature and threshold were
-fitted on the same validation images they are reported on. Training used a positive-class weight
-(pos_weight < 1 for this pneumonia-heavy data), which shifts the logits; a temperature alone cannot
-remove a shift, so some calibration error remains (see ECE after). For reference, Kermany et al. report
+fitted on the same validation images they are reported on. {pos_weight_note(training)} For reference, Kermany et al. report
 AUROC 0.968 on their held-out test set at full resolution; these figures are not comparable to it.
 
 {int8_text(manifest)}{ood_text(manifest)}## Attribution
@@ -121,8 +119,9 @@ def int8_text(manifest: dict[str, Any]) -> str:
 
 {q['method']}, calibrated on {q['calibration_images']} training images. Validation AUROC {q['validation_auroc_int8']:.4f}
 (int8) vs {q['validation_auroc_fp32']:.4f} (fp32), a drop of {q['auroc_drop']:+.4f} (limit {q['max_auroc_drop']}): {verdict}.
-ONNX Runtime on CPU, ms/image fp32 vs int8: batch 1 {speed['batch_1']['fp32']} vs {speed['batch_1']['int8']},
-batch 16 {speed['batch_16']['fp32']} vs {speed['batch_16']['int8']} (measured at export on a shared machine).
+ONNX Runtime on CPU, ms/image fp32 vs int8: batch 1 {speed['batch_1']['fp32']:.1f} vs {speed['batch_1']['int8']:.1f},
+batch 16 {speed['batch_16']['fp32']:.1f} vs {speed['batch_16']['int8']:.1f} (measured interleaved at export on a shared
+machine: compare the ratio, not the absolute figures).
 Calibration and threshold above are those of the served model.
 
 """
@@ -134,20 +133,36 @@ def ood_text(manifest: dict[str, Any]) -> str:
     if not ood:
         return ""
     checked = ood.get("checked", {})
-    caught = [f"`{Path(f).name}`" for f, r in checked.items() if r.get("over_threshold")]
-    passed = [f"`{Path(f).name}`" for f, r in checked.items() if r.get("over_threshold") is False]
+    caught = file_names([f for f, r in checked.items() if r.get("over_threshold")])
+    passed = file_names([f for f, r in checked.items() if r.get("over_threshold") is False])
     return f"""## Out-of-distribution gate
 
 Images whose pooled features are far from the training images go to human review with reason
 `out_of_distribution` instead of being scored: Mahalanobis distance under a probabilistic-PCA covariance
-({ood['n_components']} components) fitted on {ood['fitted_on']}; threshold {ood['threshold']:.3f}, the
-{ood['percentile']}th percentile of the distances of {ood['threshold_on']} (so about
-{100 - ood['percentile']:.1f}% of in-distribution images are routed to a person too). It is a safety net for
-images the header checks let through, not a guarantee: an image can be out of scope and still look
-familiar to the model. At export, over the threshold: {', '.join(caught) or 'none'}; under it:
+({ood['n_components']} components) fitted on {ood['fitted_on']}; threshold {ood['threshold']:.3f}
+= {ood.get('margin', 1.0)} x the {ood['percentile']}th percentile of the distances of {ood['threshold_on']}
+({ood.get('percentile_distance', ood['threshold']):.3f}); {ood['validation_distance']['flagged_fraction']:.1%} of
+those validation images are over it. The margin keeps adult chest radiographs (a population shift, see above)
+from being refused as non-chests. It is a safety net for images the header checks let through, not a
+guarantee: an image can be out of scope and still look familiar to the model. At export, over the threshold: {', '.join(caught) or 'none'}; under it:
 {', '.join(passed) or 'none'} (distances in the manifest, `ood.checked`).
 
 """
+
+
+def pos_weight_note(training: dict[str, Any]) -> str:
+    """What the positive-class weighting did to calibration (older manifests: the weighted recipe)."""
+    if str(training.get("settings", {}).get("pos_weight", "auto")).lower() in ("none", "1", "1.0"):
+        return "Training used no positive-class weight."
+    return ("Training used a positive-class weight\n(pos_weight < 1 for this pneumonia-heavy data), which shifts the "
+            "logits; a temperature alone cannot\nremove a shift, so some calibration error remains (see ECE after).")
+
+
+def file_names(paths: list[str]) -> list[str]:
+    """Markdown names of checked files, the Kermany samples counted rather than listed."""
+    kermany = [p for p in paths if Path(p).name.startswith("kermany-")]
+    names = [f"`{Path(p).name}`" for p in paths if p not in kermany]
+    return names + ([f"the {len(kermany)} Kermany sample studies"] if kermany else [])
 
 
 def write_model_card(path: str | Path, manifest: dict[str, Any]) -> Path:
