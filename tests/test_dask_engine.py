@@ -123,6 +123,10 @@ def test_a_worker_killed_mid_run_costs_no_decision_and_duplicates_none(cluster, 
     summary = run_dask([str(studies)], load_bundle(tiny), db, out, scheduler=cluster.scheduler_address,
                        progress=False, on_chunk=kill_a_worker)
     assert killed, "no worker was killed"
+    prefix = f"cxr-triage-score-{summary.decisions[0].run_id}-"
+    starts = Counter(entry.key for entry in cluster.scheduler.transition_log
+                     if entry.finish == "processing" and str(entry.key).startswith(prefix))
+    assert max(starts.values()) >= 2, "no task ran twice: the kill cost the run nothing to recover"
     assert len(summary.decisions) == 52
     per_file = decisions_per_file(db)
     assert len(per_file) == 52 and set(per_file.values()) == {1}
