@@ -161,6 +161,14 @@ def test_multi_frame_or_other_syntaxes_are_left_to_the_full_decoder():
     assert decode_reduced(native, (8, 8)) is None
 
 
+@pytest.mark.parametrize(("keyword", "value"), [("PixelRepresentation", 1), ("BitsStored", 12), ("Rows", 1000)])
+def test_a_header_that_disagrees_with_the_codestream_is_left_to_the_full_decoder(keyword, value):
+    ds, _ = codestream(J2K_LOSSY)
+    setattr(ds, keyword, value)
+    assert decode_reduced(ds, (224, 224)) is None
+    assert int(ds.Rows) == (1000 if keyword == "Rows" else 1955)  # geometry untouched
+
+
 def test_a_damaged_codestream_gets_the_full_decoders_verdict(tmp_path):
     ds, stream = codestream(J2K_LOSSY)
     tile = stream.index(b"\xff\x93")  # start of the first tile's data

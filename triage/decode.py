@@ -13,7 +13,7 @@ of the work:
 ``decode_reduced`` picks the smallest image that is still at least ``at_least`` (rows,
 cols) on both sides and returns ``None`` when it cannot help: another transfer syntax
 (JPEG-LS, lossless JPEG, RLE, native), more than one frame or sample, signed or over
-16-bit J2K data, an image already small, a codestream it does not understand, or any
+16-bit J2K data, a codestream whose precision or signedness disagrees with the header, an image already small, a codestream it does not understand, or any
 codec error. The caller then decodes at full resolution as before, so every failure is
 reported by the one full decoder (``triage.ingest.decode_pixels``).
 
@@ -129,8 +129,9 @@ def j2k_reduced(codestream: bytes, ds: Dataset, at_least: tuple[int, int]) -> np
     """Decode a J2K codestream at its reduction level for ``at_least``; None when that level is 0."""
     header = j2k_header(codestream)
     if (header["components"] != 1 or header["signed"] or header["precision"] > 16 or header["x0"] or header["y0"]
-            or (header["rows"], header["cols"]) != (int(ds.Rows), int(ds.Columns))):
-        return None
+            or (header["rows"], header["cols"]) != (int(ds.Rows), int(ds.Columns))
+            or header["precision"] != integer(ds, "BitsStored") or integer(ds, "PixelRepresentation") != 0):
+        return None  # what pydicom would make of a mismatch is left to pydicom
     level = reduction_level(header["rows"], header["cols"], at_least, header["levels"])
     if level == 0:
         return None
