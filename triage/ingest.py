@@ -31,6 +31,7 @@ from pydicom.datadict import dictionary_has_tag
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, generate_uid)
@@ -301,6 +302,10 @@ def window_problem(ds: Dataset) -> str:
 def lut_problem(ds: Dataset, keyword: str, name: str, bits_allowed: tuple[int, ...]) -> str:
     """The first LUT item has a 3-value LUT Descriptor (0028,3002) and at least that many LUT Data (0028,3006) entries."""
     items = ds.get(keyword)
+    if items is None or (not isinstance(items, Sequence) and not items):
+        return ""
+    if not isinstance(items, Sequence) or (len(items) and not isinstance(items[0], Dataset)):
+        return f"{name} is not a sequence of items (VR {ds[keyword].VR}, value {str(items)[:40]!r})"
     if not items:
         return ""
     item = items[0]
