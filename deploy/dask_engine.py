@@ -218,6 +218,7 @@ def score_on_cluster(client: "Client", chunks: list[list[str]], bundle: Bundle, 
             store.save_pending([(d.path, d.sha256, bundle.sha256, dataclasses.asdict(d)) for d in drafts])
             results[index] = (drafts, [k for part in parts for k in part.known],
                               next((part.provider for part in parts if part.provider), ""))
+            future.release()  # saved: let the worker free it, and a later loss not recompute it
             bar.update(len(chunks[index]))
             if on_chunk is not None:
                 on_chunk(client)
