@@ -53,7 +53,7 @@ REEXPORT = "re-export the study from PACS uncompressed (Explicit VR Little Endia
 PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, struct.error, ValueError, KeyError,
                 IndexError, NotImplementedError, TypeError, zlib.error)
 DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError, IndexError,
-                 EOFError, struct.error)
+                 EOFError, struct.error, TypeError, OverflowError)
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -246,6 +246,9 @@ def check_pixel_attributes(ds: Dataset, path: str) -> None:
         problems.append(f"Pixel Representation (0028,0103) is {ds.get('PixelRepresentation')!r}, not 0 or 1")
     if integer(ds, "SamplesPerPixel") not in (None, 1):
         problems.append(f"Samples per Pixel (0028,0002) is {ds.get('SamplesPerPixel')!r} for a monochrome image")
+    for keyword, tag in (("NumberOfFrames", "(0028,0008)"), ("HighBit", "(0028,0102)"), ("PlanarConfiguration", "(0028,0006)")):
+        if ds.get(keyword) not in (None, "") and integer(ds, keyword) is None:
+            problems.append(f"{keyword} {tag} is {ds.get(keyword)!r}, not an integer")
     if not str(ds.get("PhotometricInterpretation") or "").strip():
         problems.append("Photometric Interpretation (0028,0004) is missing")
     if problems:

@@ -62,11 +62,13 @@ def words(value: str) -> set[str]:
 
 
 def integer(ds: Dataset, keyword: str) -> int | None:
-    """A tag's value as an int (None when absent, empty or not a number)."""
-    try:
-        return int(ds.get(keyword))
-    except (TypeError, ValueError):
-        return None
+    """A tag's value when it is an integer (US, SS, UL, IS...); None when absent, empty or anything else.
+
+    Strict on purpose: pydicom's decoders reshape with these values, so a Rows (0028,0010)
+    read as a float or a string (a damaged VR) must not pass for a number.
+    """
+    value = ds.get(keyword)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def check_decoded_size(ds: Dataset, path: str, limit_bytes: int = MAX_DECODED_BYTES) -> None:
