@@ -263,7 +263,7 @@ def score_command(args: argparse.Namespace) -> int:
         print(f"cxr-triage score: error: {error}", file=sys.stderr)
         return 1
     print(f"bundle: {bundle.name} {bundle.version} (sha256 {bundle.sha256[:12]})")
-    print("engine: dask" + (f" (scheduler {args.scheduler})" if args.scheduler else f" (local cluster, {args.workers} workers)"))
+    print("engine: dask" + (f" (scheduler {args.scheduler})" if args.scheduler else f" (local cluster of {max(1, args.workers)} worker processes)"))
     print("\n".join(summary.lines()))
     print(f"worklist: {args.out}\naudit: {args.audit_db}")
     return 0

@@ -145,3 +145,12 @@ def test_scheduler_needs_the_dask_engine(studies, tiny, tmp_path, capsys):
     assert main(["score", str(studies), "--bundle", str(tiny), "--out", str(tmp_path / "w.csv"),
                  "--audit-db", str(tmp_path / "a.sqlite"), "--scheduler", "tcp://127.0.0.1:1"]) == 1
     assert "--scheduler needs --engine dask" in capsys.readouterr().err
+
+
+def test_the_cli_starts_a_local_cluster_of_workers(tiny, tmp_path, capsys):
+    write_pngs(tmp_path / "in", 3)
+    out, db = tmp_path / "worklist.csv", tmp_path / "audit.sqlite"
+    assert main(["score", str(tmp_path / "in"), "--bundle", str(tiny), "--out", str(out), "--audit-db", str(db),
+                 "--engine", "dask", "--workers", "1"]) == 0
+    assert "engine: dask (local cluster of 1 worker processes)" in capsys.readouterr().out
+    assert [r["status"] for r in read_worklist(out)] == ["scored"] * 3
