@@ -54,7 +54,7 @@ def main() -> None:
         for workers in (1, 2):
             start = time.perf_counter()
             clusters[workers] = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=None)
+                                             dashboard_address=":0")
             starts[workers] = time.perf_counter() - start
         try:
             for round_ in range(args.rounds):

@@ -152,7 +152,7 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator["Client"]:
                                    f"with 'dask worker {scheduler}' (see deploy/SCALE.md)") from None
             yield client
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         yield client
 
