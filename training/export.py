@@ -57,10 +57,11 @@ NAME, VERSION, FLAG_RATE = "cxr-pneumonia-demo", "0.2.0", 0.05
 INPUT_NAME, OUTPUT_NAME, CAM_NAME, FEATURES_NAME = "image", "logits", "cam", "features"
 OOD_PERCENTILE, OOD_COMPONENTS, OOD_MAX_TRAIN = 99.5, 64, 5000
 # The gate is for images that are not human chest radiographs at all. Its threshold is the 99.5th percentile of the
-# validation distances times this margin: without it, adult PA chest radiographs (a population shift the drift
-# monitor and the model card cover, not a wrong input) land just above the pediatric percentile (measured: 1.60-1.67
-# vs 1.49 with median 0.99 on a scratch model; non-chest images 2.1-2.6).
-OOD_MARGIN = 1.25
+# validation distances times this margin: without it, adult PA chest radiographs (a population shift that the drift
+# monitor and the model card cover, not a wrong input) land above the pediatric percentile. Measured on a scratch
+# model (600 images, 1 epoch): validation median 0.99, 99.5th percentile 1.48; adult chest CRs 1.50-1.85 (1.25x);
+# non-chest images (dog thorax, hip, extremity, dental) 2.19-2.54 (1.48-1.72x).
+OOD_MARGIN = 1.4
 INT8_MAX_AUROC_DROP, INT8_CALIBRATION_IMAGES = 0.005, 300
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ("samples/kermany/*.dcm", "samples/dicom/*.dcm")  # unscorable ones (out of scope) are skipped
@@ -227,6 +228,7 @@ def pipeline_parity(net: nn.Module, model_path: Path, files: Sequence[Path], spe
         raise ParityError(f"DICOM -> risk differs between PyTorch and ONNX Runtime by {diff:.2e} (> {tolerance:.0e}) "
                           f"on {len(used)} files. Fix: check the export, then re-export")
     return {"pipeline_max_abs_risk_diff": diff, "pipeline_tolerance": tolerance,
+            "pipeline_onnx_model": Path(model_path).name,
             "pipeline_files": [relative(f) for f, _ in used],
             "pipeline_skipped": {relative(f): p.reason for f, p in zip(files, prepared) if p.model_input is None},
             "pipeline_onnx_risks": [round(float(r), 8) for r in risk_onnx[:, 0]]}
