@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import csv
 import io
+import struct
 import subprocess
 import sys
 import zlib
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom import Dataset, dcmread
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 
-from tests.conftest import build_dataset
+from tests.conftest import build_dataset, encode
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import AuditStore
 from triage.errors import BadInputError
@@ -65,6 +66,52 @@ def test_just_under_the_decoded_limit_is_not_refused_for_size(tmp_path):
     with pytest.raises(BadInputError) as caught:
         read_radiograph(save(bomb_header(side, side), tmp_path / "big.dcm"))
     assert caught.value.reason == "truncated"  # past the size guard, stopped by the length check
+
+
+def with_codestream_header(source: Dataset, rows: int, cols: int, patch) -> Dataset:
+    """``source`` (encapsulated, one frame) with its frame's header patched by ``patch(bytes) -> bytes``, Rows/Columns set."""
+    frame = patch(bytes(next(generate_frames(source.PixelData, number_of_frames=1))))
+    source.PixelData = encapsulate([frame])
+    source.Rows, source.Columns = rows, cols
+    return source
+
+
+def j2k_size(width: int, height: int):
+    """Patch a JPEG 2000 codestream's SIZ Xsiz/Ysiz (ISO/IEC 15444-1 A.5.1)."""
+    return lambda frame: frame[:8] + struct.pack(">2I", width, height) + frame[16:]
+
+
+def jpeg_size(width: int, height: int):
+    """Patch a baseline JPEG's SOF0 height/width."""
+    def patch(frame: bytes) -> bytes:
+        sof = frame.index(b"\xff\xc0")
+        return frame[:sof + 5] + struct.pack(">2H", height, width) + frame[sof + 9:]
+    return patch
+
+
+@pytest.mark.skipif(not SLOW_FILE.exists(), reason=f"needs {SLOW_FILE}")
+def test_a_codestream_larger_than_its_dicom_header_is_refused_before_the_codec_allocates(tmp_path):
+    # The real 16000 x 16000 JPEG 2000 frame under a 72 x 72 header took 40 s and 256 MB in the codec
+    # before pydicom noticed the mismatch; now the frame header is read first.
+    ds = with_codestream_header(dcmread(SLOW_FILE), 72, 72, lambda frame: frame)
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(save(ds, tmp_path / "liar.dcm"))
+    assert caught.value.reason == "decode_failed" and "16000 x 16000 pixels but Rows x Columns" in caught.value.detail
+
+
+@pytest.mark.skipif(not SLOW_FILE.exists(), reason=f"needs {SLOW_FILE}")
+def test_a_jpeg_2000_bomb_is_refused_from_its_siz_header(tmp_path):
+    ds = with_codestream_header(dcmread(SLOW_FILE), 72, 72, j2k_size(60000, 60000))
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(save(ds, tmp_path / "j2k-bomb.dcm"))
+    assert caught.value.reason == "too_large" and "60000 x 60000 x 1 samples" in caught.value.detail
+
+
+def test_a_jpeg_bomb_is_refused_from_its_sof_header(tmp_path):
+    ds = encode(build_dataset(rows=72, cols=72, bits_stored=8), JPEGBaseline8Bit)
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(save(with_codestream_header(ds, 72, 72, jpeg_size(65000, 65000)), tmp_path / "jpeg-bomb.dcm"))
+    assert caught.value.reason == "too_large" and "65000 x 65000" in caught.value.detail
 
 
 def deflated_file(path: Path, inflated_bytes: int) -> Path:

@@ -32,9 +32,11 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.encaps import generate_fragments
 from pydicom.pixels import get_decoder, pixel_array
+from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, generate_uid)
+                         ImplicitVRLittleEndian, RLELossless, generate_uid)
 
 from .decode import decode_reduced
 from .errors import BadInputError, OutOfScopeError
@@ -127,6 +129,7 @@ def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int,
         check_pixel_attributes(ds, path)
         check_display_attributes(ds, path)
         ensure_transfer_syntax(ds, path)
+        check_codestream_size(ds, path)
         pixels = decode_reduced(ds, reduce_to) if reduce_to else None
         if pixels is None:
             pixels = decode_pixels(ds, path)
@@ -345,6 +348,49 @@ def ensure_transfer_syntax(ds: Dataset, path: str) -> None:
     implicit, little = ds.original_encoding
     ds.file_meta.TransferSyntaxUID = (
         ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def codestream_shape(fragment: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 SIZ (ISO/IEC 15444-1 A.5.1) or JPEG/JPEG-LS SOF header; None if neither."""
+    start = fragment.find(b"\xff\x4f\xff\x51", 0, 256)  # SOC then SIZ (after a JP2 header, if any)
+    if start >= 0 and len(fragment) >= start + 42:
+        width, height, x_origin, y_origin = struct.unpack(">4I", fragment[start + 8:start + 24])
+        return max(0, height - y_origin), max(0, width - x_origin), struct.unpack(">H", fragment[start + 40:start + 42])[0]
+    info = _get_jpg_parameters(fragment)  # pydicom's own JPEG/JPEG-LS header reader
+    if info.get("width"):
+        return info["height"], info["width"], info["components"]
+    return None
+
+
+def check_codestream_size(ds: Dataset, path: str, limit_bytes: int = MAX_DECODED_BYTES) -> None:
+    """Before decoding: the compressed frame's own header must match Rows x Columns (0028,0010)/(0028,0011).
+
+    A codec allocates what its codestream header says, not what the DICOM header says, so a
+    1 kB JPEG 2000 frame claiming 60000 x 60000 pixels would bypass the decoded-size limit.
+    """
+    syntax = UID(str(ds.file_meta.TransferSyntaxUID))
+    if not ds["PixelData"].is_undefined_length or syntax == RLELossless:
+        return
+    try:
+        items = generate_fragments(ds.PixelData)
+        next(items, b"")  # the Basic Offset Table item comes first
+        fragment = next(items, b"")
+    except (ValueError, struct.error, EOFError):  # malformed encapsulation: the decoder reports it
+        return
+    shape = codestream_shape(fragment)
+    if shape is None:
+        return
+    rows, cols, components = shape
+    size = rows * cols * components * max(1, (integer(ds, "BitsAllocated") or 16) // 8)
+    if size > limit_bytes:
+        raise BadInputError(
+            path, "too_large", f"the compressed frame's header claims {rows} x {cols} x {components} samples "
+            f"({size / 2**20:.0f} MiB decoded), over the {limit_bytes / 2**20:.0f} MiB limit",
+            "check the file with the modality vendor; a chest radiograph decodes to well under 100 MiB")
+    if (rows and rows != integer(ds, "Rows")) or cols != integer(ds, "Columns"):
+        raise BadInputError(
+            path, "decode_failed", f"the compressed frame is {rows} x {cols} pixels but Rows x Columns "
+            f"(0028,0010)/(0028,0011) say {ds.get('Rows')} x {ds.get('Columns')}", f"{REEXPORT}; the file is inconsistent")
 
 
 def decode_pixels(ds: Dataset, path: str) -> np.ndarray:
