@@ -101,6 +101,11 @@ def check_store(db: Path, files: list[Path]) -> list[dict]:
     return [ds[0] for ds in latest.values()]
 
 
+def outcome(decisions: list[dict]) -> dict[str, tuple[float, int]]:
+    """path -> (risk, flagged): what a run decided, without times and ids."""
+    return {d["path"]: (round(d["risk"], 6), d["flagged"]) for d in decisions}
+
+
 def start(argv: list[str], log: Path) -> subprocess.Popen:
     """A CLI subprocess in a process group of its own (so SIGKILL reaches its forkserver and workers)."""
     return subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], cwd=REPO, start_new_session=True,
@@ -159,8 +164,8 @@ def test_batch_scorer_killed_at_random_points_then_rerun_decides_each_file_once(
                             "--audit-db", str(reference), "--workers", "2", "--device", "cpu"],
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr[-2000:]
-    expected = {d["path"]: (round(d["risk"], 6), d["flagged"]) for d in current(rows(reference)).values() for d in d}
-    assert {d["path"]: (round(d["risk"], 6), d["flagged"]) for d in latest} == expected, context
+    expected = [d for ds in current(rows(reference)).values() for d in ds]
+    assert outcome(latest) == outcome(expected), context
     with open(out, newline="") as handle:
         assert len(list(csv.DictReader(handle))) == FILES
 
