@@ -133,3 +133,15 @@ def test_int8_is_static_qdq_per_channel_and_close_to_fp32(tmp_path) -> None:
     assert b["cam"].shape == a["cam"].shape and b["features"].shape == a["features"].shape
     assert np.corrcoef(a["logits"][:, 0], b["logits"][:, 0])[0, 1] > 0.95
     assert not (tmp_path / "model-int8.prep.onnx").exists()
+
+
+def test_out_of_scope_files_are_decoded_without_tag_checks_to_measure_the_gate(shared_data) -> None:
+    """prepare() refuses the hip on its tags; the export still measures how far the gate puts it."""
+    from training.export import relative, unchecked_input
+
+    hip = shared_data / "dicom" / "out-of-scope" / "fuji-cr-hip-mono2-jpegls-lossless.dcm"
+    assert prepare(str(hip), SPEC).reason == "body_part_out_of_scope"
+    x = unchecked_input(hip, SPEC)
+    assert x is not None and x.shape == (1, SIZE, SIZE) and np.isfinite(x).all()
+    assert unchecked_input(REPO / "samples" / "dicom" / "not-an-image.dcm", SPEC) is None
+    assert relative(hip) == "../shared/data/dicom/out-of-scope/fuji-cr-hip-mono2-jpegls-lossless.dcm"
