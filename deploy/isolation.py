@@ -11,6 +11,8 @@ Either way the file goes to human review, and a fresh pool takes over.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,12 +25,33 @@ from triage.pipeline import Prepared, sha256_or_empty
 DEFAULT_DECODE_TIMEOUT_S = 60.0
 """Seconds one file may take to decode and preprocess in a worker (a chest radiograph takes well under 5 s)."""
 QUEUED_PER_WORKER = 4
+WARM_UP_S = 60.0  # at most this long to see every worker of a new pool start (their start-up is not a file's time)
 
 
 def decoder_pool(workers: int, initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
     """A pool of decode processes started from a clean forkserver (no inherited ONNX Runtime threads)."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
                                initializer=initializer, initargs=initargs)
+
+
+def ready() -> int:
+    """A short task that says which worker ran it: once it returns, that process has started and run its initializer."""
+    time.sleep(0.01)  # long enough for the next one to go to another worker
+    return os.getpid()
+
+
+def warm_pool(workers: int, initializer: Callable[..., None] | None, initargs: tuple,
+              start_up_s: float = WARM_UP_S) -> ProcessPoolExecutor:
+    """A started pool: process start-up and imports (seconds on a busy machine) never count against a file's timeout."""
+    pool = decoder_pool(workers, initializer, initargs)
+    started, deadline = set(), time.monotonic() + start_up_s
+    try:
+        while len(started) < workers and time.monotonic() < deadline:
+            started.update(future.result() for future in [pool.submit(ready) for _ in range(workers)])
+    except BrokenProcessPool:
+        kill(pool)
+        raise
+    return pool
 
 
 def check_timeout(timeout_s: float | None) -> None:
@@ -64,20 +87,22 @@ def run_alone(task: Callable[..., Any], path: str, *args: Any, initializer: Call
     """``task(path, *args)`` in a process of its own; ``crashed``/``timed_out(path)`` if that process dies or hangs."""
     pool = decoder_pool(1, initializer, initargs)
     try:
-        result = pool.submit(task, path, *args).result(timeout=timeout_s)
+        pool.submit(ready).result()  # start-up is not the file's time
+        return pool.submit(task, path, *args).result(timeout=timeout_s)
     except BrokenProcessPool:
-        result = crashed(path)
+        return crashed(path)
     except TimeoutError:
-        result = timed_out(path, timeout_s or 0.0)
-    kill(pool)
-    return result
+        return timed_out(path, timeout_s or 0.0)
+    finally:
+        kill(pool)
 
 
 class Decoder:
     """A pool of ``workers`` decode processes that survives crashed and stuck tasks.
 
     ``timeout_s`` bounds each file: the clock starts when the file is the oldest one
-    in flight (so a file gets at least ``timeout_s`` of its own; None means no limit).
+    in flight in a started pool (so a file gets at least ``timeout_s`` of its own; None
+    means no limit).
     Use as a context manager, or call ``close``.
     """
 
@@ -104,7 +129,8 @@ class Decoder:
         """``task(path, *args)`` for every path, in worker processes, yielded in order."""
         queued, in_flight = iter(paths), deque()
         while True:
-            in_flight.extend((p, self._submit(task, p, *args)) for p in islice(queued, QUEUED_PER_WORKER * self.workers - len(in_flight)))
+            room = QUEUED_PER_WORKER * self.workers - len(in_flight)
+            in_flight.extend((p, self._submit(task, p, *args)) for p in islice(queued, room))
             if not in_flight:
                 return
             path, future = in_flight.popleft()
@@ -121,9 +147,9 @@ class Decoder:
     def _submit(self, task: Callable[..., Any], path: str, *args: Any) -> Future:
         """Submit to the pool; one whose process died while idle (killed from outside) is replaced first."""
         for _ in range(2):
-            if self._pool is None:
-                self._pool = decoder_pool(self.workers, self.initializer, self.initargs)
             try:
+                if self._pool is None:
+                    self._pool = warm_pool(self.workers, self.initializer, self.initargs)
                 return self._pool.submit(task, path, *args)
             except BrokenProcessPool:
                 self.close()
