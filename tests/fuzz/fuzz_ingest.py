@@ -2,15 +2,15 @@
 
 Half the mutations are libFuzzer's byte-level ones, half structural (``custom_mutator``:
 parse, change one element's value, VR or presence, a pixel attribute, the transfer
-syntax or a LUT, write back). Any exception outside the project's ``TriageError`` family is a crash (libFuzzer saves
-the input as ``crash-<sha1>``); so is an input that takes longer than ``-timeout``
-seconds. Seeds: ``tests/fuzz/corpus/``. Bounded run as the CI test does it::
+syntax or a LUT, write back). Any exception outside the project's ``TriageError``
+family is a crash (libFuzzer saves the input as ``crash-<sha1>``); so is an input that
+takes longer than ``-timeout`` seconds. Seeds: ``tests/fuzz/corpus/``. A bounded run::
 
-    .venv/bin/python tests/fuzz/fuzz_ingest.py -runs=20000 -timeout=10 -seed=1 \
+    PYTHONPATH=. .venv/bin/python tests/fuzz/fuzz_ingest.py -runs=10000 -timeout=10 -seed=1 \
         -artifact_prefix=out/fuzz/ out/fuzz/corpus tests/fuzz/corpus
 
 ``scripts/fuzz.sh`` runs a longer campaign. ``check_one(data)`` is the property
-itself, for regression tests of saved crashers.
+itself; ``tests/test_fuzz.py`` replays the saved crashers of ``tests/fuzz/regressions/``.
 """
 
 from __future__ import annotations
