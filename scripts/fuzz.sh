@@ -7,7 +7,8 @@
 # found new coverage), crashes/ (crash-*, timeout-* and oom-* inputs), logs/. After a crash
 # libFuzzer stops, so the campaign restarts with the next seed until RUNS executions are done.
 # A crasher is any exception outside triage.errors.TriageError, an input that runs past
-# -timeout (10 s) or past -rss_limit_mb. Reproduce one with:
+# -timeout (10 s) or past -rss_limit_mb; slow-unit-* files (over 10 s) are listed, not counted.
+# Reproduce one with:
 #   PYTHONPATH=. .venv/bin/python tests/fuzz/fuzz_ingest.py out/fuzz/crashes/crash-...
 # then add it to tests/fuzz/regressions/ under a name that says what was wrong.
 set -euo pipefail
@@ -30,11 +31,13 @@ while [ "$executed" -lt "$RUNS" ] && [ "$round" -lt "$MAX_ROUNDS" ]; do
   [ -n "$n" ] || n=$(grep -oE '^#[0-9]+' "$log" | tr -d '#' | tail -1 || true)
   [ -n "$n" ] && [ "$n" -gt 0 ] || { echo "scripts/fuzz.sh: round $round made no progress; see $log" >&2; break; }
   executed=$((executed + n))
-  echo "round $round: $n executions ($executed of $RUNS)$(grep -q 'Test unit written' "$log" && echo ', stopped on a crasher')"
+  echo "round $round: $n executions ($executed of $RUNS)$(grep -q 'ERROR: libFuzzer' "$log" && echo ', stopped on a crasher')"
 done
 seconds=$(( $(date +%s) - start ))
-crashers=$(find "$OUT/crashes" -type f | wc -l)
+crashers=$(find "$OUT/crashes" -type f \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
 echo "executions: $executed in ${seconds} s ($(( executed / (seconds > 0 ? seconds : 1) )) exec/s), rounds: $round"
 echo "crashers: $crashers (in $OUT/crashes)"
-find "$OUT/crashes" -type f | sort
+find "$OUT/crashes" -type f \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' \) | sort
+slow=$(find "$OUT/crashes" -type f -name 'slow-unit-*' | wc -l)
+[ "$slow" -eq 0 ] || echo "slow units (over 10 s, not failures; worth a look): $slow"
 [ "$crashers" -eq 0 ]
