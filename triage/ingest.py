@@ -53,7 +53,7 @@ MAX_INFLATED_BYTES = MAX_DECODED_BYTES + 64 * 2**20  # a deflated data set: pixe
 INFLATE_CHUNK_BYTES = 16 * 2**20
 REEXPORT = "re-export the study from PACS uncompressed (Explicit VR Little Endian)"
 PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, struct.error, ValueError, KeyError,
-                IndexError, NotImplementedError, TypeError, AttributeError, zlib.error)
+                IndexError, NotImplementedError, TypeError, AttributeError, OverflowError, zlib.error)
 DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError, IndexError,
                  EOFError, struct.error, TypeError, OverflowError)
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
