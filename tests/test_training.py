@@ -17,7 +17,7 @@ from training.calibration import (  # noqa: E402
     TemperatureScaling, binary_nll, expected_calibration_error, flag_threshold_for_rate, operating_metrics,
     validation_report)
 from training.model import build_model, freeze_body, layer_groups, unfreeze  # noqa: E402
-from training.train import fit_one_cycle, predict_logits  # noqa: E402
+from training.train import predict_logits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,33 +46,14 @@ def test_grey_stem_matches_rgb_stem_on_a_repeated_grey_image():
         assert torch.allclose(rgb(x.repeat(1, 3, 1, 1)), grey(x), atol=1e-4)
 
 
-def test_frozen_body_keeps_weights_and_batchnorm_statistics():
-    net = build_model(1, image_size=64)
-    net.train()
-    freeze_body(net)
-    before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("_fc")}
-    head = net._fc.weight.clone()
-    x, y = np.random.default_rng(1).normal(size=(32, 1, 64, 64)).astype(np.float32), np.ones((32, 1), np.float32)
-    fit_one_cycle(net, x, y, 1, [1e-2], [list(net._fc.parameters())], 64, 8, 0.01, 1.0, torch.Generator().manual_seed(0),
-                  is_frozen=True, pct_start=0.5)
-    after = net.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), "body weights or BatchNorm statistics changed"
-    assert not torch.equal(head, net._fc.weight)
-    unfreeze(net)
-    assert all(p.requires_grad for p in net.parameters())
-    assert sum(len(g) for g in layer_groups(net)) == len(list(net.parameters()))
-
-
-def test_tiny_fine_tune_decreases_the_loss():
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    y = (np.arange(32) % 2).astype(np.float32)[:, None]
-    x = rng.normal(0, 0.3, size=(32, 1, 64, 64)).astype(np.float32)
-    x[y[:, 0] == 1, :, 16:48, 16:48] += 1.5  # positives carry a bright square
-    net = build_model(1, image_size=64)
-    losses = fit_one_cycle(net, x, y, 3, [1e-4, 5e-4, 2e-3], layer_groups(net), 64, 8, 0.01, 1.0,
-                           torch.Generator().manual_seed(0), is_frozen=False, pct_start=0.3)
-    assert losses[-1] < 0.8 * losses[0], losses
+def test_layer_groups_cover_every_parameter_once(pretrained):
+    groups = layer_groups(pretrained)
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids)) == len(list(pretrained.parameters()))
+    freeze_body(pretrained)
+    assert [p.requires_grad for p in pretrained.parameters()].count(True) == 2  # _fc weight and bias
+    unfreeze(pretrained)
+    assert all(p.requires_grad for p in pretrained.parameters())
 
 
 # --- split -----------------------------------------------------------------------------------
@@ -104,6 +85,18 @@ def test_real_kermany_split_has_no_patient_or_md5_leakage(shared_data):
     assert data.assert_no_leakage(rows, train, val) == {"patient_id": [], "md5": []}
     assert 0.15 < len(val) / len(rows) < 0.25
     assert len(set(train) | set(val)) == len(rows) == 5216
+
+
+def test_trainer_split_through_the_adapter_equals_the_demo_split(shared_data):
+    folder = shared_data / "kermany-pneumonia-224"
+    if not (folder / "labels.csv").is_file():
+        pytest.skip(f"needs ../shared/data/kermany-pneumonia-224/labels.csv ({folder}), absent here")
+    from training.train import TrainConfig, prepare_split
+
+    d = prepare_split(TrainConfig(data=str(folder)), log=lambda _: None)
+    train, val = data.split_patients(data.read_labels(folder), 0.2, seed=0)
+    assert (d["train_idx"], d["val_idx"]) == (train, val)  # export/evaluate rebuild the split with data.split_patients
+    np.testing.assert_array_equal(d["y"], data.labels_array(data.read_labels(folder)))
 
 
 # --- export and calibration ------------------------------------------------------------------
@@ -157,11 +150,27 @@ def test_threshold_flags_about_five_percent():
 
 def test_cli_registers_train_and_export_without_importing_torch():
     code = ("import argparse, sys; from training.cli import add_parsers; p = argparse.ArgumentParser(); "
-            "add_parsers(p.add_subparsers()); a = p.parse_args(['train', '--out', 'r', '--limit', '8']); "
+            "add_parsers(p.add_subparsers()); a = p.parse_args(['train', '--out', 'r', '--limit', '8', "
+            "'--stages', '128:1,224:2', '--ema', '0.99', '--lr-find']); "
             "b = p.parse_args(['export', 'r', '--out', 'b']); "
-            "print(a.epochs_frozen, a.epochs, a.size, a.limit, b.run_dir, callable(a.func), 'torch' in sys.modules)")
+            "print(a.stages, a.epochs, a.limit, a.ema, a.lr_find, b.run_dir, callable(a.func), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["1", "1", "224", "8", "r", "True", "False"]
+    assert out.split() == ["[[128,", "1],", "[224,", "2]]", "None", "8", "0.99", "True", "r", "True", "False"]
+
+
+def test_cli_flags_override_the_config_file(tmp_path):
+    import argparse
+
+    from training.cli import add_parsers, train_overrides
+    from training.train import load_config
+
+    (tmp_path / "run.json").write_text('{"out": "runs/x", "lr": 0.001, "seed": 3}')
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    args = parser.parse_args(["train", "--config", str(tmp_path / "run.json"), "--seed", "5", "--epochs", "2",
+                              "--no-augment"])
+    cfg = load_config(args.config, **train_overrides(args))
+    assert (cfg.out, cfg.lr, cfg.seed, cfg.stages, cfg.augment) == ("runs/x", 0.001, 5, [[224, 2]], False)
 
 
 def test_sample_dicom_reads_back_as_the_training_input(tmp_path):

@@ -1,60 +1,47 @@
-"""Random augmentation for training batches only; serving never sees it.
+"""Random augmentation for training batches only (MONAI transforms); serving never sees it.
 
-Batched, plain torch, seeded through a ``torch.Generator``. No horizontal flip:
-a chest radiograph's left and right are not interchangeable (heart, markers).
+Applied per image to standardized model inputs (C, H, W). Seeded through MONAI's
+``set_random_state``, so a run is reproducible. No horizontal flip by default: a chest
+radiograph's left and right are not interchangeable (heart, aortic knob, markers);
+``flip=True`` adds one for datasets where that is wanted.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from monai.transforms import (
+    Compose, RandAdjustContrast, RandAffine, RandFlip, RandGaussianNoise, RandScaleIntensity, RandShiftIntensity)
+from monai.utils import convert_to_tensor
 
 
-class RandomAffine:
-    """Small rotation, isotropic scale and translation of a (N, C, H, W) batch; borders repeat."""
-
-    def __init__(self, degrees: float = 7.0, scale: tuple[float, float] = (0.92, 1.08), translate: float = 0.05) -> None:
-        self.degrees, self.scale, self.translate = degrees, scale, translate
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        n = x.shape[0]
-        u = torch.rand(n, 4, generator=generator)
-        angle = (2 * u[:, 0] - 1) * math.radians(self.degrees)
-        zoom = self.scale[0] + u[:, 1] * (self.scale[1] - self.scale[0])
-        shift = (2 * u[:, 2:] - 1) * self.translate * 2  # affine_grid coordinates span [-1, 1]
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-class RandomIntensity:
-    """Per-image contrast ``c`` and brightness ``b`` on standardized inputs: ``x * c + b``."""
-
-    def __init__(self, contrast: float = 0.1, brightness: float = 0.1) -> None:
-        self.contrast, self.brightness = contrast, brightness
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        u = torch.rand(x.shape[0], 2, generator=generator).to(x.dtype)
-        c = 1 + (2 * u[:, 0] - 1) * self.contrast
-        b = (2 * u[:, 1] - 1) * self.brightness
-        return x * c[:, None, None, None] + b[:, None, None, None]
+def default_augment(size: int, seed: int = 0, *, degrees: float = 7.0, scale: float = 0.08, translate: float = 0.05,
+                    flip: bool = False) -> Compose:
+    """Small affine (rotation +-``degrees``, scale 1 +- ``scale``, shift +- ``translate`` of the side, borders
+    repeated), gamma contrast, intensity scale and shift, faint Gaussian noise; seeded."""
+    transforms = [
+        RandAffine(prob=0.8, rotate_range=math.radians(degrees), scale_range=(scale, scale),
+                   translate_range=(translate * size, translate * size), padding_mode="border", mode="bilinear"),
+        RandAdjustContrast(prob=0.3, gamma=(0.8, 1.25)),
+        RandScaleIntensity(factors=0.1, prob=0.5),
+        RandShiftIntensity(offsets=0.1, prob=0.5),
+        RandGaussianNoise(prob=0.2, std=0.03),
+    ]
+    if flip:
+        transforms.append(RandFlip(prob=0.5, spatial_axis=1))
+    augment = Compose(transforms)
+    augment.set_random_state(seed=seed)
+    return augment
 
 
-class Compose:
-    """Apply transforms in order, passing the same generator."""
-
-    def __init__(self, *transforms) -> None:
-        self.transforms = transforms
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        for transform in self.transforms:
-            x = transform(x, generator)
-        return x
+def augment_batch(x: torch.Tensor, augment: Compose) -> torch.Tensor:
+    """Apply ``augment`` to each (C, H, W) image of a (N, C, H, W) float batch; a plain tensor back."""
+    out = [convert_to_tensor(augment(image), track_meta=False, dtype=torch.float32) for image in x]
+    return torch.stack(out) if out else x
 
 
-def default_augment() -> Compose:
-    """The training recipe's augmentation: small affine, then intensity."""
-    return Compose(RandomAffine(), RandomIntensity())
+def batch_seed(seed: int, *parts: int) -> int:
+    """A 32-bit seed derived from the run seed and e.g. (stage, epoch), for reseeding augmentation."""
+    return int(np.random.SeedSequence([seed, *parts]).generate_state(1)[0])

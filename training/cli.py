@@ -12,18 +12,54 @@ from collections.abc import Sequence
 DEFAULT_DATA = "../shared/data/kermany-pneumonia-224"
 
 
-def train_command(args: argparse.Namespace) -> int:
-    """Run the fine-tune recipe and write the run folder."""
-    from .train import TrainConfig, run
-
-    cfg = TrainConfig(data=args.data, out=args.out, epochs_frozen=args.epochs_frozen, epochs=args.epochs,
-                      size_frozen=args.size_frozen, size=args.size, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, limit=args.limit)
+def parse_stages(text: str) -> list[list[int]]:
+    """``"160:1,224:2"`` -> ``[[160, 1], [224, 2]]`` (size:epochs of each unfrozen stage)."""
     try:
+        return [[int(part.split(":")[0]), int(part.split(":")[1])] for part in text.split(",") if part.strip()]
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"--stages {text!r}: write SIZE:EPOCHS pairs, e.g. 160:1,224:2") from None
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields set on the command line (None: not given, the config file or default stands)."""
+    keys = ("data", "out", "dataset", "architecture", "weights", "epochs_frozen", "size_frozen", "stages", "batch_size",
+            "lr", "lr_mult", "weight_decay", "pos_weight", "label_smoothing", "ema", "val_fraction", "seed", "limit",
+            "device", "cache_dir")
+    values = {key: getattr(args, key) for key in keys}
+    values["findings"] = args.findings.split(",") if args.findings else None
+    if args.size is not None:
+        from triage.preprocess import PreprocessSpec
+
+        values["size"] = args.size
+        values["preprocessing"] = PreprocessSpec(size=(args.size, args.size)).to_dict()
+    if args.epochs is not None and args.stages is None:
+        values["stages"] = [[args.size or 224, args.epochs]]
+    for flag, key, value in (("no_augment", "augment", False), ("flip", "flip", True), ("no_amp", "amp", False),
+                             ("compile", "compile", True), ("lr_find", "lr_find", True),
+                             ("lr_find_only", "lr_find_only", True), ("no_channels_last", "channels_last", False)):
+        values[key] = value if getattr(args, flag) else None
+    return values
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Run the fine-tune recipe (config file and/or flags) and write the run folder."""
+    from .train import TrainConfig, load_config, run
+
+    overrides = train_overrides(args)
+    if not args.config and not args.out:
+        print("error: train needs --out RUN_FOLDER (or a --config that sets out)", file=sys.stderr)
+        return 2
+    try:
+        if args.config:
+            cfg = load_config(args.config, **overrides)
+        else:
+            cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
         summary = run(cfg, log=lambda line: print(line, flush=True))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if "lr_find" in summary:
+        return 0
     return 0 if summary["best"]["val_auroc"] >= 0 else 1
 
 
@@ -80,21 +116,54 @@ def add_evaluate_parser(subparsers) -> None:
     evaluate.set_defaults(func=evaluate_command)
 
 
+def add_train_parser(subparsers) -> None:
+    """Register ``train``: a config file (TOML/JSON, keys = ``TrainConfig`` fields) and/or flags (flags win)."""
+    train = subparsers.add_parser(
+        "train", help="fine-tune a model: fast.ai recipe, run folder (needs the train extra: torch, monai)",
+        description="Fine-tune EfficientNet-Lite0 (ImageNet weights) or DenseNet-121 with the fast.ai recipe: frozen "
+                    "head epochs, then one-cycle with discriminative LRs over progressive-resizing stages. Flags "
+                    "override --config; unset flags keep the config's or the default recipe's values.")
+    add = train.add_argument
+    add("--config", default=None, help="run config, TOML or JSON (keys: training.train.TrainConfig fields)")
+    add("--data", default=None, help=f"dataset folder (default {DEFAULT_DATA})")
+    add("--dataset", default=None, choices=("kermany", "nih", "chexpert", "rsna_pneumonia", "mimic_cxr", "csv"),
+        help="dataset adapter (default kermany); csv: --data is the CSV file")
+    add("--findings", default=None, help="comma-separated canonical findings (default pneumonia), or 'auto'")
+    add("--out", default=None, help="run folder to write (config, metrics, plots, checkpoint); required without --config")
+    add("--arch", dest="architecture", default=None, choices=("efficientnet-lite0", "densenet121"),
+        help="backbone (default efficientnet-lite0 from ImageNet weights)")
+    add("--weights", default=None, help="state dict to start from (DenseNet-121: else random init)")
+    add("--epochs-frozen", type=int, default=None, help="head-only epochs (default 1)")
+    add("--size-frozen", type=int, default=None, help="image size of the head-only epochs (default 160)")
+    add("--stages", type=parse_stages, default=None, help="unfrozen progressive-resizing stages SIZE:EPOCHS,... "
+        "(default 160:2,224:1)")
+    add("--epochs", type=int, default=None, help="shortcut: one unfrozen stage of N epochs at --size (ignored with --stages)")
+    add("--size", type=int, default=None, help="serving size: validation and export (default 224)")
+    add("--batch-size", type=int, default=None, help="default 32")
+    add("--lr", type=float, default=None, help="head learning rate (default 2e-3); unfrozen: lr/2 down to lr/2/lr-mult")
+    add("--lr-mult", type=float, default=None, help="ratio of the last to the first layer group's LR (default 100)")
+    add("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.01)")
+    add("--pos-weight", choices=("none", "balanced"), default=None, help="positive-class weight (default none)")
+    add("--label-smoothing", type=float, default=None, help="default 0")
+    add("--ema", type=float, default=None, help="weight EMA decay per step, e.g. 0.99 (default 0: off)")
+    add("--no-augment", action="store_true", help="no MONAI augmentation")
+    add("--flip", action="store_true", help="also random horizontal flips (off by default: anatomy is not symmetric)")
+    add("--val-fraction", type=float, default=None, help="fraction of patient groups for validation (default 0.2)")
+    add("--seed", type=int, default=None, help="default 0")
+    add("--limit", type=int, default=None, help="train on a seeded subset of N images (0: all)")
+    add("--device", choices=("auto", "cpu", "cuda"), default=None, help="default auto")
+    add("--no-amp", action="store_true", help="CUDA: no bf16 autocast")
+    add("--no-channels-last", action="store_true", help="NCHW instead of channels_last")
+    add("--compile", action="store_true", help="CUDA: torch.compile the model")
+    add("--cache-dir", default=None, help="preprocessing cache folder (default <out>/../.cache)")
+    add("--lr-find", action="store_true", help="run the LR finder first (lr_find.png, lr_find.json), then train")
+    add("--lr-find-only", action="store_true", help="run the LR finder and stop")
+    train.set_defaults(func=train_command)
+
+
 def add_parsers(subparsers) -> None:
     """Register ``train``, ``export`` and ``evaluate`` on an ``argparse`` subparsers object."""
-    train = subparsers.add_parser("train", help="fine-tune the pneumonia model (needs the train extra: torch, monai)",
-                                  description="Fine-tune EfficientNet-Lite0 from ImageNet weights on Kermany pneumonia.")
-    train.add_argument("--data", default=DEFAULT_DATA, help=f"kermany-pneumonia-224 folder (default {DEFAULT_DATA})")
-    train.add_argument("--out", required=True, help="run folder to write (config, metrics, checkpoint)")
-    train.add_argument("--epochs-frozen", type=int, default=1, help="head-only epochs (default 1)")
-    train.add_argument("--epochs", type=int, default=1, help="unfrozen epochs (default 1)")
-    train.add_argument("--size-frozen", type=int, default=160, help="image size of the head-only epochs (default 160)")
-    train.add_argument("--size", type=int, default=224, help="image size of the unfrozen epochs (default 224)")
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--lr", type=float, default=2e-3, help="head learning rate; the body gets lr/2 down to lr/200")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--limit", type=int, default=0, help="train on a seeded subset of N images (0: all)")
-    train.set_defaults(func=train_command)
+    add_train_parser(subparsers)
 
     export = subparsers.add_parser("export", help="export a training run to a model bundle (ONNX + manifest + card)",
                                    description="Export to ONNX (logits, in-graph CAM, pooled features), check parity "

