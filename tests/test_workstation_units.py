@@ -188,3 +188,10 @@ def test_bad_flag_is_an_error_with_the_fix(tmp_path, capsys):
 
     assert main(["workstation", "--flag-rate", "2", "--inbox", str(tmp_path)]) == 1
     assert "flag_rate" in capsys.readouterr().err
+
+
+def test_the_service_listens_with_the_configured_network_limits(tmp_path):
+    config = Config(port=0, inbox=tmp_path / "inbox", audit_db=tmp_path / "audit.sqlite",
+                    bundle=build_tiny_bundle(tmp_path / "tiny"), device="cpu", max_associations=3, max_pdu_bytes=8192)
+    station = Workstation(config)
+    assert (station.scp.max_associations, station.scp.max_pdu_bytes) == (3, 8192)

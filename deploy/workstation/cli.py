@@ -13,7 +13,7 @@ from triage.errors import TriageError
 from .config import ConfigError, load_config
 
 _OVERRIDES = ("port", "ae_title", "allow_ae", "inbox", "audit_db", "destinations", "flag_rate", "quiet_period_s",
-              "max_wait_s", "bundle", "device", "notify_command")
+              "max_wait_s", "bundle", "device", "notify_command", "max_associations", "max_pdu_bytes")
 
 
 def _config(args: argparse.Namespace):
@@ -57,7 +57,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ae-title", dest="ae_title", help="our AE title (default CXR_TRIAGE)")
     parser.add_argument("--allow-ae", dest="allow_ae", nargs="+", metavar="AE", help="calling AE titles allowed to send")
     parser.add_argument("--inbox", help="working folder: incoming/, studies/, outbox/ (default ./cxr-triage-inbox)")
-    parser.add_argument("--audit-db", dest="audit_db", help="SQLite audit store (default ./cxr-triage-audit.sqlite)")
+    parser.add_argument("--audit-db", dest="audit_db",
+                        help="SQLite file or postgresql:// URL (default ./cxr-triage-audit.sqlite)")
+    parser.add_argument("--max-associations", dest="max_associations", type=int,
+                        help="concurrent DICOM associations; the next caller is rejected (default 10)")
+    parser.add_argument("--max-pdu", dest="max_pdu_bytes", type=int, metavar="BYTES",
+                        help="maximum PDU length we accept (default 16382)")
     parser.add_argument("--destination", dest="destinations", nargs="+", metavar="AE@HOST:PORT",
                         help="where reports are sent by C-STORE")
     parser.add_argument("--flag-rate", dest="flag_rate", type=float, help="target fraction of studies flagged (default 0.05)")

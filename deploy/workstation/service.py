@@ -59,7 +59,7 @@ class Workstation:
         self.recalibrator = SiteRecalibrator(self.bundle.threshold, config.flag_rate, config.window, config.min_history)
         self.guard = StarvationGuard(config.max_wait_s)
         self.scp = StorageSCP(config.ae_title, config.allow_ae, config.studies_dir, self.arrivals.put,
-                              config.host, config.port)
+                              config.host, config.port, config.max_associations, config.max_pdu_bytes)
         self.outbox = Outbox(config.outbox_dir, config.destinations, config.ae_title,
                              config.retry_base_s, config.retry_max_s)
         self.latencies_ms: list[tuple[str, float]] = []  # (study, last receipt -> audited), for the benchmark

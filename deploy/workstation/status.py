@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from triage.audit import AuditStore
+from triage.audit import AuditStore, is_url
 from triage.bundle import sha256_file
 
 from .config import Config
@@ -23,7 +23,7 @@ def status_lines(config: Config) -> list[str]:
     bundle_sha = state.get("bundle_sha256", "")
     incoming = [p for p in config.incoming_dir.glob("*") if p.is_file()] if config.incoming_dir.is_dir() else []
     outbox = list(config.outbox_dir.glob("*/*.dcm")) if config.outbox_dir.is_dir() else []
-    if not Path(config.audit_db).exists():
+    if not is_url(config.audit_db) and not Path(config.audit_db).exists():
         return [f"audit store {config.audit_db} does not exist yet: the workstation has not run with this config",
                 f"queue: {len(incoming)} dropped file(s) waiting"]
     with AuditStore(config.audit_db, create=False) as store:
