@@ -248,12 +248,14 @@ def test_lr_finder_leaves_the_network_unchanged_and_suggests_a_rate():
 def test_run_writes_the_run_folder_and_is_reproducible(dataset, tmp_path):
     summaries = []
     for name in ("a", "b"):
-        cfg = tiny_config(tmp_path, dataset, out=str(tmp_path / name), lr_find=name == "a")
+        cfg = tiny_config(tmp_path, dataset, out=str(tmp_path / name), lr_find=False)
         summaries.append(run(cfg, log=lambda _: None, max_steps=2))
     a, b = tmp_path / "a", tmp_path / "b"
     for name in ("config.json", "metrics.json", "best.pt", "val_predictions.npz", "curves.png"):
         assert (a / name).is_file(), name
-    assert (a / "lr_find.png").is_file() and json.loads((a / "lr_find.json").read_text())["suggested"] > 0
+    finder = run(tiny_config(tmp_path, dataset, out=str(tmp_path / "f"), lr_find_only=True), log=lambda _: None)
+    assert (tmp_path / "f" / "lr_find.png").is_file() and finder["lr_find"]["suggested"] > 0
+    assert json.loads((tmp_path / "f" / "lr_find.json").read_text())["suggested"] == finder["lr_find"]["suggested"]
     config = json.loads((a / "config.json").read_text())
     for key in ("preprocessing", "findings", "size", "seed", "val_fraction", "split", "recipe", "epochs_frozen", "epochs",
                 "size_frozen", "batch_size", "lr", "lr_mult", "weight_decay", "limit", "device", "code_version"):
@@ -284,3 +286,17 @@ def test_config_file_and_overrides(tmp_path):
     (tmp_path / "bad.json").write_text('{"stagez": []}')
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(tmp_path / "bad.json")
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, "benchmarks/bench_train_gpu.py", "--smoke", "--json", str(out)], cwd=repo, check=True,
+                   capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["smoke"] and result["throughput"][0]["pure_step_images_per_s"] > 0
+    assert result["throughput"][0]["ratio_full_over_pure"] > 0 and result["time_to_auroc"]["wall_seconds"] > 0

@@ -505,6 +505,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int = 0
             f"-> {out / 'lr_find.png'}")
         if cfg.lr_find_only:
             return {"lr_find": {k: result[k] for k in ("suggested", "steep", "min_div_10")}}
+        seed_everything(cfg.seed)  # training then draws the same random numbers with or without the LR finder
 
     val_cache, val_pos, y_val = caches.get(cfg.size), caches.positions(val_idx), y[val_idx]
     history: list[dict[str, Any]] = []
