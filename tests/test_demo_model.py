@@ -1,9 +1,9 @@
 """The bundled demo model on real radiographs, end to end through the real pipeline."""
 
 import csv
-import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -13,14 +13,20 @@ from triage.bundle import load_bundle
 from triage.inference import load_model
 from triage.pipeline import prepare, score_prepared
 
+SAMPLE_CHESTS = sorted((SAMPLES / "kermany").glob("*.dcm")) + [SAMPLES / "dicom" / "philips-cr-chest-pa-j2k.dcm"]
+
 
 @pytest.fixture(scope="module")
 def model():
     return load_model(load_bundle(DEMO_BUNDLE), device="cpu")
 
 
+def decide(model, path):
+    return score_prepared(model, [prepare(str(path), model.bundle.preprocessing)], lambda pid: "")[0]
+
+
 def risk_of(model, path) -> float:
-    decision = score_prepared(model, [prepare(str(path), model.bundle.preprocessing)], lambda pid: "")[0]
+    decision = decide(model, path)
     assert decision.status == "scored", decision.detail
     return decision.risk
 
@@ -28,9 +34,26 @@ def risk_of(model, path) -> float:
 def test_bundle_is_small_verified_and_records_its_validation(model):
     manifest = model.bundle.manifest
     assert sum(p.stat().st_size for p in DEMO_BUNDLE.iterdir()) <= 25 * 2**20
-    assert manifest["metrics"]["validation"]["auroc"] >= 0.97
-    assert manifest["metrics"]["parity"]["max_abs_risk_diff"] <= 1e-4
-    assert "not a medical device" in (DEMO_BUNDLE / "MODEL_CARD.md").read_text().lower()
+    assert manifest["metrics"]["validation"]["auroc"] >= 0.985
+    parity = manifest["metrics"]["parity"]
+    assert parity["max_abs_risk_diff"] <= 1e-4 and parity["pipeline_max_abs_risk_diff"] <= 1e-4
+    assert parity["cam_max_abs_diff"] <= 1e-3
+    assert "samples/dicom/philips-cr-chest-pa-j2k.dcm" in parity["pipeline_files"]
+    assert len(parity["pipeline_files"]) == 13
+    card = (DEMO_BUNDLE / "MODEL_CARD.md").read_text()
+    assert "not a medical device" in card.lower() and "Out-of-distribution gate" in card
+    served = manifest["model"]
+    assert served["precision"] == ("int8" if served.get("int8", {}).get("accepted") else "fp32")
+    if "int8" in served:
+        assert served["int8"]["auroc_drop"] <= 0.005 or not served["int8"]["accepted"]
+
+
+def test_heatmap_of_a_real_radiograph_comes_from_the_onnx_graph(model):
+    x = prepare(str(SAMPLES / "kermany" / "kermany-01.dcm"), model.bundle.preprocessing).model_input[None]
+    logits, cams, features = model.run(x)
+    assert model.has_cam and cams.shape == (1, 1, 7, 7) and features.shape == (1, 1280)
+    tolerance = 1e-4 if model.bundle.manifest["model"]["precision"] == "fp32" else 0.1 * (1 + abs(logits[0, 0]))
+    assert abs(cams[0, 0].mean() - logits[0, 0]) <= tolerance  # the map's mean is the logit
 
 
 def test_same_radiograph_gives_the_same_risk_whatever_the_codec(model, shared_data):
@@ -53,18 +76,33 @@ def test_sample_pneumonias_rank_above_sample_normals(model):
     assert sum(pairs) / len(pairs) >= 0.9
 
 
+def test_ood_gate_catches_the_dog_thorax_and_passes_every_chest_sample(model, shared_data):
+    """The dog's tags say DX THORAX, so only the image can tell; every chest sample (pediatric and adult) is scored."""
+    assert model.ood is not None
+    for path in SAMPLE_CHESTS:
+        assert decide(model, path).status == "scored", path
+    dog = decide(model, shared_data / "dicom" / "out-of-scope" / "dx-thorax-dog-veterinary.dcm")
+    assert (dog.status, dog.reason, dog.risk) == ("human_review", "out_of_distribution", None)
+    assert dog.study_uid and "Fix:" in dog.detail
+
+
 def test_real_shared_dicoms_are_scored_or_routed_with_their_reason(shared_data, tmp_path):
     out = tmp_path / "worklist.csv"
     assert main(["score", str(shared_data / "dicom"), "--out", str(out), "--audit-db", str(tmp_path / "a.sqlite"),
                  "--workers", "2"]) == 0
     with open(out, newline="") as handle:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
-    for name in (p.name for p in (shared_data / "dicom" / "chest").iterdir()):
-        assert rows[name]["status"] == "scored" and 0 <= float(rows[name]["risk"]) <= 1
+    chests = [rows[p.name] for p in (shared_data / "dicom" / "chest").iterdir()]
+    for row in chests:  # adult chests from other vendors: scored, or (a known false refusal, the 440 px ACR-NEMA Fuji
+        # CR, distance 1.50 vs threshold 1.45) routed to a person by the OOD gate; never dropped
+        assert row["status"] == "scored" and 0 <= float(row["risk"]) <= 1 or row["reason"] == "out_of_distribution"
+    assert sum(row["status"] == "scored" for row in chests) >= 4
     for name in ("fuji-cr-hip-mono2-jpegls-lossless.dcm", "fuji-cr-extremity-mono1-j2k-lossy.dcm",
                  "dental-panoramic-mono1-jpeg-lossless-modality-lut.dcm"):
         assert (rows[name]["status"], rows[name]["reason"]) == ("human_review", "body_part_out_of_scope")
         assert rows[name]["study_uid"]  # routed to a person, with the study it belongs to
+    dog = rows["dx-thorax-dog-veterinary.dcm"]
+    assert (dog["status"], dog["reason"]) == ("human_review", "out_of_distribution")
     corrupt = rows["fuji-cr-hip-jpeg-extended-corrupt.dcm"]
     assert (corrupt["status"], corrupt["reason"]) == ("human_review", "decode_failed")
     assert "JPEG Extended" in corrupt["detail"] and "Fix:" in corrupt["detail"]

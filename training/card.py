@@ -142,8 +142,8 @@ Images whose pooled features are far from the training images go to human review
 ({ood['n_components']} components) fitted on {ood['fitted_on']}; threshold {ood['threshold']:.3f}
 = {ood.get('margin', 1.0)} x the {ood['percentile']}th percentile of the distances of {ood['threshold_on']}
 ({ood.get('percentile_distance', ood['threshold']):.3f}); {ood['validation_distance']['flagged_fraction']:.1%} of
-those validation images are over it. The margin keeps adult chest radiographs (a population shift, see above)
-from being refused as non-chests. It is a safety net for images the header checks let through, not a
+those validation images are over it. Adult chest radiographs (a population shift, see above) stay under it;
+the gate is there to refuse images that are not human chest radiographs. It is a safety net for images the header checks let through, not a
 guarantee: an image can be out of scope and still look familiar to the model. At export, over the threshold: {', '.join(caught) or 'none'}; under it:
 {', '.join(passed) or 'none'} (distances in the manifest, `ood.checked`).
 
