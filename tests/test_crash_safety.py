@@ -170,8 +170,9 @@ def test_batch_scorer_killed_at_random_points_then_rerun_decides_each_file_once(
         assert len(list(csv.DictReader(handle))) == FILES
 
 
-def workstation(tmp_path: Path, port: int) -> list[str]:
-    return ["workstation", "--port", str(port), "--allow-ae", CALLER, "--inbox", str(tmp_path / "inbox"),
+def workstation(tmp_path: Path, port: int, bundle: Path) -> list[str]:
+    # the tiny bundle: the default one's out-of-distribution gate would refuse these synthetic images
+    return ["workstation", "--port", str(port), "--bundle", str(bundle), "--allow-ae", CALLER, "--inbox", str(tmp_path / "inbox"),
             "--audit-db", str(tmp_path / "audit.sqlite"), "--quiet-period", "0.2", "--device", "cpu"]
 
 
@@ -183,14 +184,14 @@ def send(port: int, files: list[Path]) -> subprocess.Popen:
 
 @needs_storescu
 @pytest.mark.slow
-def test_workstation_killed_while_receiving_then_restarted_decides_every_study_once(tmp_path, groups):
+def test_workstation_killed_while_receiving_then_restarted_decides_every_study_once(tmp_path, groups, tiny):
     files = write_studies(tmp_path / "sent", 80, seed=1)
     uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     db, port, kills = tmp_path / "audit.sqlite", free_port(), []
     for _ in range(2):
-        groups.append(start(workstation(tmp_path, port), tmp_path / "service.log"))
+        groups.append(start(workstation(tmp_path, port, tiny), tmp_path / "service.log"))
         wait_for(lambda: listening(port), 60, "the service to listen")
         sender = send(port, files)  # a modality resends everything it is unsure of
         target = count(db, "decisions") + rng.randrange(5, 25)
@@ -198,7 +199,7 @@ def test_workstation_killed_while_receiving_then_restarted_decides_every_study_o
         kills.append((target, count(db, "decisions"), sender.poll()))
         kill_group(groups[-1])
         sender.wait(timeout=30)
-    groups.append(start(workstation(tmp_path, port), tmp_path / "service.log"))
+    groups.append(start(workstation(tmp_path, port, tiny), tmp_path / "service.log"))
     wait_for(lambda: listening(port), 60, "the restarted service")
     assert send(port, files).wait(timeout=120) == 0
     context = f"seed {seed}, kills (target, decisions, sender exit): {kills}"
