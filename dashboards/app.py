@@ -20,7 +20,7 @@ import streamlit as st
 
 from dashboards import auth, data
 from deploy.paths import default_bundle_dir
-from triage.audit import AuditStore, default_audit_db
+from triage.audit import AuditStore, default_audit_db, is_url
 from triage.bundle import load_bundle
 from triage.errors import TriageError
 from triage.inference import Model, load_model
@@ -34,14 +34,15 @@ DISPLAY_MAX_SIDE_PX = 1024
 
 @dataclass(frozen=True)
 class Settings:
-    audit_db: Path
+    audit_db: Path | str  # a SQLite file, or a postgresql:// URL
     bundle_dir: Path
     config: Path
 
 
 def settings_from_env() -> Settings:
     """Paths from the environment, with the CLI's defaults."""
-    audit_db = Path(os.environ.get("CXR_DASHBOARD_AUDIT_DB") or default_audit_db())
+    target = os.environ.get("CXR_DASHBOARD_AUDIT_DB") or default_audit_db()
+    audit_db = str(target) if is_url(target) else Path(target)
     bundle_dir = Path(os.environ.get("CXR_DASHBOARD_BUNDLE") or default_bundle_dir())
     return Settings(audit_db, bundle_dir, auth.default_config_path(audit_db))
 
@@ -412,7 +413,7 @@ def main() -> None:
     user = login_view(settings)
     if user is None:
         return
-    if not settings.audit_db.is_file():
+    if not is_url(settings.audit_db) and not settings.audit_db.is_file():
         st.error(f"{settings.audit_db}: no audit store here. Fix: pass --audit-db the store the scorer wrote")
         return
     version = data.data_version(settings.audit_db)

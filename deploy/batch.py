@@ -73,8 +73,8 @@ def list_inputs(paths: Iterable[str]) -> list[str]:
 _WORKER: dict[str, object] = {}
 
 
-def _init_worker(spec: PreprocessSpec, known: frozenset[tuple[str, str]]) -> None:
-    _WORKER["spec"], _WORKER["known"] = spec, known
+def _init_worker(spec: PreprocessSpec, reduced: frozenset[str], known: frozenset[tuple[str, str]]) -> None:
+    _WORKER["spec"], _WORKER["reduced"], _WORKER["known"] = spec, reduced, known
 
 
 def _prepare_unless_known(path: str) -> Prepared | Known:
@@ -82,10 +82,10 @@ def _prepare_unless_known(path: str) -> Prepared | Known:
     digest = sha256_or_empty(path)
     if (path, digest) in _WORKER["known"]:
         return Known(path, digest)
-    return prepare(path, _WORKER["spec"])
+    return prepare(path, _WORKER["spec"], _WORKER["reduced"])
 
 
-def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, known: frozenset[tuple[str, str]],
+def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, reduced: frozenset[str], known: frozenset[tuple[str, str]],
                      workers: int, decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> Iterator[Prepared | Known]:
     """Prepare files in ``workers`` processes (in this process when workers <= 1), in order.
 
@@ -94,10 +94,10 @@ def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, known: frozense
     the file goes to human review as ``decode_failed`` or ``decode_timeout``.
     """
     if workers <= 1:
-        _init_worker(spec, known)
+        _init_worker(spec, reduced, known)
         yield from map(_prepare_unless_known, files)
         return
-    with Decoder(workers, decode_timeout_s, _init_worker, (spec, known)) as decoder:
+    with Decoder(workers, decode_timeout_s, _init_worker, (spec, reduced, known)) as decoder:
         yield from decoder.map(_prepare_unless_known, files)
 
 
@@ -255,7 +255,8 @@ def _score_new_files(files: Sequence[str], model: Model, store: AuditStore, know
     """Drafts for the files this bundle has not scored (saved as pending per batch), and the keys it had."""
     fresh: list[Decision] = []
     seen_known: list[tuple[str, str]] = []
-    stream = _prepared_stream(files, model.bundle.preprocessing, known, workers, decode_timeout_s)
+    stream = _prepared_stream(files, model.bundle.preprocessing, model.bundle.reduced_decode, known, workers,
+                              decode_timeout_s)
     with tqdm(total=len(files), unit="file", disable=None if progress is None else not progress, file=sys.stderr) as bar:
         for batch in _batches(stream, BATCH_SIZE):
             seen_known += [(item.path, item.sha256) for item in batch if isinstance(item, Known)]

@@ -107,7 +107,7 @@ def score_chunk(paths: Sequence[str], bundle_dir: str, bundle_sha256: str, devic
         if digest in known.get(path, ()):
             seen.append((path, digest))
         else:
-            prepared.append(prepare(path, model.bundle.preprocessing))
+            prepared.append(prepare(path, model.bundle.preprocessing, model.bundle.reduced_decode))
     drafts = score_prepared(model, prepared, lambda _: "", run_id)  # the client pseudonymizes
     patient_ids = [None if p.meta is None else p.meta.patient_id for p in prepared]
     return ChunkResult(drafts, patient_ids, seen, model.provider)

@@ -15,6 +15,7 @@ pytest.importorskip("streamlit", reason="the dashboard extra is not installed: p
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dashboards import auth, data  # noqa: E402
+from tests.pg import pg_server, pg_url  # noqa: E402,F401 (fixtures)
 from tests.tiny_bundle import build_tiny_bundle  # noqa: E402
 from triage.audit import AuditStore, Decision  # noqa: E402
 
@@ -286,3 +287,23 @@ def test_worklist_filters(store: Path) -> None:
     assert ids(data.WorklistFilter(flagged_only=True)) == [5, 2]
     assert ids(data.WorklistFilter(start=today, end=today)) == [5, 2, 4, 1, 6, 3]
     assert ids(data.WorklistFilter(start=today + pd.Timedelta(days=1))) == []
+
+
+def test_worklist_and_reviews_on_a_postgresql_store(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same pages on a postgresql:// store: worklist order, a review recorded in the server's chain."""
+    with AuditStore(pg_url) as s:
+        s.append_decisions([decision(0, 0.30), decision(1, 0.995, True), decision(2, 0.80)])
+    users = tmp_path / auth.CONFIG_FILENAME
+    auth.add_user(users, "alice", PASSWORD)
+    monkeypatch.setenv("CXR_DASHBOARD_AUDIT_DB", pg_url)
+    monkeypatch.setenv(auth.CONFIG_ENV, str(users))
+    monkeypatch.setenv("CXR_TRIAGE_SECRET", str(tmp_path / "site-secret.key"))
+    app = logged_in(AppTest.from_file(APP, default_timeout=30))
+    assert not app.exception
+    assert app.dataframe[0].value["id"].tolist() == [2, 3, 1]
+    app.sidebar.radio(key="page").set_value("Study").run()
+    app.button(key="agree-2").click().run()
+    assert not app.exception
+    with AuditStore(pg_url, create=False) as s:
+        assert [(r["decision_id"], r["reviewer"]) for r in s.reviews_for("1.2.3.1")] == [(2, "alice")]
+        assert s.verify().ok

@@ -23,6 +23,7 @@ from deploy.workstation.config import Config, ConfigError, Destination, load_con
 from deploy.workstation.inbox import InvalidUIDError, check_uid, instance_path
 from deploy.workstation.service import Workstation
 from deploy.workstation.status import status_lines
+from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import AuditStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,17 +84,29 @@ def start_station(config: Config):
     return station, stop, thread
 
 
-@pytest.fixture
-def station(tmp_path, storescp):
-    """An in-process workstation on a free port, reports to storescp; stopped at teardown."""
-    destination, _ = storescp
+def running_station(tmp_path: Path, destination: Destination, bundle: Path | None):
+    """An in-process workstation on a free port reporting to ``destination``; stopped when the generator ends."""
     config = Config(port=0, allow_ae=(CALLER,), inbox=tmp_path / "inbox", audit_db=tmp_path / "audit.sqlite",
-                    destinations=(destination,), quiet_period_s=0.3, poll_s=0.1, retry_base_s=0.2, device="cpu")
+                    destinations=(destination,), quiet_period_s=0.3, poll_s=0.1, retry_base_s=0.2, device="cpu",
+                    bundle=bundle)
     station, stop, thread = start_station(config)
     yield station
     stop.set()
     thread.join(timeout=20)
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def station(tmp_path, storescp):
+    """A workstation with the bundled model, reports to storescp; stopped at teardown."""
+    yield from running_station(tmp_path, storescp[0], None)
+
+
+@pytest.fixture
+def tiny_station(tmp_path, storescp):
+    """A workstation with the tiny bundle: it scores synthetic images, which the default
+    bundle's out-of-distribution gate rightly refuses."""
+    yield from running_station(tmp_path, storescp[0], build_tiny_bundle(tmp_path / "tiny"))
 
 
 # storescu proposes uncompressed syntaxes unless told which compressed one the file uses.
@@ -176,25 +189,25 @@ def test_unsupported_sop_class_is_refused_and_bad_uids_get_cannot_understand(sta
 
 
 @needs_dcmtk
-def test_late_instance_rescores_and_appends_a_superseding_record(station, make_dicom, tmp_path):
+def test_late_instance_rescores_and_appends_a_superseding_record(tiny_station, make_dicom, tmp_path):
     first = make_dicom("first.dcm", modality="CR")
     ds = dcmread(first)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     second = tmp_path / "second.dcm"
     ds.save_as(second)
-    study, db = str(ds.StudyInstanceUID), station.config.audit_db
-    assert storescu(station.scp.port, first).returncode == 0
+    study, db = str(ds.StudyInstanceUID), tiny_station.config.audit_db
+    assert storescu(tiny_station.scp.port, first).returncode == 0
     original = wait_for(lambda: decisions(db, study_uid=study), what="the first decision")
     assert len(original) == 1 and original[0]["supersedes"] is None
-    assert storescu(station.scp.port, second).returncode == 0
+    assert storescu(tiny_station.scp.port, second).returncode == 0
     rows = wait_for(lambda: len(decisions(db, study_uid=study)) == 3 and decisions(db, study_uid=study), what="rescore")
     again = {r["path"]: r for r in rows[1:]}
     assert again.pop(original[0]["path"])["supersedes"] == original[0]["id"]
     assert [r["supersedes"] for r in again.values()] == [None]
     assert rows[1]["study_risk"] == rows[2]["study_risk"] == max(rows[1]["risk"], rows[2]["risk"])
-    assert storescu(station.scp.port, second).returncode == 0  # a resend of the same bytes decides nothing new
+    assert storescu(tiny_station.scp.port, second).returncode == 0  # a resend of the same bytes decides nothing new
     time.sleep(0)  # the next check is bounded by the service's own loop
-    wait_for(lambda: not station.assembler.last_arrival_ and station.arrivals.empty(), what="the resend to settle")
+    wait_for(lambda: not tiny_station.assembler.last_arrival_ and tiny_station.arrivals.empty(), what="the resend to settle")
     assert len(decisions(db, study_uid=study)) == 3
 
 
@@ -324,18 +337,18 @@ def test_killed_mid_transfer_and_restarted_loses_nothing_and_decides_once(tmp_pa
 
 @needs_dcmtk
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the decoder process")
-def test_a_killed_decoder_process_costs_no_study(station, make_dicom):
+def test_a_killed_decoder_process_costs_no_study(tiny_station, make_dicom):
     from tests.processes import grandchildren
 
     first, second = make_dicom("first.dcm", modality="CR"), make_dicom("second.dcm", modality="CR")
-    assert storescu(station.scp.port, first).returncode == 0
+    assert storescu(tiny_station.scp.port, first).returncode == 0
     uid = str(dcmread(first, stop_before_pixels=True).StudyInstanceUID)
-    wait_for(lambda: decisions(station.config.audit_db, study_uid=uid), what="the first decision")
+    wait_for(lambda: decisions(tiny_station.config.audit_db, study_uid=uid), what="the first decision")
     victims = grandchildren(os.getpid())
     assert victims, "no decoder process found"
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
-    assert storescu(station.scp.port, second).returncode == 0
+    assert storescu(tiny_station.scp.port, second).returncode == 0
     uid = str(dcmread(second, stop_before_pixels=True).StudyInstanceUID)
-    row = wait_for(lambda: decisions(station.config.audit_db, study_uid=uid), what="the second decision")[0]
+    row = wait_for(lambda: decisions(tiny_station.config.audit_db, study_uid=uid), what="the second decision")[0]
     assert row["status"] == "scored"  # decoded alone after the crash, then a fresh decoder took over

@@ -301,7 +301,8 @@ def score_bundle(path: str | Path, images: EvalSet, batch_size: int = 32, device
     logits, ok, unscorable = [], np.zeros(len(images.paths), bool), []
     start = time.perf_counter()
     for first in range(0, len(images.paths), batch_size):
-        prepared = [prepare(p, bundle.preprocessing) for p in images.paths[first:first + batch_size]]
+        prepared = [prepare(p, bundle.preprocessing, bundle.reduced_decode)
+                    for p in images.paths[first:first + batch_size]]
         for offset, item in enumerate(prepared):
             ok[first + offset] = item.model_input is not None
             if item.model_input is None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triage.bundle import load_bundle, write_manifest
+from triage.decode import OVERSAMPLE, RISK_TOLERANCE
 from triage.errors import TriageError
 from triage.inference import calibrated_risk, load_model, sigmoid
 from triage.ood import fit_gate, save_gate, threshold_at
@@ -65,6 +66,7 @@ OOD_MARGIN = 1.0
 INT8_MAX_AUROC_DROP, INT8_CALIBRATION_IMAGES = 0.005, 300
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ("samples/kermany/*.dcm", "samples/dicom/*.dcm")  # unscorable ones (out of scope) are skipped
+REDUCED_DECODE_FILES = ("samples/dicom/*.dcm", "tests/data/reduced/*.dcm")
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
 
 
@@ -441,6 +443,49 @@ def ood_report(bundle_dir: Path, files: Sequence[Path]) -> dict[str, Any]:
     return report
 
 
+# --- reduced decode -----------------------------------------------------------------------------
+
+
+def reduced_decode_files() -> list[Path]:
+    """Real compressed chest radiographs for the reduced-decode check: the samples, the test JPEG baseline
+    and, when the shared data is beside the checkout, its chest files."""
+    shared = sorted((SHARED_DICOM / "chest").glob("*.dcm")) if SHARED_DICOM.is_dir() else []
+    return pipeline_files(REDUCED_DECODE_FILES) + shared
+
+
+def reduced_decode_diffs(bundle_dir: Path, files: Sequence[Path]) -> dict[str, list[tuple[str, float]]]:
+    """Per codec family: (file, |risk of a reduced decode - risk of a full decode|) for each file the
+    reduced path changes. Files that are not in scope or not reducible are skipped."""
+    from triage.decode import codec_family, decode_size
+    from triage.errors import BadInputError
+    from triage.ingest import read_radiograph
+    from triage.preprocess import preprocess
+
+    model = load_model(load_bundle(bundle_dir), device="cpu")
+    spec, column = model.bundle.preprocessing, model.bundle.findings.index(model.bundle.triage_finding)
+    diffs: dict[str, list[tuple[str, float]]] = {}
+    for path in files:
+        try:
+            full, reduced = read_radiograph(path), read_radiograph(path, reduce_to=decode_size(spec))
+        except BadInputError:
+            continue
+        if reduced.pixels.shape == full.pixels.shape:
+            continue
+        x = np.stack([preprocess(full, spec), preprocess(reduced, spec)])
+        risks = calibrated_risk(model.run(x, cams=False, features=False).logits, model.temperatures)[:, column]
+        diffs.setdefault(codec_family(full.dataset), []).append((relative(path), abs(float(risks[1] - risks[0]))))
+    return diffs
+
+
+def decode_section(diffs: dict[str, list[tuple[str, float]]], tolerance: float = RISK_TOLERANCE) -> dict[str, Any]:
+    """The manifest's ``decode`` section: reduce a codec family only when no checked file of it moved by more
+    than ``tolerance``; a family with no checked file stays at full decode."""
+    checked = {family: {"files": [name for name, _ in rows], "max_abs_risk_diff": round(max(d for _, d in rows), 6)}
+               for family, rows in sorted(diffs.items())}
+    return {"reduced": [family for family, c in checked.items() if c["max_abs_risk_diff"] <= tolerance],
+            "oversample": OVERSAMPLE, "tolerance": tolerance, "checked": checked}
+
+
 # --- the manifest -----------------------------------------------------------------------------------
 
 
@@ -587,6 +632,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, data_dir: str | Path | N
     caught = [f for f, r in manifest["ood"]["checked"].items() if r["over_threshold"]]
     log(f"OOD gate over threshold: {caught}")
     parity["served_pipeline_max_abs_risk_diff"] = verify_served(out, parity, served_out is not fp32)
+    manifest["decode"] = decode_section(reduced_decode_diffs(out, reduced_decode_files()))
+    log(f"reduced decode: {manifest['decode']['reduced'] or 'none'} within {RISK_TOLERANCE} "
+        f"({ {f: c['max_abs_risk_diff'] for f, c in manifest['decode']['checked'].items()} })")
     write_model_card(out / "MODEL_CARD.md", manifest)
     write_manifest(out, manifest)
     bundle = load_bundle(out)

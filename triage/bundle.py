@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .decode import CODECS
 from .errors import BundleError
 from .preprocess import PreprocessSpec
 
@@ -96,6 +97,13 @@ class Bundle:
         return self.manifest.get("ood")
 
     @property
+    def reduced_decode(self) -> frozenset[str]:
+        """The codec families (``triage.decode.CODECS``) this model scores at reduced resolution:
+        those whose reduced decode the export checked to move no risk by more than 0.01. Empty
+        (always a full decode) for bundles without a ``decode`` section."""
+        return frozenset((self.manifest.get("decode") or {}).get("reduced", ()))
+
+    @property
     def triage_finding(self) -> str:
         return self.manifest["operating_point"]["finding"]
 
@@ -141,6 +149,11 @@ def _schema_problems(manifest: dict[str, Any]) -> list[str]:
             problems.append("ood must be an object with 'file' and 'threshold'")
         elif "features" not in model.get("outputs", {}):
             problems.append("ood needs model.outputs.features (the pooled features it measures)")
+    decode = manifest.get("decode")
+    if decode is not None:
+        reduced = decode.get("reduced") if isinstance(decode, dict) else None
+        if not isinstance(reduced, list) or not set(reduced) <= set(CODECS):
+            problems.append(f"decode.reduced must be a list of codec families among {sorted(CODECS)}")
     temperatures = manifest["calibration"].get("temperature", {})
     for finding in findings:
         t = temperatures.get(finding)

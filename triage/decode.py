@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+from collections.abc import Collection
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -46,6 +47,10 @@ the Philips chest CR (JPEG 2000, 1955x1841): the level just above 224 px (245x23
 the risk by 0.02-0.12, twice that (489x461) by 0.02-0.03, four times (978x921) by < 0.01:
 the model reads texture that the wavelet low-pass removes and a resampling filter keeps."""
 J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
+CODECS = {"jpeg2000": J2K_SYNTAXES, "jpeg_baseline": frozenset({JPEGBaseline8Bit})}
+"""The codec families with a reduced decode, by the name a bundle manifest uses (``decode.reduced``)."""
+RISK_TOLERANCE = 0.01
+"""A bundle enables a family only when its reduced decode moved no checked file's risk by more than this."""
 JPEG_SCALES = (8, 4, 2)  # DCT scaling denominators libjpeg offers, largest first
 SPACING_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
 J2K_SOC, J2K_SIZ, J2K_COD, J2K_COC, J2K_SOT = 0xFF4F, 0xFF51, 0xFF52, 0xFF53, 0xFF90
@@ -59,15 +64,22 @@ def decode_size(spec: PreprocessSpec) -> tuple[int, int]:
     return spec.size[0] * OVERSAMPLE, spec.size[1] * OVERSAMPLE
 
 
-def decode_reduced(ds: Dataset, at_least: tuple[int, int]) -> np.ndarray | None:
+def codec_family(ds: Dataset) -> str | None:
+    """The ``CODECS`` family of the data set's transfer syntax, or None when it has no reduced decode."""
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    return next((name for name, syntaxes in CODECS.items() if syntax in syntaxes), None)
+
+
+def decode_reduced(ds: Dataset, at_least: tuple[int, int], codecs: Collection[str] = tuple(CODECS)) -> np.ndarray | None:
     """Stored values at the smallest reduced resolution >= ``at_least`` (rows, cols), or ``None``.
 
     ``ds`` is a checked single-frame monochrome data set with Pixel Data (7FE0,0010).
+    Only the codec families named in ``codecs`` are reduced (see ``CODECS``).
     On success the geometry tags of ``ds`` are rewritten to the returned shape.
     """
-    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
-    if syntax not in J2K_SYNTAXES and syntax != JPEGBaseline8Bit:
+    if codec_family(ds) not in codecs:
         return None
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
     if (integer(ds, "NumberOfFrames") or 1) != 1 or (integer(ds, "SamplesPerPixel") or 1) != 1:
         return None
     try:

@@ -20,6 +20,7 @@ import io
 import math
 import struct
 import zlib
+from collections.abc import Collection
 from os import PathLike
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, RLELossless, generate_uid)
 
-from .decode import decode_reduced
+from .decode import CODECS, decode_reduced
 from .errors import BadInputError, OutOfScopeError
 from .radiograph import ImageMeta, Radiograph
 from .scope import MAX_DECODED_BYTES, MIN_SIDE_PX, check_anatomy, check_format, integer
@@ -60,7 +61,7 @@ IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.
 
 
 def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX,
-                    reduce_to: tuple[int, int] | None = None) -> Radiograph:
+                    reduce_to: tuple[int, int] | None = None, reduce_codecs: Collection[str] = tuple(CODECS)) -> Radiograph:
     """Read a DICOM, PNG or JPEG file into a checked, decoded ``Radiograph``.
 
     The file is read once; its sha256 is of those bytes. ``pixels`` is (rows, cols):
@@ -68,18 +69,19 @@ def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX
     (0028,0101) and Pixel Representation (0028,0103)); for PNG/JPEG uint8 grey, or
     uint16 for a 16-bit PNG. Images with fewer than ``min_side_px`` rows or columns are
     out of scope. Raises ``BadInputError``/``OutOfScopeError`` for any bad input.
-    ``reduce_to`` (rows, cols), e.g. the model's input size: decode JPEG 2000 / 8-bit JPEG
-    baseline DICOM at the smallest reduced resolution still at least that size, with
-    Rows/Columns/spacing of ``dataset`` rewritten to match (``triage.decode``); else full size.
+    ``reduce_to`` (rows, cols), e.g. ``triage.decode.decode_size(spec)``: decode JPEG 2000 / 8-bit
+    JPEG baseline DICOM (the families of ``reduce_codecs``) at the smallest reduced resolution
+    still at least that size, with Rows/Columns/spacing of ``dataset`` rewritten to match
+    (``triage.decode``); else full size.
     """
     data = read_bytes(path)
     sha256 = hashlib.sha256(data).hexdigest()
     if is_dicom_part10(data):
-        return read_dicom(str(path), data, sha256, min_side_px, reduce_to)
+        return read_dicom(str(path), data, sha256, min_side_px, reduce_to, reduce_codecs)
     if data.startswith((PNG_MAGIC, JPEG_MAGIC)):
         return read_image(str(path), data, sha256, min_side_px)
     if may_be_acr_nema(data):
-        return read_dicom(str(path), data, sha256, min_side_px, reduce_to)
+        return read_dicom(str(path), data, sha256, min_side_px, reduce_to, reduce_codecs)
     raise BadInputError(
         str(path), "not_dicom", f"the file ({len(data)} bytes) has no DICOM 'DICM' prefix at byte 128, "
         "is not an ACR-NEMA data set and is not a PNG or JPEG image",
@@ -120,7 +122,7 @@ def derived_uid(sha256: str, part: str) -> str:
 
 
 def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int,
-               reduce_to: tuple[int, int] | None = None) -> Radiograph:
+               reduce_to: tuple[int, int] | None = None, reduce_codecs: Collection[str] = tuple(CODECS)) -> Radiograph:
     """DICOM bytes -> Radiograph: parse, check the header, then decode."""
     ds = parse_dicom(path, data)
     try:
@@ -130,7 +132,7 @@ def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int,
         check_display_attributes(ds, path)
         ensure_transfer_syntax(ds, path)
         check_codestream_size(ds, path)
-        pixels = decode_reduced(ds, reduce_to) if reduce_to else None
+        pixels = decode_reduced(ds, reduce_to, reduce_codecs) if reduce_to else None
         if pixels is None:
             pixels = decode_pixels(ds, path)
         check_anatomy(ds, path)

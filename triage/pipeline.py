@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .audit import Decision
 from .bundle import Bundle, sha256_file
+from .decode import decode_size
 from .errors import BadInputError
 from .inference import Model, calibrated_risk
 from .ingest import read_radiograph
@@ -47,11 +48,16 @@ class Prepared:
     decode_ms: float = 0.0
 
 
-def prepare(path: str, spec: PreprocessSpec) -> Prepared:
-    """Read, check and preprocess one file. Bad input becomes a ``Prepared`` with a reason."""
+def prepare(path: str, spec: PreprocessSpec, reduced_decode: Collection[str] = ()) -> Prepared:
+    """Read, check and preprocess one file. Bad input becomes a ``Prepared`` with a reason.
+
+    ``reduced_decode``: the codec families to decode at reduced resolution (a bundle's
+    ``Bundle.reduced_decode``); other files are decoded at full size.
+    """
     start = time.perf_counter()
     try:
-        radiograph = read_radiograph(path)
+        radiograph = read_radiograph(path, reduce_to=decode_size(spec) if reduced_decode else None,
+                                     reduce_codecs=reduced_decode)
         model_input = preprocess(radiograph, spec)
     except BadInputError as error:
         elapsed_ms = (time.perf_counter() - start) * 1000
@@ -152,6 +158,6 @@ def scored_study_risks(decisions: Iterable[Decision]) -> dict[str, float]:
 def triage_files(paths: Sequence[str], model: Model, pseudonymize: Callable[[str], str],
                  flag_rate: float, run_id: str = "") -> list[Decision]:
     """Score ``paths`` and flag the riskiest ``flag_rate`` of their studies (batch mode)."""
-    drafts = score_prepared(model, [prepare(p, model.bundle.preprocessing) for p in paths], pseudonymize, run_id)
+    drafts = score_prepared(model, [prepare(p, model.bundle.preprocessing, model.bundle.reduced_decode) for p in paths], pseudonymize, run_id)
     risks = scored_study_risks(drafts)
     return finalize(drafts, flag_top_k(risks, flag_rate), risks)

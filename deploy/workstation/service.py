@@ -214,10 +214,10 @@ class Workstation:
     def _prepare_all(self, paths: list[str]) -> list[Prepared]:
         """Decode and preprocess in the decoder process (see ``deploy.isolation.Decoder``): a file that
         crashes it or runs past the decode timeout goes to human review, and a fresh decoder takes over."""
-        spec = self.bundle.preprocessing
+        spec, reduced = self.bundle.preprocessing, self.bundle.reduced_decode
         if self._decoder is None:
-            return [prepare(p, spec) for p in paths]
-        prepared = list(self._decoder.map(prepare, paths, spec))
+            return [prepare(p, spec, reduced) for p in paths]
+        prepared = list(self._decoder.map(prepare, paths, spec, reduced))
         for item in prepared:
             if item.reason in ("decode_failed", "decode_timeout") and "process" in item.detail:
                 log.error("%s", item.detail)
