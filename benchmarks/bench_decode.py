@@ -7,7 +7,8 @@ For each real chest file (one per codec), ``--rounds`` times, alternating full a
   |d risk|    |risk(reduced) - risk(full)|
 Reduced decode is ``read_radiograph(path, reduce_to=decode_size(spec))`` (triage.decode: 4 x the model
 input). The "1x" columns decode at the level just above the model input instead (reduce_to=spec.size):
-faster, but further from the full-decode risk.
+faster, but further from the full-decode risk. "served" says whether the bundle reduces that codec when it
+scores (its manifest's ``decode.reduced``: only codecs its export measured within 0.01 of a full decode).
 
 Usage: python benchmarks/bench_decode.py [--bundle DIR] [--rounds 5]
 """
@@ -19,11 +20,12 @@ import statistics
 import time
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from deploy.paths import default_bundle_dir
 from triage.bundle import load_bundle
-from triage.decode import decode_size
+from triage.decode import codec_family, decode_size
 from triage.inference import load_model
 from triage.ingest import read_radiograph
 from triage.preprocess import preprocess
@@ -63,7 +65,8 @@ def main() -> None:
     print(f"bundle {bundle.name} {bundle.version}, provider {model.provider}, reduce_to {target}, "
           f"median of {args.rounds} interleaved rounds; absolute ms are on a shared CPU, the ratios are the result")
     print(f"{'codec':<26} {'full px':>11} {'reduced px':>11} {'full ms':>8} {'red. ms':>8} {'decode x':>8} "
-          f"{'score x':>8} {'|d risk|':>8} {'1x px':>9} {'1x score x':>10} {'1x |d risk|':>11}")
+          f"{'score x':>8} {'|d risk|':>8} {'served':>7} {'1x px':>9} {'1x score x':>10} {'1x |d risk|':>11}")
+    served = lambda path: "reduced" if codec_family(dcmread(path, stop_before_pixels=True)) in bundle.reduced_decode else "full"  # noqa: E731
     for codec, path in FILES.items():
         if not Path(path).is_file():
             print(f"{codec:<26} (skipped: {path} is absent)")
@@ -79,7 +82,7 @@ def main() -> None:
         f_score, r_score = (statistics.median(t[1] for t in runs) for runs in (full, reduced))
         shape = lambda runs: "x".join(map(str, runs[0][3]))  # noqa: E731
         print(f"{codec:<26} {shape(full):>11} {shape(reduced):>11} {f_dec:8.1f} {r_dec:8.1f} {f_dec / r_dec:8.2f} "
-              f"{f_score / r_score:8.2f} {abs(full[0][2] - reduced[0][2]):8.4f} {shape(one):>9} {f_score / o_score:10.2f} "
+              f"{f_score / r_score:8.2f} {abs(full[0][2] - reduced[0][2]):8.4f} {served(path):>7} {shape(one):>9} {f_score / o_score:10.2f} "
               f"{abs(full[0][2] - one[0][2]):11.4f}")
 
 

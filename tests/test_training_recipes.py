@@ -270,6 +270,8 @@ def test_run_writes_the_run_folder_and_is_reproducible(dataset, tmp_path):
     assert summaries[0]["best"]["val_auroc"] == max(e["val_auroc"] for e in metrics["epochs"])
     net = network_from_config(config)
     net.load_state_dict(torch.load(a / "best.pt", weights_only=True))  # the export's way back in
+    again = load_config(a / "config.json")  # a run's config trains again
+    assert (again.seed, again.stages, again.lr) == (config["seed"], config["stages"], config["lr"])
 
 
 def test_split_shares_no_patient(dataset, tmp_path):

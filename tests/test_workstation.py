@@ -352,3 +352,21 @@ def test_a_killed_decoder_process_costs_no_study(tiny_station, make_dicom):
     uid = str(dcmread(second, stop_before_pixels=True).StudyInstanceUID)
     row = wait_for(lambda: decisions(tiny_station.config.audit_db, study_uid=uid), what="the second decision")[0]
     assert row["status"] == "scored"  # decoded alone after the crash, then a fresh decoder took over
+
+
+def test_a_decode_past_the_configured_timeout_goes_to_human_review(tmp_path, storescp):
+    """A 1.4 kB JPEG 2000 frame that decodes to 16000 x 16000 (seconds of codec time) against --decode-timeout 0.5."""
+    slow = REPO / "tests" / "fuzz" / "slow" / "j2k-16000px-flat.dcm"
+    config = Config(port=0, allow_ae=(CALLER,), inbox=tmp_path / "inbox", audit_db=tmp_path / "audit.sqlite",
+                    destinations=(storescp[0],), quiet_period_s=0.3, poll_s=0.1, retry_base_s=0.2, device="cpu",
+                    bundle=build_tiny_bundle(tmp_path / "tiny"), decode_timeout_s=0.5)
+    station, stop, thread = start_station(config)
+    try:
+        shutil.copy(slow, config.incoming_dir / "slow.dcm")
+        uid = str(dcmread(slow, stop_before_pixels=True).StudyInstanceUID)
+        row = wait_for(lambda: decisions(config.audit_db, study_uid=uid), 60, "the decision")[0]
+        assert (row["status"], row["reason"]) == ("human_review", "decode_timeout")
+        assert "0.5 s" in row["detail"]
+    finally:
+        stop.set()
+        thread.join(timeout=20)

@@ -32,6 +32,7 @@ def test_config_file_then_flags_on_top(tmp_path):
 @pytest.mark.parametrize("text, match", [
     ("prot = 1\n", "unknown key"), ("flag_rate = 1.5\n", "flag_rate"), ('allow_ae = ["A\\\\B"]\n', "AE title"),
     ('destinations = ["PACS:104"]\n', "AE@HOST:PORT"), ("quiet_period_s = -1\n", "quiet_period_s"),
+    ("decode_timeout_s = 0\n", "decode_timeout_s"),
 ])
 def test_bad_config_names_the_key_and_the_fix(tmp_path, text, match):
     path = tmp_path / "ws.toml"

@@ -56,8 +56,8 @@ radiograph shows {finding}, so that a triage tool can put the riskiest studies f
 | metric | value |
 |---|---|
 | AUROC | {val['auroc']:.4f} |
-| ECE (15 bins), before / after temperature scaling | {val['ece_before']:.4f} / {val['ece_after']:.4f} |
-| temperature | {manifest['calibration']['temperature'][finding]:.4f} |
+| ECE (15 bins), before / after calibration | {val['ece_before']:.4f} / {val['ece_after']:.4f} |
+| calibration: risk = sigmoid(logit / T + b) | T = {manifest['calibration']['temperature'][finding]:.4f}, b = {manifest['calibration'].get('bias', {}).get(finding, 0.0):.4f} |
 | threshold (calibrated risk flagging {op['flag_rate']:.0%} of validation) | {op['threshold']:.4f} |
 | at the threshold: sensitivity / specificity / PPV | {opv['sensitivity']:.3f} / {opv['specificity']:.3f} / {opv['ppv']:.3f} |
 | ONNX Runtime vs PyTorch, max abs risk difference ({parity['n_images']} images) | {parity['max_abs_risk_diff']:.1e} |
@@ -65,11 +65,11 @@ radiograph shows {finding}, so that a triage tool can put the riskiest studies f
 
 Validation prevalence is {val['n_positive'] / val['n']:.0%}, far above any real worklist, so PPV here
 overstates PPV in practice; sensitivity at a {op['flag_rate']:.0%} flag rate is low by construction
-(most positives cannot fit in the flagged {op['flag_rate']:.0%}). The temperature and threshold were
+(most positives cannot fit in the flagged {op['flag_rate']:.0%}). The calibration and threshold were
 fitted on the same validation images they are reported on. {pos_weight_note(training)} For reference, Kermany et al. report
 AUROC 0.968 on their held-out test set at full resolution; these figures are not comparable to it.
 
-{int8_text(manifest)}{ood_text(manifest)}## Attribution
+{int8_text(manifest)}{ood_text(manifest)}{recalibration_text(manifest)}## Attribution
 
 Data: Kermany DS, Goldbaum M, Cai W, et al. "Identifying Medical Diagnoses and Treatable Diseases by
 Image-Based Deep Learning". Cell 172(5):1122-1131, 2018. doi:10.1016/j.cell.2018.02.010.
@@ -127,6 +127,18 @@ Calibration and threshold above are those of the served model.
 """
 
 
+def recalibration_text(manifest: dict[str, Any]) -> str:
+    """Where the calibration came from when ``cxr-triage calibrate`` refitted it (same model)."""
+    source = manifest.get("recalibrated")
+    if not source:
+        return ""
+    before = source.get("ece_before_recalibration")
+    was = f" (its ECE there was {before:.4f})" if isinstance(before, (int, float)) else ""
+    return (f"## Recalibration\n\nThe calibration and threshold were refitted with `cxr-triage calibrate` on the "
+            f"{source['split']} split of `{Path(source['data']).name}` ({source['n_images']} images); the model and the "
+            f"gate are those of {source['from']['name']} {source['from']['version']}{was}.\n\n")
+
+
 def ood_text(manifest: dict[str, Any]) -> str:
     """The out-of-distribution gate: method, threshold, and what it caught at export."""
     ood = manifest.get("ood")
@@ -155,7 +167,7 @@ def pos_weight_note(training: dict[str, Any]) -> str:
     if str(training.get("settings", {}).get("pos_weight", "auto")).lower() in ("none", "1", "1.0"):
         return "Training used no positive-class weight."
     return ("Training used a positive-class weight\n(pos_weight < 1 for this pneumonia-heavy data), which shifts the "
-            "logits; a temperature alone cannot\nremove a shift, so some calibration error remains (see ECE after).")
+            "logits; the calibration's bias term\nremoves a constant shift.")
 
 
 def file_names(paths: list[str]) -> list[str]:

@@ -116,6 +116,37 @@ def add_evaluate_parser(subparsers) -> None:
     evaluate.set_defaults(func=evaluate_command)
 
 
+def calibrate_command(args: argparse.Namespace) -> int:
+    """Write a recalibrated copy of a bundle."""
+    from triage.errors import TriageError
+
+    from .recalibrate import recalibrate_bundle
+
+    try:
+        recalibrate_bundle(args.bundle, args.data, args.out, split=args.split, version=args.version,
+                           log=lambda line: print(line, flush=True))
+    except (FileNotFoundError, TriageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_calibrate_parser(subparsers) -> None:
+    """Register ``calibrate`` (numpy, ONNX Runtime, scipy; no torch)."""
+    calibrate = subparsers.add_parser(
+        "calibrate", help="refit a bundle's calibration and 5%% threshold on labelled images (new bundle folder)",
+        description="Score labelled images with the bundle as served, fit risk = sigmoid(logit / T + b) and the "
+                    "flag-rate threshold, and write a copy of the bundle with them (same model, new version).")
+    calibrate.add_argument("bundle", metavar="BUNDLE", help="bundle folder to recalibrate")
+    calibrate.add_argument("data", metavar="DATA", help="labelled data folder with labels.csv, e.g. " + DEFAULT_DATA)
+    calibrate.add_argument("--out", required=True, help="new bundle folder to write")
+    calibrate.add_argument("--split", choices=("validation", "all"), default="validation",
+                           help="validation: the bundle's own validation split of its training data (default); "
+                                "all: every image of DATA (a site's own labelled studies)")
+    calibrate.add_argument("--version", default=None, help="version of the new bundle (default: the patch version + 1)")
+    calibrate.set_defaults(func=calibrate_command)
+
+
 def add_train_parser(subparsers) -> None:
     """Register ``train``: a config file (TOML/JSON, keys = ``TrainConfig`` fields) and/or flags (flags win)."""
     train = subparsers.add_parser(
@@ -162,7 +193,7 @@ def add_train_parser(subparsers) -> None:
 
 
 def add_parsers(subparsers) -> None:
-    """Register ``train``, ``export`` and ``evaluate`` on an ``argparse`` subparsers object."""
+    """Register ``train``, ``export``, ``evaluate`` and ``calibrate`` on an ``argparse`` subparsers object."""
     add_train_parser(subparsers)
 
     export = subparsers.add_parser("export", help="export a training run to a model bundle (ONNX + manifest + card)",
@@ -177,6 +208,7 @@ def add_parsers(subparsers) -> None:
                              "validation AUROC drops by <= 0.005; ms/image of both go in the manifest")
     export.set_defaults(func=export_command)
     add_evaluate_parser(subparsers)
+    add_calibrate_parser(subparsers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

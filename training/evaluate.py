@@ -160,9 +160,10 @@ def roc_curve_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
 
 def cross_fitted_ece(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray, seed: int = 0,
                      n_bins: int = ECE_BINS) -> float:
-    """ECE when the temperature is fitted on one half of the groups and applied to the other (2-fold).
+    """ECE when the calibration (temperature and bias, as export fits it) is fitted on one half of the
+    groups and applied to the other (2-fold).
 
-    An honest companion to the in-sample ECE when the bundle's temperature was fitted on
+    An honest companion to the in-sample ECE when the bundle's calibration was fitted on
     the same images. NaN when a fold lacks a class.
     """
     logits, labels = np.asarray(logits, np.float64).ravel(), np.asarray(labels, np.float64).ravel()
@@ -173,7 +174,7 @@ def cross_fitted_ece(logits: np.ndarray, labels: np.ndarray, groups: np.ndarray,
     for fit, apply in ((fold_a, ~fold_a), (~fold_a, fold_a)):
         if len(np.unique(labels[fit])) < 2 or not apply.any():
             return float("nan")
-        scaler = TemperatureScaling().fit(logits[fit, None], labels[fit, None])
+        scaler = TemperatureScaling(fit_bias=True).fit(logits[fit, None], labels[fit, None])
         risks[apply] = scaler.predict_proba(logits[apply, None])[:, 0]
     return expected_calibration_error(risks, labels, n_bins)
 
@@ -256,11 +257,17 @@ class Scores:
     spec: PreprocessSpec
     source: dict[str, Any]
     unscorable: list[dict[str, str]] = field(default_factory=list)
+    bias: float = 0.0
+
+    @property
+    def calibrated_logits(self) -> np.ndarray:
+        """logit / temperature + bias (N,) float64: the served risk is its sigmoid."""
+        return self.logits.astype(np.float64) / self.temperature + self.bias
 
     @property
     def risks(self) -> np.ndarray:
-        """Calibrated risks (N,) float64: sigmoid(logit / temperature), as served."""
-        return calibrated_risk(self.logits[:, None], np.array([self.temperature]))[:, 0]
+        """Calibrated risks (N,) float64: sigmoid(logit / temperature + bias), as served."""
+        return calibrated_risk(self.logits[:, None], np.array([self.temperature]), np.array([self.bias]))[:, 0]
 
 
 def source_kind(path: str | Path) -> str:
@@ -317,7 +324,7 @@ def score_bundle(path: str | Path, images: EvalSet, batch_size: int = 32, device
               "calibration_fitted_on": bundle.manifest["calibration"].get("fitted_on", "unknown"),
               "threshold_flag_rate": bundle.flag_rate, "has_heatmaps": "cam" in bundle.manifest["model"]["outputs"]}
     scores = Scores(np.concatenate(logits) if logits else np.zeros(0), bundle.temperature(bundle.triage_finding),
-                    bundle.threshold, bundle.preprocessing, source, unscorable)
+                    bundle.threshold, bundle.preprocessing, source, unscorable, bundle.bias(bundle.triage_finding))
     return scores, ok
 
 
@@ -346,14 +353,14 @@ def score_run(path: str | Path, data_dir: str | Path, images: EvalSet,
     validation = images if images.split.get("name") == "validation" else select_images(
         data_dir, "validation", int(config.get("seed", 0)), float(config.get("val_fraction", 0.2)))
     val_logits = logits if validation is images else run_logits(path, data_dir, validation)[0]
-    scaler = TemperatureScaling().fit(val_logits[:, None], validation.labels[:, None])
-    temperature = float(scaler.temperature_[0])
+    scaler = TemperatureScaling(fit_bias=True).fit(val_logits[:, None], validation.labels[:, None])
+    temperature, bias = float(scaler.temperature_[0]), float(scaler.bias_[0])
     threshold = flag_threshold_for_rate(scaler.predict_proba(val_logits[:, None])[:, 0], FLAG_RATE)
     log(f"run {path}: logits from {how} in {time.perf_counter() - start:.1f} s")
     source = {"kind": "run", "path": str(path), "name": Path(path).name, "logits_from": how,
               "calibration_fitted_on": "validation (fitted here, as export would)", "threshold_flag_rate": FLAG_RATE,
               "has_heatmaps": False}
-    scores = Scores(logits, temperature, threshold, PreprocessSpec.from_dict(config["preprocessing"]), source)
+    scores = Scores(logits, temperature, threshold, PreprocessSpec.from_dict(config["preprocessing"]), source, bias=bias)
     return scores, np.ones(len(images.paths), bool)
 
 
@@ -377,7 +384,7 @@ def compute_metrics(images: EvalSet, scores: Scores, n_boot: int = 1000, seed: i
         return lambda i: metrics_at_flag_rate(risks[i], y[i], FLAG_RATE)[key]
 
     point = auroc(z, y)
-    losses = bce_per_image(z / scores.temperature, y)
+    losses = bce_per_image(scores.calibrated_logits, y)
     flags = {"operating_threshold": risks >= scores.threshold, "flag_rate_5pct": top_k_flags(risks, FLAG_RATE),
              "risk_0.5": risks >= 0.5}
     return {
@@ -388,11 +395,11 @@ def compute_metrics(images: EvalSet, scores: Scores, n_boot: int = 1000, seed: i
         "flag_rate_5pct": {**top_rate, "ppv_ci95": ci_of(at_rate("ppv")), "sensitivity_ci95": ci_of(at_rate("sensitivity"))},
         "risk_0.5": at_half,
         "calibration": {
-            "temperature": scores.temperature, "n_bins": ECE_BINS,
+            "temperature": scores.temperature, "bias": scores.bias, "n_bins": ECE_BINS,
             "ece_calibrated": expected_calibration_error(risks, y, ECE_BINS),
             "ece_uncalibrated": expected_calibration_error(sigmoid(z), y, ECE_BINS),
             "ece_cross_fitted": cross_fitted_ece(z, y, images.groups, seed),
-            "nll_calibrated": binary_nll(z / scores.temperature, y), "nll_uncalibrated": binary_nll(z, y),
+            "nll_calibrated": binary_nll(scores.calibrated_logits, y), "nll_uncalibrated": binary_nll(z, y),
             "brier_calibrated": float(np.mean((risks - y) ** 2)),
             "reliability": reliability_bins(risks, y, ECE_BINS),
         },
@@ -404,7 +411,7 @@ def compute_metrics(images: EvalSet, scores: Scores, n_boot: int = 1000, seed: i
 
 def write_predictions(path: Path, images: EvalSet, scores: Scores) -> Path:
     """One CSV row per scored image: path, label, subtype, patient group, logit, calibrated risk, BCE."""
-    losses = bce_per_image(scores.logits / scores.temperature, images.labels)
+    losses = bce_per_image(scores.calibrated_logits, images.labels)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "subtype", "patient_group", "logit", "risk", "bce"])

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triage.bundle import load_bundle, write_manifest
-from triage.decode import OVERSAMPLE, RISK_TOLERANCE
+from triage.decode import RISK_TOLERANCE
 from triage.errors import TriageError
 from triage.inference import calibrated_risk, load_model, sigmoid
 from triage.ood import fit_gate, save_gate, threshold_at
@@ -45,6 +45,7 @@ from triage.preprocess import PreprocessSpec
 from . import data
 from .calibration import validation_report
 from .card import write_model_card
+from .decode_check import decode_section, reduced_decode_diffs, reduced_decode_files, relative
 from .train import code_version
 
 OPSET = 17
@@ -54,7 +55,7 @@ CAM_TOLERANCE = 1e-3  # max |cam(onnx) - cam(MONAI, torch)| in logit units
 CAM_CHECK_IMAGES = 16
 MIN_PARITY_IMAGES = 64
 MAX_BUNDLE_BYTES = 25 * 1024 * 1024
-NAME, VERSION, FLAG_RATE = "cxr-pneumonia-demo", "0.2.0", 0.05
+NAME, VERSION, FLAG_RATE = "cxr-pneumonia-demo", "0.3.0", 0.05
 INPUT_NAME, OUTPUT_NAME, CAM_NAME, FEATURES_NAME = "image", "logits", "cam", "features"
 OOD_PERCENTILE, OOD_COMPONENTS, OOD_MAX_TRAIN = 100.0, 64, 5000
 # The gate is for images that are not human chest radiographs at all, so its threshold is the largest distance of a
@@ -66,7 +67,6 @@ OOD_MARGIN = 1.0
 INT8_MAX_AUROC_DROP, INT8_CALIBRATION_IMAGES = 0.005, 300
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE_FILES = ("samples/kermany/*.dcm", "samples/dicom/*.dcm")  # unscorable ones (out of scope) are skipped
-REDUCED_DECODE_FILES = ("samples/dicom/*.dcm", "tests/data/reduced/*.dcm")
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
 
 
@@ -213,7 +213,8 @@ def pipeline_files(patterns: Sequence[str] = PIPELINE_FILES, root: Path = REPO) 
 
 
 def pipeline_parity(net: nn.Module, model_path: Path, files: Sequence[Path], spec: PreprocessSpec,
-                    temperatures: np.ndarray, tolerance: float = PIPELINE_TOLERANCE) -> dict[str, Any]:
+                    temperatures: np.ndarray, biases: np.ndarray | None = None,
+                    tolerance: float = PIPELINE_TOLERANCE) -> dict[str, Any]:
     """DICOM file -> calibrated risk with PyTorch vs ONNX Runtime, through triage's decode and preprocessing.
 
     Raises ``ParityError`` above ``tolerance`` or when no file is scorable.
@@ -223,8 +224,8 @@ def pipeline_parity(net: nn.Module, model_path: Path, files: Sequence[Path], spe
     if not used:
         raise ParityError(f"no scorable file among {len(files)} pipeline parity files. Fix: restore samples/")
     x = np.stack([p.model_input for _, p in used])
-    risk_torch = calibrated_risk(torch_logits(net, x), temperatures)
-    risk_onnx = calibrated_risk(onnx_logits(model_path, x), temperatures)
+    risk_torch = calibrated_risk(torch_logits(net, x), temperatures, biases)
+    risk_onnx = calibrated_risk(onnx_logits(model_path, x), temperatures, biases)
     diff = float(np.max(np.abs(risk_torch - risk_onnx)))
     if not diff <= tolerance:
         raise ParityError(f"DICOM -> risk differs between PyTorch and ONNX Runtime by {diff:.2e} (> {tolerance:.0e}) "
@@ -234,15 +235,6 @@ def pipeline_parity(net: nn.Module, model_path: Path, files: Sequence[Path], spe
             "pipeline_files": [relative(f) for f, _ in used],
             "pipeline_skipped": {relative(f): p.reason for f, p in zip(files, prepared) if p.model_input is None},
             "pipeline_onnx_risks": [round(float(r), 8) for r in risk_onnx[:, 0]]}
-
-
-def relative(path: Path) -> str:
-    """``path`` relative to the checkout (``../shared/...`` beside it), else as given."""
-    resolved = Path(path).resolve()
-    for root, prefix in ((REPO, ""), (REPO.parent, "../")):
-        if resolved.is_relative_to(root):
-            return prefix + str(resolved.relative_to(root))
-    return str(path)
 
 
 # --- int8 ---------------------------------------------------------------------------------------
@@ -443,49 +435,6 @@ def ood_report(bundle_dir: Path, files: Sequence[Path]) -> dict[str, Any]:
     return report
 
 
-# --- reduced decode -----------------------------------------------------------------------------
-
-
-def reduced_decode_files() -> list[Path]:
-    """Real compressed chest radiographs for the reduced-decode check: the samples, the test JPEG baseline
-    and, when the shared data is beside the checkout, its chest files."""
-    shared = sorted((SHARED_DICOM / "chest").glob("*.dcm")) if SHARED_DICOM.is_dir() else []
-    return pipeline_files(REDUCED_DECODE_FILES) + shared
-
-
-def reduced_decode_diffs(bundle_dir: Path, files: Sequence[Path]) -> dict[str, list[tuple[str, float]]]:
-    """Per codec family: (file, |risk of a reduced decode - risk of a full decode|) for each file the
-    reduced path changes. Files that are not in scope or not reducible are skipped."""
-    from triage.decode import codec_family, decode_size
-    from triage.errors import BadInputError
-    from triage.ingest import read_radiograph
-    from triage.preprocess import preprocess
-
-    model = load_model(load_bundle(bundle_dir), device="cpu")
-    spec, column = model.bundle.preprocessing, model.bundle.findings.index(model.bundle.triage_finding)
-    diffs: dict[str, list[tuple[str, float]]] = {}
-    for path in files:
-        try:
-            full, reduced = read_radiograph(path), read_radiograph(path, reduce_to=decode_size(spec))
-        except BadInputError:
-            continue
-        if reduced.pixels.shape == full.pixels.shape:
-            continue
-        x = np.stack([preprocess(full, spec), preprocess(reduced, spec)])
-        risks = calibrated_risk(model.run(x, cams=False, features=False).logits, model.temperatures)[:, column]
-        diffs.setdefault(codec_family(full.dataset), []).append((relative(path), abs(float(risks[1] - risks[0]))))
-    return diffs
-
-
-def decode_section(diffs: dict[str, list[tuple[str, float]]], tolerance: float = RISK_TOLERANCE) -> dict[str, Any]:
-    """The manifest's ``decode`` section: reduce a codec family only when no checked file of it moved by more
-    than ``tolerance``; a family with no checked file stays at full decode."""
-    checked = {family: {"files": [name for name, _ in rows], "max_abs_risk_diff": round(max(d for _, d in rows), 6)}
-               for family, rows in sorted(diffs.items())}
-    return {"reduced": [family for family, c in checked.items() if c["max_abs_risk_diff"] <= tolerance],
-            "oversample": OVERSAMPLE, "tolerance": tolerance, "checked": checked}
-
-
 # --- the manifest -----------------------------------------------------------------------------------
 
 
@@ -513,7 +462,8 @@ def build_manifest(config: dict[str, Any], metrics: dict[str, Any], report: dict
                   (config.get("weights") or "none (random initialization)"),
                   **model},
         "preprocessing": spec.to_dict(),
-        "calibration": {"method": "temperature", "temperature": {finding: report["temperature"]},
+        "calibration": {"method": "platt" if report.get("bias") else "temperature",
+                        "temperature": {finding: report["temperature"]}, "bias": {finding: report.get("bias", 0.0)},
                         "fitted_on": "validation"},
         "operating_point": {"finding": finding, "flag_rate": FLAG_RATE, "threshold": report["threshold"],
                             "validation": {k: operating[k] for k in ("sensitivity", "specificity", "ppv",
@@ -566,7 +516,7 @@ def verify_served(bundle_dir: Path, parity: dict[str, Any], is_int8: bool) -> fl
     bundle = load_bundle(bundle_dir)
     model = load_model(bundle, device="cpu")
     x = np.stack([prepare(str(REPO / f), bundle.preprocessing).model_input for f in parity["pipeline_files"]])
-    risks = calibrated_risk(model.run(x, cams=False, features=False).logits, model.temperatures)[:, 0]
+    risks = calibrated_risk(model.run(x, cams=False, features=False).logits, model.temperatures, model.biases)[:, 0]
     diff = float(np.max(np.abs(risks - np.asarray(parity["pipeline_onnx_risks"]))))
     if not is_int8 and not diff <= PIPELINE_TOLERANCE:
         raise ParityError(f"{bundle_dir}: the served bundle's risks differ from the export's by {diff:.2e}. Fix: re-export")
@@ -594,8 +544,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, data_dir: str | Path | N
     log(f"parity on {parity['n_images']} validation images: max |risk diff| {parity['max_abs_risk_diff']:.2e}; "
         f"CAM vs MONAI on {parity['cam_n_images']}: max |diff| {parity['cam_max_abs_diff']:.2e}")
     fp32_report = validation_report(fp32[OUTPUT_NAME], y_val, FLAG_RATE)
-    temperatures = np.array([fp32_report["temperature"]])
-    parity.update(pipeline_parity(net, fp32_path, pipeline_files(), spec, temperatures))
+    temperatures, biases = np.array([fp32_report["temperature"]]), np.array([fp32_report["bias"]])
+    parity.update(pipeline_parity(net, fp32_path, pipeline_files(), spec, temperatures, biases))
     log(f"pipeline parity (DICOM -> risk) on {len(parity['pipeline_files'])} files: "
         f"max |risk diff| {parity['pipeline_max_abs_risk_diff']:.2e}")
     train = training_sample(split["train_examples"], OOD_MAX_TRAIN, config.get("seed", 0))
@@ -611,7 +561,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, data_dir: str | Path | N
     report = fp32_report if served_out is fp32 else validation_report(served_out[OUTPUT_NAME], y_val, FLAG_RATE)
     if served_out is not fp32:  # the served model's own risks on the parity files, calibrated with its temperature
         x_files = np.stack([prepare(str(REPO / f), spec).model_input for f in parity["pipeline_files"]])
-        served_risks = calibrated_risk(onnx_logits(served, x_files), np.array([report["temperature"]]))[:, 0]
+        served_risks = calibrated_risk(onnx_logits(served, x_files), np.array([report["temperature"]]),
+                                       np.array([report["bias"]]))[:, 0]
         parity["pipeline_onnx_risks"] = [round(float(r), 8) for r in served_risks]
     ood = fit_ood(served, out, x_train, served_out[FEATURES_NAME], log)
     cam_shape = list(fp32[CAM_NAME].shape[1:])

@@ -67,7 +67,7 @@ def plot_reliability(calibration: dict[str, Any], path: Path) -> Path:
     top.plot([b["mean_risk"] for b in filled], [b["observed"] for b in filled], "o-", c="C3", label="observed vs mean risk of the bin")
     top.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
     top.set(ylabel="observed frequency", ylim=(0, 1), title=f"Reliability ({calibration['n_bins']} bins): ECE "
-            f"{calibration['ece_calibrated']:.4f} (T = {calibration['temperature']:.3f})")
+            f"{calibration['ece_calibrated']:.4f} (T = {calibration['temperature']:.3f}, b = {calibration.get('bias', 0.0):.3f})")
     top.legend(loc="upper left", fontsize=8)
     bottom.bar([b["low"] for b in bins], [max(b["count"], 0.8) for b in bins], width=width, align="edge", color="grey")
     bottom.set(yscale="log", xlabel="calibrated risk", ylabel="images", xlim=(0, 1))
@@ -165,8 +165,8 @@ def render_html(metrics: dict[str, Any], out_dir: Path) -> str:
     heatmaps = ("The model exports heatmaps, but this report does not draw them yet." if source.get("has_heatmaps") else
                 "No heatmaps: this model has no class-activation-map output yet, so the gallery shows the images only "
                 "(no heatmaps are invented).")
-    in_sample = ("The temperature and the operating threshold were fitted on these same validation images, so the "
-                 "calibrated ECE and the operating point are in-sample; the cross-fitted ECE (temperature fitted on half "
+    in_sample = ("The calibration and the operating threshold were fitted on these same validation images, so the "
+                 "calibrated ECE and the operating point are in-sample; the cross-fitted ECE (calibration fitted on half "
                  "the patients, measured on the other half) is the honest figure."
                  if split["name"] == "validation" else "")
     return f"""<!doctype html>
@@ -201,7 +201,7 @@ With {_fmt(metrics['prevalence'], 2)} prevalence, flagging 5% can reach at most
 <p>ECE ({cal['n_bins']} equal-width bins) of the calibrated risks <b>{_fmt(cal['ece_calibrated'])}</b>
 (uncalibrated sigmoid(logit): {_fmt(cal['ece_uncalibrated'])}; cross-fitted: {_fmt(cal['ece_cross_fitted'])}).
 NLL {_fmt(cal['nll_calibrated'])} (uncalibrated {_fmt(cal['nll_uncalibrated'])}), Brier {_fmt(cal['brier_calibrated'])}.
-Temperature {_fmt(cal['temperature'])}, fitted on {html.escape(str(source.get('calibration_fitted_on')))}.</p>
+Risk = sigmoid(logit / T + b) with T = {_fmt(cal['temperature'])}, b = {_fmt(cal.get('bias', 0.0))}, fitted on {html.escape(str(source.get('calibration_fitted_on')))}.</p>
 <p class="note">{in_sample}</p>
 {_img(out_dir / 'reliability.png', 'Reliability diagram')}
 

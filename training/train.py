@@ -130,7 +130,8 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({error})") from None
     known = {f.name for f in fields(TrainConfig)}
-    ignored = {"recipe", "split", "code_version", "frameworks", "torch_threads", "pos_weights", "n_train", "cache"}
+    ignored = {"recipe", "split", "code_version", "frameworks", "torch_threads", "pos_weights", "n_train", "cache",
+               "dataset_kind"}  # what a run adds to its config.json, so a run's config can be trained again
     unknown = set(values) - known - ignored
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}. Fix: use TrainConfig fields ({', '.join(sorted(known))})")

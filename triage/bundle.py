@@ -119,6 +119,10 @@ class Bundle:
     def temperature(self, finding: str) -> float:
         return float(self.manifest["calibration"]["temperature"][finding])
 
+    def bias(self, finding: str) -> float:
+        """The calibration's logit shift for ``finding`` (risk = sigmoid(logit / T + bias)); 0 when absent."""
+        return float(self.manifest["calibration"].get("bias", {}).get(finding, 0.0))
+
 
 def _schema_problems(manifest: dict[str, Any]) -> list[str]:
     """Every way in which a manifest breaks schema version 1, as readable strings."""
@@ -159,6 +163,9 @@ def _schema_problems(manifest: dict[str, Any]) -> list[str]:
         t = temperatures.get(finding)
         if not isinstance(t, (int, float)) or not t > 0 or not math.isfinite(t):
             problems.append(f"calibration.temperature[{finding!r}] must be a positive number, got {t!r}")
+        b = manifest["calibration"].get("bias", {}).get(finding, 0.0)
+        if not isinstance(b, (int, float)) or not math.isfinite(b):
+            problems.append(f"calibration.bias[{finding!r}] must be a finite number, got {b!r}")
     op = manifest["operating_point"]
     if op.get("finding") not in findings:
         problems.append(f"operating_point.finding {op.get('finding')!r} is not one of the findings")

@@ -37,9 +37,11 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
 
 
-def calibrated_risk(logits: np.ndarray, temperatures: np.ndarray) -> np.ndarray:
-    """Temperature-scaled probabilities. logits (N, F) float, temperatures (F,) -> (N, F) float64."""
-    return sigmoid(np.asarray(logits, dtype=np.float64) / temperatures[None, :])
+def calibrated_risk(logits: np.ndarray, temperatures: np.ndarray, biases: np.ndarray | None = None) -> np.ndarray:
+    """Calibrated probabilities ``sigmoid(logit / T + b)`` (Platt scaling; b = 0 is temperature scaling).
+    logits (N, F) float, temperatures (F,), biases (F,) or None -> (N, F) float64."""
+    shifted = np.asarray(logits, dtype=np.float64) / temperatures[None, :]
+    return sigmoid(shifted if biases is None else shifted + np.asarray(biases, np.float64)[None, :])
 
 
 class Outputs(NamedTuple):
@@ -63,6 +65,7 @@ class Model:
     provider: str
     temperatures: np.ndarray
     ood: OodGate | None = None
+    biases: np.ndarray | None = None  # calibration shifts (F,); None for temperature-only bundles
 
     @property
     def has_cam(self) -> bool:
@@ -83,7 +86,7 @@ class Model:
 
     def risks(self, batch: np.ndarray) -> np.ndarray:
         """Model inputs (N, C, H, W) float32 -> calibrated risk per finding (N, F) float64."""
-        return calibrated_risk(self.logits(batch), self.temperatures)
+        return calibrated_risk(self.logits(batch), self.temperatures, self.biases)
 
 
 def load_model(bundle: Bundle, device: str = "auto", threads: int = 0) -> Model:
@@ -110,5 +113,6 @@ def load_model(bundle: Bundle, device: str = "auto", threads: int = 0) -> Model:
         raise BundleError(f"{bundle.model_path}: no output named {missing} (model has {sorted(outputs)}); "
                           "manifest and model disagree. Fix: rebuild the bundle")
     temperatures = np.array([bundle.temperature(f) for f in bundle.findings], dtype=np.float64)
+    biases = np.array([bundle.bias(f) for f in bundle.findings], dtype=np.float64)
     ood = load_gate(bundle.path / bundle.ood["file"], float(bundle.ood["threshold"])) if bundle.ood else None
-    return Model(bundle, session, session.get_providers()[0], temperatures, ood)
+    return Model(bundle, session, session.get_providers()[0], temperatures, ood, biases)

@@ -106,7 +106,7 @@ def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callab
         start = time.perf_counter()
         column = model.bundle.findings.index(model.bundle.triage_finding)
         outputs = model.run(np.stack([p.model_input for p in scorable]), cams=False, features=model.ood is not None)
-        risks = calibrated_risk(outputs.logits, model.temperatures)[:, column].tolist()
+        risks = calibrated_risk(outputs.logits, model.temperatures, model.biases)[:, column].tolist()
         if model.ood is not None:
             distances = model.ood.distances(outputs.features).tolist()
         infer_ms = (time.perf_counter() - start) * 1000 / len(scorable)

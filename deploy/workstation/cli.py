@@ -13,7 +13,8 @@ from triage.errors import TriageError
 from .config import ConfigError, load_config
 
 _OVERRIDES = ("port", "ae_title", "allow_ae", "inbox", "audit_db", "destinations", "flag_rate", "quiet_period_s",
-              "max_wait_s", "bundle", "device", "notify_command", "max_associations", "max_pdu_bytes")
+              "max_wait_s", "bundle", "device", "notify_command", "max_associations", "max_pdu_bytes",
+              "decode_timeout_s")
 
 
 def _config(args: argparse.Namespace):
@@ -63,6 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="concurrent DICOM associations; the next caller is rejected (default 10)")
     parser.add_argument("--max-pdu", dest="max_pdu_bytes", type=int, metavar="BYTES",
                         help="maximum PDU length we accept (default 16382)")
+    parser.add_argument("--decode-timeout", dest="decode_timeout_s", type=float, metavar="SECONDS",
+                        help="a file still decoding after this goes to human review as decode_timeout (default 60)")
     parser.add_argument("--destination", dest="destinations", nargs="+", metavar="AE@HOST:PORT",
                         help="where reports are sent by C-STORE")
     parser.add_argument("--flag-rate", dest="flag_rate", type=float, help="target fraction of studies flagged (default 0.05)")

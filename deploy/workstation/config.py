@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from triage.audit import is_url
+
+from ..isolation import DEFAULT_DECODE_TIMEOUT_S
 from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate
 
 MAX_ASSOCIATIONS = 10            # pynetdicom's default; a clinic's modalities rarely send at once
@@ -69,6 +71,7 @@ class Config:
     retry_max_s: float = 300.0
     notify_command: tuple[str, ...] = ()    # argv run for each flagged study (no shell)
     device: str = "auto"
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S  # a file still decoding after this goes to human review
 
     @property
     def incoming_dir(self) -> Path:
@@ -118,6 +121,8 @@ def validate(config: Config) -> Config:
     for key in ("quiet_period_s", "max_wait_s", "poll_s", "retry_base_s", "retry_max_s"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key} is {getattr(config, key)}; it must be >= 0 seconds")
+    if not config.decode_timeout_s > 0:
+        raise ConfigError(f"decode_timeout_s is {config.decode_timeout_s}; it must be > 0 seconds. Fix: e.g. 60")
     if config.max_associations < 1:
         raise ConfigError(f"max_associations is {config.max_associations}; it must be >= 1. Fix: e.g. 4")
     if not PDU_BYTES_RANGE[0] <= config.max_pdu_bytes <= PDU_BYTES_RANGE[1]:

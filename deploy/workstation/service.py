@@ -32,7 +32,7 @@ from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared,
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 from ..batch import decision_from_row
-from ..isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder
+from ..isolation import Decoder
 from ..paths import default_bundle_dir
 from .assembler import StudyAssembler
 from .config import Config
@@ -78,7 +78,7 @@ class Workstation:
         secret = load_or_create_secret(default_secret_path(self.config.audit_db))
         self._pseudonymize = lambda pid: pseudonymize(pid, secret)
         self._run_id = uuid.uuid4().hex
-        self._decoder = Decoder(1, DEFAULT_DECODE_TIMEOUT_S)  # decode in a process: off the GIL that the DICOM listener needs
+        self._decoder = Decoder(1, self.config.decode_timeout_s)  # decode in a process: off the GIL that the DICOM listener needs
         try:
             with AuditStore(self.config.audit_db) as store:
                 self._load_state(store)
