@@ -23,8 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin (scripts)")
     commands.add_parser("list", help="list user names")
     args = parser.parse_args(argv)
-    config = args.config or str(default_config_path(default_audit_db()))
     try:
+        config = args.config or str(default_config_path(default_audit_db()))  # a postgresql:// store: needs --config
         if args.action == "list":
             print("\n".join(sorted(load_users(config))))
             return 0

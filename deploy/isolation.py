@@ -20,6 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from typing import Any
 
+from triage.ingest import header_meta
 from triage.pipeline import Prepared, sha256_or_empty
 
 DEFAULT_DECODE_TIMEOUT_S = 60.0
@@ -64,7 +65,7 @@ def crashed(path: str) -> Prepared:
     """The record of a file whose decoding process died twice: human review, never dropped."""
     detail = (f"{path}: decode_failed: the decoding process died while reading this file (twice). "
               "Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
-    return Prepared(path, sha256_or_empty(path), reason="decode_failed", detail=detail)
+    return unscored(path, "decode_failed", detail)
 
 
 def timed_out(path: str, timeout_s: float) -> Prepared:
@@ -72,7 +73,13 @@ def timed_out(path: str, timeout_s: float) -> Prepared:
     detail = (f"{path}: decode_timeout: decoding did not finish within {timeout_s:g} s, so its process was stopped. "
               "Fix: re-export the study from PACS uncompressed; if the file is valid, raise --decode-timeout "
               "and report it to the maintainers")
-    return Prepared(path, sha256_or_empty(path), reason="decode_timeout", detail=detail)
+    return unscored(path, "decode_timeout", detail)
+
+
+def unscored(path: str, reason: str, detail: str) -> Prepared:
+    """A human-review ``Prepared`` that still names the study: the tags are read from the header alone."""
+    digest = sha256_or_empty(path)
+    return Prepared(path, digest, header_meta(path, digest) if digest else None, reason=reason, detail=detail)
 
 
 def kill(pool: ProcessPoolExecutor) -> None:

@@ -307,3 +307,14 @@ def test_worklist_and_reviews_on_a_postgresql_store(pg_url: str, tmp_path: Path,
     with AuditStore(pg_url, create=False) as s:
         assert [(r["decision_id"], r["reviewer"]) for r in s.reviews_for("1.2.3.1")] == [(2, "alice")]
         assert s.verify().ok
+
+
+def test_users_helper_with_a_postgresql_store_and_no_config_says_what_to_pass(monkeypatch, capsys) -> None:
+    from dashboards import users
+    from triage.audit import AUDIT_DB_ENV
+
+    monkeypatch.setenv(AUDIT_DB_ENV, "postgresql://cxr@db.example/audit")
+    monkeypatch.delenv(auth.CONFIG_ENV, raising=False)
+    assert users.main(["list"]) == 1
+    error = capsys.readouterr().err
+    assert "postgresql" in error.lower() and auth.CONFIG_ENV in error

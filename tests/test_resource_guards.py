@@ -187,6 +187,7 @@ def test_a_stuck_decode_times_out_in_its_worker_and_costs_no_other_file(tmp_path
     rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out, newline=""))}
     assert rows["slow.dcm"]["status"] == "human_review" and rows["slow.dcm"]["reason"] == "decode_timeout"
     assert "within 3 s" in rows["slow.dcm"]["detail"] and "--decode-timeout" in rows["slow.dcm"]["detail"]
+    assert rows["slow.dcm"]["study_uid"] == str(dcmread(SLOW_FILE, stop_before_pixels=True).StudyInstanceUID)
     assert all(rows[f"quick{i}.dcm"]["status"] == "scored" for i in range(3))
     assert "decode_timeout: 1" in result.stdout
     with AuditStore(db) as store:

@@ -364,7 +364,7 @@ def test_a_decode_past_the_configured_timeout_goes_to_human_review(tmp_path, sto
     try:
         shutil.copy(slow, config.incoming_dir / "slow.dcm")
         uid = str(dcmread(slow, stop_before_pixels=True).StudyInstanceUID)
-        row = wait_for(lambda: decisions(config.audit_db, study_uid=uid), 60, "the decision")[0]
+        row = wait_for(lambda: decisions(config.audit_db, study_uid=uid), 60, "the decision")[0]  # the record names the study
         assert (row["status"], row["reason"]) == ("human_review", "decode_timeout")
         assert "0.5 s" in row["detail"]
     finally:

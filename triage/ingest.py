@@ -434,6 +434,24 @@ def check_native_length(ds: Dataset, path: str) -> None:
                               f"(0028,0010/0011/0100) need {expected}")
 
 
+def header_meta(path: str | PathLike[str], sha256: str) -> ImageMeta | None:
+    """The identifying tags of a DICOM file from its header alone (no pixel data, no checks), or None.
+
+    For the record of a file whose decoding failed in another process (a crash, a timeout), so
+    the human-review record still names the study. Only files within ``MAX_FILE_BYTES`` that
+    are not deflated (whose header would have to be inflated) are read.
+    """
+    try:
+        if Path(path).stat().st_size > MAX_FILE_BYTES:
+            return None
+        ds = dcmread(path, stop_before_pixels=True, force=True)
+        if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian or "StudyInstanceUID" not in ds:
+            return None
+        return dicom_meta(ds, sha256)
+    except Exception:  # noqa: BLE001 - any unreadable header just leaves the record without tags
+        return None
+
+
 def dicom_meta(ds: Dataset, sha256: str) -> ImageMeta:
     """ImageMeta from the tags; missing UIDs derived from the file's sha256."""
     def tag(keyword: str) -> str:
