@@ -100,16 +100,20 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_labelled_data(parser: argparse.ArgumentParser, split_help: str) -> None:
+    """The ``DATA`` folder and ``--split`` arguments shared by ``evaluate`` and ``calibrate``."""
+    parser.add_argument("data", metavar="DATA", help="labelled data folder with labels.csv, e.g. " + DEFAULT_DATA)
+    parser.add_argument("--split", choices=("validation", "all"), default="validation", help=split_help)
+
+
 def add_evaluate_parser(subparsers) -> None:
     """Register ``evaluate`` (numpy, ONNX Runtime, matplotlib; torch only to run a run's checkpoint)."""
     evaluate = subparsers.add_parser("evaluate", help="evaluate a bundle or training run: metrics, plots, HTML report",
                                      description="AUROC with bootstrap CI, operating points, calibration, top losses and "
                                                  "subgroups on the training's patient split; PNGs + index.html + metrics.json.")
     evaluate.add_argument("source", metavar="RUN_OR_BUNDLE", help="bundle folder (manifest.json) or run folder (config.json)")
-    evaluate.add_argument("data", metavar="DATA", help="labelled data folder with labels.csv, e.g. " + DEFAULT_DATA)
+    add_labelled_data(evaluate, "validation: the held-out patients of the training split (default); all: every image")
     evaluate.add_argument("--out", required=True, help="report folder to write (index.html, metrics.json, PNGs)")
-    evaluate.add_argument("--split", choices=("validation", "all"), default="validation",
-                          help="validation: the held-out patients of the training split (default); all: every image")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the CIs (default 1000)")
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed (the split seed comes from the model)")
     evaluate.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="ONNX Runtime device")
@@ -138,11 +142,9 @@ def add_calibrate_parser(subparsers) -> None:
         description="Score labelled images with the bundle as served, fit risk = sigmoid(logit / T + b) and the "
                     "flag-rate threshold, and write a copy of the bundle with them (same model, new version).")
     calibrate.add_argument("bundle", metavar="BUNDLE", help="bundle folder to recalibrate")
-    calibrate.add_argument("data", metavar="DATA", help="labelled data folder with labels.csv, e.g. " + DEFAULT_DATA)
+    add_labelled_data(calibrate, "validation: the bundle's own validation split of its training data (default); "
+                                 "all: every image of DATA (a site's own labelled studies)")
     calibrate.add_argument("--out", required=True, help="new bundle folder to write")
-    calibrate.add_argument("--split", choices=("validation", "all"), default="validation",
-                           help="validation: the bundle's own validation split of its training data (default); "
-                                "all: every image of DATA (a site's own labelled studies)")
     calibrate.add_argument("--version", default=None, help="version of the new bundle (default: the patch version + 1)")
     calibrate.set_defaults(func=calibrate_command)
 
