@@ -1,6 +1,7 @@
 """Fuzzed ingest: every saved crasher is now bad input, and a bounded atheris run finds no new crash.
 
-Crashers live in ``tests/fuzz/regressions/`` (one file each, named for what was wrong);
+Crashers live in ``tests/fuzz/regressions/`` (one file each, named for what was wrong) when they are bad
+input, and in ``tests/fuzz/scorable/`` when they were valid input that crashed (now scored);
 the harness is ``tests/fuzz/fuzz_ingest.py``; ``scripts/fuzz.sh`` runs a long campaign.
 """
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from triage.errors import BadInputError
@@ -27,6 +29,17 @@ def test_a_saved_crasher_is_now_a_bad_input_error_naming_the_file_and_the_fix(pa
     with pytest.raises(BadInputError) as caught:
         read_radiograph(path)
     assert str(path) in str(caught.value) and caught.value.fix and "Fix: " in str(caught.value)
+
+
+SCORABLE = sorted((FUZZ / "scorable").iterdir())  # crashers that were valid input: now scored
+
+
+@pytest.mark.parametrize("path", SCORABLE, ids=[p.name for p in SCORABLE])
+def test_a_saved_crasher_that_is_valid_input_is_now_scored(path):
+    from triage.preprocess import PreprocessSpec, preprocess
+
+    model_input = preprocess(read_radiograph(path), PreprocessSpec(size=(32, 32)))
+    assert model_input.shape == (1, 32, 32) and np.isfinite(model_input).all()
 
 
 def test_the_seed_corpus_is_small_and_mostly_scorable():

@@ -85,6 +85,12 @@ def modality_values(pixels: np.ndarray, dataset: Dataset | None) -> np.ndarray:
     return np.asarray(apply_modality_lut(pixels, dataset), dtype=np.float64)
 
 
+def has_value(ds: Dataset, keyword: str) -> bool:
+    """The attribute is present with a value (an empty one, e.g. a zero-length Window Center, counts as absent)."""
+    value = ds.get(keyword)
+    return value is not None and value != ""
+
+
 def _first(value: Any) -> float:
     """The first value of a possibly multi-valued DICOM number."""
     if isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and not isinstance(value, str)):
@@ -139,7 +145,7 @@ def unit_image(radiograph: Radiograph, spec: PreprocessSpec) -> np.ndarray:
         unit = values / float(2**bits - 1)
     elif spec.voi == "dicom_window_else_percentile" and "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         unit = voi_lut_unit(values, ds.VOILUTSequence[0], little_endian=ds.original_encoding[1] is not False)
-    elif spec.voi == "dicom_window_else_percentile" and ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+    elif spec.voi == "dicom_window_else_percentile" and has_value(ds, "WindowCenter") and has_value(ds, "WindowWidth"):
         unit = window_unit(values, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")))
     else:
         unit = percentile_unit(values, spec.percentile_window)
