@@ -87,17 +87,13 @@ def _prepare_unless_known(path: str) -> Prepared | Known:
 
 def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, reduced: frozenset[str], known: frozenset[tuple[str, str]],
                      workers: int, decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> Iterator[Prepared | Known]:
-    """Prepare files in ``workers`` processes (in this process when workers <= 1), in order.
+    """Prepare files in ``workers`` processes (at least one: never in this process), in order.
 
     A worker that dies (a crashing decoder, the OOM killer) or runs past ``decode_timeout_s``
     on one file costs no other file and stalls nothing (see ``deploy.isolation.Decoder``):
     the file goes to human review as ``decode_failed`` or ``decode_timeout``.
     """
-    if workers <= 1:
-        _init_worker(spec, reduced, known)
-        yield from map(_prepare_unless_known, files)
-        return
-    with Decoder(workers, decode_timeout_s, _init_worker, (spec, reduced, known)) as decoder:
+    with Decoder(max(workers, 1), decode_timeout_s, _init_worker, (spec, reduced, known)) as decoder:
         yield from decoder.map(_prepare_unless_known, files)
 
 
