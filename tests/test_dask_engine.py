@@ -16,6 +16,7 @@ import pytest
 from deploy.batch import list_inputs
 from deploy.cli import main
 from deploy.dask_engine import partition, run_dask
+from tests.pg import pg_server, pg_url  # noqa: F401 (fixtures)
 from tests.test_batch import write_pngs
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import open_store
@@ -154,3 +155,16 @@ def test_the_cli_starts_a_local_cluster_of_workers(tiny, tmp_path, capsys):
                  "--engine", "dask", "--workers", "1"]) == 0
     assert "engine: dask (local cluster of 1 worker processes)" in capsys.readouterr().out
     assert [r["status"] for r in read_worklist(out)] == ["scored"] * 3
+
+
+def test_dask_engine_into_a_postgresql_store(cluster, studies, tiny, local_run, pg_url, tmp_path, monkeypatch):
+    """The hospital setup: Dask workers, the central store on a real PostgreSQL server; a rerun adds nothing."""
+    monkeypatch.setenv("CXR_TRIAGE_SECRET", str(tmp_path / "site-secret.key"))
+    out = tmp_path / "worklist.csv"
+    argv = ["score", str(studies), "--bundle", str(tiny), "--out", str(out), "--audit-db", pg_url,
+            "--engine", "dask", "--scheduler", cluster.scheduler_address]
+    assert main(argv) == 0
+    same_worklist(read_worklist(out), local_run)
+    assert main(argv) == 0
+    per_file = decisions_per_file(pg_url)
+    assert len(per_file) == 52 and set(per_file.values()) == {1}
