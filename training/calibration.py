@@ -102,6 +102,12 @@ def risk_histogram(risks: np.ndarray, n_bins: int = 20) -> dict[str, list]:
     return {"bin_edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
 
 
+def calibration_section(report: dict, finding: str, fitted_on: str) -> dict:
+    """The manifest's ``calibration`` from a ``validation_report``."""
+    return {"method": "platt" if report["bias"] else "temperature", "temperature": {finding: report["temperature"]},
+            "bias": {finding: report["bias"]}, "fitted_on": fitted_on}
+
+
 def validation_report(logits: np.ndarray, labels: np.ndarray, flag_rate: float = 0.05) -> dict:
     """Fit the calibration (temperature and bias) and compute every validation figure the manifest stores
     (first finding)."""

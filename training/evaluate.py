@@ -25,7 +25,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from triage.errors import TriageError
-from triage.inference import calibrated_risk, sigmoid
+from triage.inference import sigmoid
 from triage.policy import flag_count
 from triage.preprocess import PreprocessSpec
 
@@ -267,7 +267,7 @@ class Scores:
     @property
     def risks(self) -> np.ndarray:
         """Calibrated risks (N,) float64: sigmoid(logit / temperature + bias), as served."""
-        return calibrated_risk(self.logits[:, None], np.array([self.temperature]), np.array([self.bias]))[:, 0]
+        return sigmoid(self.calibrated_logits)
 
 
 def source_kind(path: str | Path) -> str:

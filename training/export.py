@@ -43,9 +43,10 @@ from triage.pipeline import prepare, score_prepared
 from triage.preprocess import PreprocessSpec
 
 from . import data
-from .calibration import validation_report
+from .calibration import calibration_section, validation_report
 from .card import write_model_card
 from .decode_check import decode_section, reduced_decode_diffs, reduced_decode_files, relative
+from .recalibrate import parity_risks
 from .train import code_version
 
 OPSET = 17
@@ -462,9 +463,7 @@ def build_manifest(config: dict[str, Any], metrics: dict[str, Any], report: dict
                   (config.get("weights") or "none (random initialization)"),
                   **model},
         "preprocessing": spec.to_dict(),
-        "calibration": {"method": "platt" if report.get("bias") else "temperature",
-                        "temperature": {finding: report["temperature"]}, "bias": {finding: report.get("bias", 0.0)},
-                        "fitted_on": "validation"},
+        "calibration": calibration_section(report, finding, "validation"),
         "operating_point": {"finding": finding, "flag_rate": FLAG_RATE, "threshold": report["threshold"],
                             "validation": {k: operating[k] for k in ("sensitivity", "specificity", "ppv",
                                                                      "flagged_fraction")}},
@@ -513,10 +512,7 @@ def export_versions() -> dict[str, str]:
 
 def verify_served(bundle_dir: Path, parity: dict[str, Any], is_int8: bool) -> float:
     """The written bundle, loaded like a scorer loads it, re-scores the parity files: max |risk - recorded risk|."""
-    bundle = load_bundle(bundle_dir)
-    model = load_model(bundle, device="cpu")
-    x = np.stack([prepare(str(REPO / f), bundle.preprocessing).model_input for f in parity["pipeline_files"]])
-    risks = calibrated_risk(model.run(x, cams=False, features=False).logits, model.temperatures, model.biases)[:, 0]
+    risks = parity_risks(bundle_dir, parity["pipeline_files"])
     diff = float(np.max(np.abs(risks - np.asarray(parity["pipeline_onnx_risks"]))))
     if not is_int8 and not diff <= PIPELINE_TOLERANCE:
         raise ParityError(f"{bundle_dir}: the served bundle's risks differ from the export's by {diff:.2e}. Fix: re-export")

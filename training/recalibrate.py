@@ -27,7 +27,7 @@ from triage.bundle import MANIFEST, load_bundle, write_manifest
 from triage.inference import calibrated_risk, load_model
 from triage.pipeline import prepare
 
-from .calibration import validation_report
+from .calibration import calibration_section, validation_report
 from .card import recalibration_text, write_model_card
 from .decode_check import decode_section, reduced_decode_diffs, reduced_decode_files
 from .evaluate import EvaluationError, score_bundle, select_images, split_settings
@@ -39,12 +39,6 @@ def next_version(version: str) -> str:
     """``0.2.0`` -> ``0.2.1``; a version without a numeric last part gets ``.1`` appended."""
     head, _, last = version.rpartition(".")
     return f"{head}.{int(last) + 1}" if head and last.isdigit() else f"{version}.1"
-
-
-def calibration_section(report: dict[str, Any], finding: str, fitted_on: str) -> dict[str, Any]:
-    """The manifest's ``calibration`` from a ``validation_report``."""
-    return {"method": "platt" if report["bias"] else "temperature", "temperature": {finding: report["temperature"]},
-            "bias": {finding: report["bias"]}, "fitted_on": fitted_on}
 
 
 def recalibrated_manifest(manifest: dict[str, Any], report: dict[str, Any], fitted_on: str, version: str,
@@ -63,13 +57,14 @@ def recalibrated_manifest(manifest: dict[str, Any], report: dict[str, Any], fitt
     return new
 
 
-def parity_risks(bundle_dir: Path, files: list[str]) -> list[float]:
-    """The served risks of the parity files (paths relative to the checkout), with the bundle's calibration."""
+def parity_risks(bundle_dir: Path, files: list[str]) -> np.ndarray:
+    """The served risks (N,) of the parity files (paths relative to the checkout), loaded and calibrated as a
+    scorer does (full decode, as the parity check records them)."""
     bundle = load_bundle(bundle_dir)
     model = load_model(bundle, device="cpu")
     x = np.stack([prepare(str(REPO / f), bundle.preprocessing).model_input for f in files])
     column = bundle.findings.index(bundle.triage_finding)
-    return [round(float(r), 8) for r in calibrated_risk(model.logits(x), model.temperatures, model.biases)[:, column]]
+    return calibrated_risk(model.logits(x), model.temperatures, model.biases)[:, column]
 
 
 def update_card(path: Path, manifest: dict[str, Any]) -> None:
@@ -118,7 +113,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str | 
     write_manifest(out, manifest)
     parity = manifest["metrics"].get("parity", {})
     if parity.get("pipeline_files"):
-        parity["pipeline_onnx_risks"] = parity_risks(out, parity["pipeline_files"])
+        parity["pipeline_onnx_risks"] = [round(float(r), 8) for r in parity_risks(out, parity["pipeline_files"])]
     manifest["decode"] = decode_section(reduced_decode_diffs(out, reduced_decode_files()))  # risks moved: re-measure
     update_card(out / "MODEL_CARD.md", manifest)
     write_manifest(out, manifest)
