@@ -158,9 +158,11 @@ def add_train_parser(subparsers) -> None:
                     "override --config; unset flags keep the config's or the default recipe's values.")
     add = train.add_argument
     add("--config", default=None, help="run config, TOML or JSON (keys: training.train.TrainConfig fields)")
-    add("--data", default=None, help=f"dataset folder (default {DEFAULT_DATA})")
-    add("--dataset", default=None, choices=("kermany", "nih", "chexpert", "rsna_pneumonia", "mimic_cxr", "csv"),
-        help="dataset adapter (default kermany); csv: --data is the CSV file")
+    add("--data", default=None, action="append", metavar="PATH",
+        help=f"a data source: a folder with labels.csv (site format) or what --dataset reads; repeat for several sources "
+             f"(default {DEFAULT_DATA}; a config's [[data]] tables also set name and weight)")
+    add("--dataset", default=None, choices=("site", "kermany", "nih", "chexpert", "rsna_pneumonia", "mimic_cxr", "csv"),
+        help="adapter of the --data sources (default site: a folder with labels.csv); csv: --data is the CSV file")
     add("--findings", default=None, help="comma-separated canonical findings (default pneumonia), or 'auto'")
     add("--out", default=None, help="run folder to write (config, metrics, plots, checkpoint); required without --config")
     add("--arch", dest="architecture", default=None, choices=("efficientnet-lite0", "densenet121"),

@@ -500,22 +500,55 @@ def read_mimic_cxr(root: str | Path, uncertain: str | Mapping[str, str] = "ignor
     return records
 
 
-# --- generic CSV -------------------------------------------------------------------------------
+# --- generic CSV and the plain site format ------------------------------------------------------
 
 GENERIC_META_COLUMNS = ("patient_id", "study_id", "view", "sex", "age", "md5")
+SITE_LABELS = "labels.csv"
+SEX_VALUES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": None, "OTHER": None, "": None}
+
+
+def strict_sex(text: str | None, where: str) -> str | None:
+    """'M'/'Male' -> 'M', 'F'/'Female' -> 'F', 'O'/'Other'/blank -> None; else ``DatasetLayoutError``."""
+    value = (text or "").strip().upper()
+    if value not in SEX_VALUES:
+        raise DatasetLayoutError(f"{where}: sex {text!r} is not M, F, O or blank")
+    return SEX_VALUES[value]
+
+
+def strict_age(text: str | None, where: str) -> float | None:
+    """Years ('58', '58.5', '058Y', '006M'); blank -> None; anything else -> ``DatasetLayoutError``."""
+    if not (text or "").strip():
+        return None
+    age = parse_age(text.strip())
+    if age is None:
+        raise DatasetLayoutError(f"{where}: age {text!r} is not a number of years (0-120) or a DICOM age like 058Y")
+    return age
+
+
+def missing_images(records: Sequence[Record], labels_path: Path) -> None:
+    """Raise ``DatasetLayoutError`` naming the CSV lines whose image file does not exist (never drop them)."""
+    missing = [(n, r.path) for n, r in enumerate(records, start=2) if not os.path.isfile(r.path)]
+    if missing:
+        shown = "; ".join(f"line {n}: {path}" for n, path in missing[:5])
+        raise DatasetLayoutError(f"{labels_path}: {len(missing)} of {len(records)} images are missing ({shown}"
+                                 f"{' ...' if len(missing) > 5 else ''}). Fix: copy the images beside the labels file, "
+                                 "correct the paths (relative to its folder), or remove those rows")
 
 
 def read_generic_csv(csv_file: str | Path, root: str | Path | None = None, *, path_column: str = "path",
                      patient_column: str = "patient_id", dataset: str | None = None,
-                     uncertain: str | Mapping[str, str] = "ignore") -> list[Record]:
+                     uncertain: str | Mapping[str, str] = "ignore", check_images: bool = False) -> list[Record]:
     """Any CSV with a path column and label columns named after canonical findings.
 
     Label columns: every column whose name is a canonical finding, by name or display name
     in any case ('Pleural Thickening', 'pleural_thickening'); values 1, 0, -1 (by the
     ``uncertain`` policy) or blank (NaN); findings without a column are NaN. Optional
     columns: ``patient_column`` (without it each image is its own patient, so a patient
-    with several images could straddle splits), study_id, view, sex, age, md5. Paths
-    are relative to ``root`` (default: the CSV's folder). ``dataset``: default the CSV's stem.
+    with several images could straddle splits), study_id, view, sex (M/F/O/blank), age
+    (years or DICOM AS), md5; any other column is kept in ``Record.extra`` (e.g. Kermany's
+    ``subtype``, NIH's ``finding_labels``). Paths are relative to ``root`` (default: the CSV's
+    folder). ``dataset``: default the CSV's stem. A bad value raises ``DatasetLayoutError``
+    naming file, line and column; with ``check_images`` so does a missing image file.
     """
     csv_file = Path(csv_file)
     root = Path(root) if root is not None else csv_file.parent
@@ -531,25 +564,56 @@ def read_generic_csv(csv_file: str | Path, root: str | Path | None = None, *, pa
     by_finding = Counter(normalize(c) for c in columns)
     if (twice := [f for f, k in by_finding.items() if k > 1]):
         raise DatasetLayoutError(f"{csv_file}: several columns name the same finding(s) {twice}")
-    records = []
+    others = [c for c in rows[0] if c not in (path_column, patient_column, *GENERIC_META_COLUMNS, *columns)]
+    records, seen = [], {}
     for n, row in enumerate(rows, start=2):
+        where = f"{csv_file} line {n}"
+        path = (row[path_column] or "").strip()
+        if not path:
+            raise DatasetLayoutError(f"{where} column {path_column!r}: empty path. Fix: name the image file")
+        if path in seen:
+            raise DatasetLayoutError(f"{where} column {path_column!r}: {path} is also on line {seen[path]}. "
+                                     "Fix: one row per image")
+        seen[path] = n
         labels = np.full(N_FINDINGS, np.nan, dtype=np.float32)
         for column in columns:
             j = INDEX[normalize(column)]
-            value = parse_label(row[column] or "", f"{csv_file} line {n} column {column!r}")
+            value = parse_label(row[column] or "", f"{where} column {column!r}")
             labels[j] = policy[j] if value == -1.0 else value
-        path = row[path_column].strip()
         patient = (row.get(patient_column) or "").strip() or path
         records.append(Record(str(root / path), patient, (row.get("study_id") or "").strip() or Path(path).stem,
                               dataset or csv_file.stem.removesuffix(".csv"), labels, parse_view(row.get("view")),
-                              parse_sex(row.get("sex")), parse_age(row.get("age")),
-                              (row.get("md5") or "").strip() or None))
+                              strict_sex(row.get("sex"), f"{where} column 'sex'"),
+                              strict_age(row.get("age"), f"{where} column 'age'"),
+                              (row.get("md5") or "").strip() or None,
+                              {c: (row.get(c) or "").strip() for c in others}))
+    if check_images:
+        missing_images(records, csv_file)
     return records
 
 
+def read_site(root: str | Path, *, name: str | None = None, labels_file: str = SITE_LABELS,
+              uncertain: str | Mapping[str, str] = "ignore", check_images: bool = True) -> list[Record]:
+    """The plain site format: a folder with ``labels.csv`` and the images (DICOM, PNG or JPEG).
+
+    ``labels.csv``: ``path`` (relative to the folder), one 0/1/blank column per canonical finding
+    (``training.findings``; blank = unknown), optional ``patient_id`` (strongly advised: splits are by
+    patient), ``study_id``, ``sex``, ``age``, ``view``, ``md5``; other columns go to ``Record.extra``.
+    Both shared folders (kermany-pneumonia-224, nih-pneumonia-512) are in this format. ``name``
+    (default: the folder's name) becomes ``Record.dataset``, the source name in splits and reports.
+    Every image must exist (``DatasetLayoutError`` lists the missing ones).
+    """
+    root = Path(root)
+    labels_path = root / labels_file
+    if not labels_path.is_file():
+        raise FileNotFoundError(f"{labels_path}: no labels file. Fix: pass a folder with {labels_file} (columns path, "
+                                "one 0/1/blank column per finding, e.g. pneumonia, and patient_id) beside its images")
+    return read_generic_csv(labels_path, root, dataset=name or root.resolve().name, uncertain=uncertain,
+                            check_images=check_images)
+
 
 ADAPTERS = {"kermany": read_kermany, "nih": read_nih, "chexpert": read_chexpert, "rsna_pneumonia": read_rsna_pneumonia,
-            "mimic_cxr": read_mimic_cxr, "csv": read_generic_csv}
+            "mimic_cxr": read_mimic_cxr, "csv": read_generic_csv, "site": read_site}
 
 
 def read_dataset(kind: str, root: str | Path, **options: Any) -> list[Record]:

@@ -38,10 +38,10 @@ from torch import nn
 from triage.preprocess import PreprocessSpec
 
 from . import datasets, splits
+from .sources import DataSource, LabelledSplit, as_sources, labelled_split
 from .augment import augment_batch, default_augment
 from .cache import CachedImages, build_cache, resolution_spec
 from .calibration import expected_calibration_error
-from .findings import INDEX
 from .losses import masked_bce_with_logits, positive_weights
 from .model import ARCHITECTURES, build_network, freeze_body, head, layer_groups, unfreeze
 from .recipes import (
@@ -54,10 +54,12 @@ DEFAULT_STAGES = [[160, 2], [224, 1]]
 class TrainConfig:
     """Every setting of a training run; saved (with derived facts) as the run's ``config.json``."""
 
-    data: str = "../shared/data/kermany-pneumonia-224"
+    # one source (a path, read with ``dataset``) or a list of [[data]] tables (training.sources.DataSource fields:
+    # path, dataset, name, weight, options, license, description); normalized to a list of tables
+    data: Any = "../shared/data/kermany-pneumonia-224"
     out: str = "runs/pneumonia"
-    dataset: str = "kermany"  # a training.datasets.ADAPTERS name
-    dataset_options: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "site"  # the adapter (training.datasets.ADAPTERS) of sources that do not name one
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # adapter options of a plain-path source
     findings: list[str] = field(default_factory=lambda: ["pneumonia"])  # canonical names; ["auto"]: all with labels
     architecture: str = "efficientnet-lite0"  # or densenet121
     weights: str = ""  # a state dict file to start from (DenseNet-121: else random init)
@@ -75,6 +77,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema: float = 0.0  # EMA decay per step (e.g. 0.99); 0: off
     augment: bool = True
+    augment_preset: str = "transfer"  # training.augment.PRESETS: "transfer" (wider, blur) or "light" (the 0.2 recipe)
     flip: bool = False
     val_fraction: float = 0.2
     seed: int = 0
@@ -92,6 +95,12 @@ class TrainConfig:
         self.stages = [[int(s), int(e)] for s, e in self.stages]
         self.epochs = sum(e for _, e in self.stages)
         problems = []
+        try:
+            data = ({"path": self.data, "dataset": self.dataset, "options": self.dataset_options}
+                    if isinstance(self.data, (str, Path)) else self.data)
+            self.data = [s.to_dict() for s in as_sources(data, self.dataset)]
+        except ValueError as error:
+            problems.append(str(error))
         if self.architecture not in ARCHITECTURES:
             problems.append(f"architecture={self.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
         if self.dataset not in datasets.ADAPTERS:
@@ -108,6 +117,11 @@ class TrainConfig:
             raise ValueError("training config: " + "; ".join(problems))
 
     @property
+    def sources(self) -> list[DataSource]:
+        """The run's data sources."""
+        return as_sources(self.data, self.dataset)
+
+    @property
     def recipe(self) -> str:
         """One sentence describing the recipe, for the run's config and the model card."""
         stages = ", ".join(f"{e} epoch(s) at {s} px" for s, e in self.stages)
@@ -117,9 +131,10 @@ class TrainConfig:
                 f"(body frozen, BatchNorm eval), then unfreeze and one one-cycle schedule over {stages} with "
                 f"discriminative learning rates slice(lr/2/lr_mult, lr/2) over 3 layer groups; AdamW, masked BCE"
                 + "".join(f", {e}" for e in extras if e)
-                + (", MONAI augmentation (small affine, contrast, intensity, noise" + (", flips)" if self.flip else
-                                                                                      "; no flips)")
-                   if self.augment else ", no augmentation"))
+                + (f", MONAI augmentation ({self.augment_preset}: affine, gamma contrast, intensity"
+                   + (", blur" if self.augment_preset == "transfer" else "") + ", noise"
+                   + (", flips)" if self.flip else "; no flips)") if self.augment else ", no augmentation")
+                + f"; sources {', '.join(f'{s.name} (weight {s.weight:g})' for s in self.sources)}")
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
@@ -222,56 +237,40 @@ def auroc_per_finding(logits: np.ndarray, y: np.ndarray) -> list[float]:
     return out
 
 
-def validation_metrics(logits: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Masked BCE, AUROC (mean over findings, first finding as ``val_auroc``) and raw ECE of the first finding."""
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the finite values; NaN when there is none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def validation_metrics(logits: np.ndarray, y: np.ndarray, by_source: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Masked BCE, AUROC per finding (first finding as ``val_auroc``) and raw ECE of the first finding.
+
+    With several sources (``by_source``: name -> positions), ``val_auroc`` is the mean of the per-source
+    AUROCs of the first finding (``val_auroc_by_source``), so a small source counts as much as a large one
+    when the best epoch is chosen; ``val_auroc_pooled`` is the AUROC over all validation images.
+    """
     loss = masked_bce_with_logits(torch.from_numpy(logits), torch.from_numpy(y)).item()
     aurocs = auroc_per_finding(logits, y)
     known = ~np.isnan(y[:, 0])
     risks = 1.0 / (1.0 + np.exp(-logits[known, 0].astype(np.float64)))
-    return {"val_loss": loss, "val_auroc": aurocs[0], "val_auroc_mean": float(np.nanmean(aurocs)) if
-            not np.all(np.isnan(aurocs)) else float("nan"), "val_ece_raw": float(expected_calibration_error(risks, y[known, 0]))}
+    out = {"val_loss": loss, "val_auroc": aurocs[0], "val_auroc_mean": nanmean(aurocs),
+           "val_ece_raw": float(expected_calibration_error(risks, y[known, 0]))}
+    if len(aurocs) > 1:
+        out["val_auroc_per_finding"] = [round(a, 6) for a in aurocs]
+    if by_source and len(by_source) > 1:
+        per = {name: auroc_per_finding(logits[pos], y[pos])[0] for name, pos in by_source.items()}
+        out.update(val_auroc_pooled=aurocs[0], val_auroc_by_source={k: round(v, 6) for k, v in per.items()},
+                   val_auroc=nanmean(list(per.values())))
+    return out
 
 
 # --- data -------------------------------------------------------------------------------------
 
 
-def finding_names(requested: Sequence[str], labels: np.ndarray) -> list[str]:
-    """The canonical findings to train: ``requested``, or with ``["auto"]`` every one with known positives and negatives."""
-    from .findings import NAMES
-
-    if list(requested) == ["auto"]:
-        return [n for j, n in enumerate(NAMES) if np.nansum(labels[:, j]) > 0 and (labels[:, j] == 0).any()]
-    unknown = [n for n in requested if n not in INDEX]
-    if unknown:
-        raise ValueError(f"findings {unknown} are not canonical. Fix: use names from training.findings ({', '.join(NAMES)})")
-    return list(requested)
-
-
-def prepare_split(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Records, label matrix over the chosen findings, leak-checked patient split (train, val row indices)."""
-    records = datasets.read_dataset(cfg.dataset, cfg.data, **cfg.dataset_options)
-    names = finding_names(cfg.findings, datasets.label_matrix(records))
-    y = datasets.label_matrix(records)[:, [INDEX[n] for n in names]]
-    keep = [i for i in range(len(records)) if not np.isnan(y[i]).all()]
-    if len(keep) < len(records):
-        log(f"{len(records) - len(keep)} images have no known label for {names}: left out")
-        records, y = [records[i] for i in keep], y[keep]
-    parts = splits.split_by_patient(records, {"val": cfg.val_fraction, "train": 1.0 - cfg.val_fraction}, cfg.seed)
-    splits.assert_no_leakage(records, parts)
-    train_idx, val_idx = parts["train"], parts["val"]
-    if cfg.limit and cfg.limit < len(train_idx):
-        rng = np.random.default_rng(cfg.seed)
-        train_idx = sorted(rng.choice(train_idx, cfg.limit, replace=False).tolist())
-    if not train_idx or not val_idx:
-        raise ValueError(f"{cfg.data}: {len(train_idx)} training and {len(val_idx)} validation images. "
-                         "Fix: more images/patients, or another val_fraction")
-    return {"records": records, "findings": names, "y": y.astype(np.float32), "train_idx": train_idx, "val_idx": val_idx}
-
-
-def split_summary(records: Sequence[datasets.Record], y: np.ndarray, idx: Sequence[int], first: str) -> dict[str, int]:
-    """Images, positives of the first finding (``n_<first>``, e.g. ``n_pneumonia``) and patients in one split."""
-    return {"n_images": len(idx), f"n_{first}": int(np.nansum(y[idx, 0])),
-            "n_patients": len({splits.patient_key(records[i]) for i in idx})}
+def prepare_split(cfg: TrainConfig, log: Callable[[str], None] = print) -> LabelledSplit:
+    """The run's sources read, labelled over its findings and split by patient per source (``training.sources``)."""
+    return labelled_split(cfg.sources, cfg.findings, cfg.val_fraction, cfg.seed, cfg.limit, log)
 
 
 class Caches:
@@ -295,14 +294,23 @@ class Caches:
         return np.searchsorted(self.rows, np.asarray(rows))
 
 
+def epoch_order(n: int, generator: torch.Generator, weights: np.ndarray | None = None) -> np.ndarray:
+    """The training images of one epoch: a permutation of ``n``, or with unequal ``weights`` (n,) ``n`` draws
+    with replacement, each image with probability proportional to its weight (source weights)."""
+    if weights is None or np.allclose(weights, weights[0]):
+        return torch.randperm(n, generator=generator).numpy()
+    return torch.multinomial(torch.from_numpy(np.asarray(weights, np.float64)), n, replacement=True,
+                             generator=generator).numpy()
+
+
 def training_batches(cache: CachedImages, positions: np.ndarray, y: np.ndarray, batch_size: int,
                      generator: torch.Generator, augment: Callable | None, device: torch.device,
-                     channels_last: bool) -> Iterator[Batch]:
+                     channels_last: bool, weights: np.ndarray | None = None) -> Iterator[Batch]:
     """One epoch of shuffled batches (last partial batch dropped): uint8 cache -> inputs -> augmentation -> device.
 
-    ``y`` is aligned with ``positions``.
+    ``y`` and ``weights`` (sampling weights, None: uniform) are aligned with ``positions``.
     """
-    order = torch.randperm(len(positions), generator=generator).numpy()
+    order = epoch_order(len(positions), generator, weights)
     for b in range(max(len(positions) // batch_size, 1)):
         pick = np.sort(order[b * batch_size:(b + 1) * batch_size])
         xb = torch.from_numpy(cache.inputs(positions[pick]))
@@ -367,8 +375,10 @@ class Trainer:
 def run_phase(trainer: Trainer, epochs: Sequence[tuple[int, CachedImages]], positions: np.ndarray, y: np.ndarray,
               groups: Sequence[Sequence[nn.Parameter]], lrs: Sequence[float], cfg: TrainConfig, frozen: bool,
               generator: torch.Generator, on_epoch: Callable[[dict[str, Any]], None], phase: str,
-              max_steps: int = 0) -> list[float]:
-    """One AdamW + one-cycle schedule over ``epochs`` (one (size, cache) per epoch); returns epoch mean losses."""
+              max_steps: int = 0, weights: np.ndarray | None = None) -> list[float]:
+    """One AdamW + one-cycle schedule over ``epochs`` (one (size, cache) per epoch); returns epoch mean losses.
+
+    ``weights`` (aligned with ``positions``): per-image sampling weights (None: every image once per epoch)."""
     optimizer = adamw(groups, lrs, cfg.weight_decay)
     per_epoch = max(len(positions) // cfg.batch_size, 1)
     per_epoch = min(per_epoch, max_steps) if max_steps else per_epoch
@@ -380,10 +390,10 @@ def run_phase(trainer: Trainer, epochs: Sequence[tuple[int, CachedImages]], posi
         trainer.net.train()
         if frozen:
             freeze_body(trainer.net)
-        augment = default_augment(size, seed=cfg.seed * 1000 + len(losses) + (0 if frozen else 500), flip=cfg.flip) \
-            if cfg.augment else None
+        augment = default_augment(size, seed=cfg.seed * 1000 + len(losses) + (0 if frozen else 500), flip=cfg.flip,
+                                  preset=cfg.augment_preset) if cfg.augment else None
         batches = training_batches(cache, positions, y, cfg.batch_size, generator, augment, trainer.device,
-                                   cfg.channels_last)
+                                   cfg.channels_last, weights)
         if trainer.device.type == "cuda":
             batches = prefetched(batches)
         step_losses = [trainer.step(xb, yb, optimizer, scheduler) for _, (xb, yb) in zip(range(per_epoch), batches)]
@@ -395,8 +405,11 @@ def run_phase(trainer: Trainer, epochs: Sequence[tuple[int, CachedImages]], posi
 
 
 def fine_tune(trainer: Trainer, caches: Caches, train_idx: Sequence[int], y: np.ndarray, cfg: TrainConfig,
-              on_epoch: Callable[[dict[str, Any]], None], max_steps: int = 0) -> list[float]:
-    """fastai's fine_tune with progressive resizing: frozen head epochs, then unfreeze and one cycle over the stages."""
+              on_epoch: Callable[[dict[str, Any]], None], max_steps: int = 0,
+              weights: np.ndarray | None = None) -> list[float]:
+    """fastai's fine_tune with progressive resizing: frozen head epochs, then unfreeze and one cycle over the stages.
+
+    ``weights`` (len(train_idx),): sampling weight of each training image (None: uniform)."""
     generator = torch.Generator().manual_seed(cfg.seed)
     positions, y_train = caches.positions(train_idx), y[np.asarray(train_idx)]
     net, losses = trainer.net, []
@@ -404,14 +417,14 @@ def fine_tune(trainer: Trainer, caches: Caches, train_idx: Sequence[int], y: np.
         freeze_body(net)
         epochs = [(cfg.size_frozen, caches.get(cfg.size_frozen))] * cfg.epochs_frozen
         losses += run_phase(trainer, epochs, positions, y_train, [list(head(net).parameters())], [cfg.lr], cfg, True,
-                            generator, on_epoch, "frozen", max_steps)
+                            generator, on_epoch, "frozen", max_steps, weights)
     if cfg.epochs:
         unfreeze(net)
         groups = layer_groups(net)
         lrs = discriminative_lrs(cfg.lr / 2 / cfg.lr_mult, cfg.lr / 2, len(groups))
         epochs = [(size, caches.get(size)) for size, n in cfg.stages for _ in range(n)]
         losses += run_phase(trainer, epochs, positions, y_train, groups, lrs, cfg, False, generator, on_epoch,
-                            "unfrozen", max_steps)
+                            "unfrozen", max_steps, weights)
     return losses
 
 
@@ -454,7 +467,7 @@ def find_lr(trainer: Trainer, caches: Caches, train_idx: Sequence[int], y: np.nd
     size = cfg.stages[0][0] if cfg.stages else cfg.size
     positions, y_train = caches.positions(train_idx), y[np.asarray(train_idx)]
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    augment = default_augment(size, seed=cfg.seed + 1, flip=cfg.flip) if cfg.augment else None
+    augment = default_augment(size, seed=cfg.seed + 1, flip=cfg.flip, preset=cfg.augment_preset) if cfg.augment else None
 
     def endless() -> Iterator[Batch]:
         while True:
@@ -481,7 +494,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int = 0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     d = prepare_split(cfg, log)
-    records, y, train_idx, val_idx = d["records"], d["y"], d["train_idx"], d["val_idx"]
+    records, y, train_idx, val_idx = d.records, d.y, d.train_idx, d.val_idx
     spec = PreprocessSpec.from_dict(cfg.preprocessing)
     if tuple(spec.size) != (cfg.size, cfg.size):
         raise ValueError(f"size={cfg.size} but preprocessing size={list(spec.size)}: the serving size is the "
@@ -489,17 +502,14 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int = 0
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / ".cache"
     caches = Caches(records, sorted(set(train_idx) | set(val_idx)), spec, cache_dir, log)
     loss_fn, pos_weights = make_loss(cfg, y[train_idx], device)
-    split = {"method": f"patient-level, seeded ({cfg.seed}), {1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} of patient "
-                       "groups; patients sharing a byte-identical image (md5) kept together; leakage checked: none",
-             "train": split_summary(records, y, train_idx, d["findings"][0]),
-             "validation": split_summary(records, y, val_idx, d["findings"][0])}
-    config = {**asdict(cfg), "recipe": cfg.recipe, "findings": d["findings"], "pos_weights": pos_weights, "split": split,
+    split = d.describe(cfg.val_fraction, cfg.seed)
+    config = {**asdict(cfg), "recipe": cfg.recipe, "findings": d.findings, "pos_weights": pos_weights, "split": split,
               "code_version": code_version(), "frameworks": framework_versions(), "device": device.type,
-              "torch_threads": torch.get_num_threads(), "dataset_kind": cfg.dataset}
+              "torch_threads": torch.get_num_threads()}
     write_json(out / "config.json", config)
-    log(f"split: {split['train']} train, {split['validation']} validation; findings {d['findings']}; device {device}")
+    log(f"split: {split['train']} train, {split['validation']} validation; findings {d.findings}; device {device}")
 
-    trainer = build_trainer(cfg, len(d["findings"]), loss_fn, device, log)
+    trainer = build_trainer(cfg, len(d.findings), loss_fn, device, log)
     if cfg.lr_find or cfg.lr_find_only:
         result = find_lr(trainer, caches, train_idx, y, cfg, out)
         log(f"lr_find: suggested head lr {result['suggested']:.2e} (steepest), min/10 {result['min_div_10']:.2e} "
@@ -509,13 +519,14 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int = 0
         seed_everything(cfg.seed)  # training then draws the same random numbers with or without the LR finder
 
     val_cache, val_pos, y_val = caches.get(cfg.size), caches.positions(val_idx), y[val_idx]
+    val_sources = d.source_rows(val_idx)
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"val_auroc": -1.0}
 
     def on_epoch(entry: dict[str, Any]) -> None:
         start = time.perf_counter()
         logits = predict_logits(trainer.evaluated, val_cache, rows=val_pos, device=device, amp=trainer.amp)
-        entry.update(validation_metrics(logits, y_val), weights="ema" if trainer.ema is not None else "raw")
+        entry.update(validation_metrics(logits, y_val, val_sources), weights="ema" if trainer.ema is not None else "raw")
         entry["eval_seconds"] = round(time.perf_counter() - start, 1)
         entry["elapsed_seconds"] = round(time.perf_counter() - wall_start, 1)
         history.append(entry)
@@ -526,7 +537,7 @@ def run(cfg: TrainConfig, log: Callable[[str], None] = print, max_steps: int = 0
             save_checkpoint(trainer, out / "best.pt")
         write_json(out / "metrics.json", {"epochs": history, "best": best})
 
-    fine_tune(trainer, caches, train_idx, y, cfg, on_epoch, max_steps)
+    fine_tune(trainer, caches, train_idx, y, cfg, on_epoch, max_steps, d.sample_weights())
     if not (out / "best.pt").is_file():
         save_checkpoint(trainer, out / "best.pt")
     final = trainer.evaluated
