@@ -403,8 +403,9 @@ def active_learning_view(decisions: pd.DataFrame, reviews: pd.DataFrame, manifes
                             mime="text/csv", disabled=labelled.empty)
     cols[1].download_button(f"Download the queue to label ({len(queue)} rows)", queue.to_csv(index=False).encode(),
                             file_name="active-learning-queue.csv", mime="text/csv")
-    st.caption("The labelled CSV has the columns training reads (labels.csv): path, the finding as 1/0, subtype, "
-               "patient_id (pseudonym), md5 (here the file's sha256, compared only for equality).")
+    st.caption("The labelled CSV is in the site format that train, evaluate, calibrate and finetune read (save it as "
+               "labels.csv): path, the finding as 1/0, patient_id (pseudonym), md5 (here the file's sha256, compared "
+               "only for equality); other columns are kept as extra.")
 
 
 def main() -> None:

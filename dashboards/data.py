@@ -273,7 +273,7 @@ def site_secret(audit_db: str | Path) -> bytes:
 # -- active learning ------------------------------------------------------------------------
 
 def active_learning_queue(decisions: pd.DataFrame, reviews: pd.DataFrame, finding: str, size: int = 200) -> pd.DataFrame:
-    """Studies worth labelling, as rows ``training.data.read_labels`` reads, plus why and the model's risk.
+    """Studies worth labelling, as rows of the site format (``training.datasets.read_site``), plus why and the risk.
 
     First every scored decision whose latest verdict disagreed with the model, then the
     unreviewed ones the model is least sure of (risk nearest 0.5). The label column
@@ -289,13 +289,15 @@ def active_learning_queue(decisions: pd.DataFrame, reviews: pd.DataFrame, findin
     unsure = unsure.sort_values(["_margin", "id"]).drop(columns="_margin")
     queue = pd.concat([disagreed, unsure]).head(size)
     label = np.where(queue["verdict"] == "disagree", (~queue["flagged"]).astype(int).astype(str), "")
-    return pd.DataFrame({"path": queue["path"], finding: label, "subtype": "", "patient_id": queue["patient_pseudo_id"],
+    return pd.DataFrame({"path": queue["path"], finding: label, "patient_id": queue["patient_pseudo_id"],
                          "md5": queue["sha256"], "why": queue["why"], "risk": queue["risk"],
                          "decision_id": queue["id"]}).reset_index(drop=True)
 
 
 def labelled_only(queue: pd.DataFrame, finding: str) -> pd.DataFrame:
-    """The rows of an active-learning queue whose label is settled: ``training.data.read_labels`` reads them as is."""
+    """The rows of an active-learning queue whose label is settled: a site-format ``labels.csv`` as is (absolute
+    paths; ``train``, ``evaluate``, ``calibrate`` and ``finetune`` read it with ``--dataset csv`` or saved as a
+    folder's ``labels.csv``)."""
     return queue[queue[finding] != ""].reset_index(drop=True)
 
 

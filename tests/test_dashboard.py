@@ -235,7 +235,7 @@ def test_export_has_no_paths_or_uids(store: Path) -> None:
     assert export["study_pseudo_id"].str.fullmatch("[0-9a-f]{16}").all()
 
 
-def test_agreement_and_active_learning_labels(store: Path) -> None:
+def test_agreement_and_active_learning_labels(store: Path, tmp_path: Path) -> None:
     with AuditStore(store) as s:
         s.append_review(2, "alice", "agree")      # flagged, agreed
         s.append_review(5, "alice", "disagree")   # flagged, disagreed
@@ -246,9 +246,16 @@ def test_agreement_and_active_learning_labels(store: Path) -> None:
     queue = data.active_learning_queue(decisions, reviews, "pneumonia")
     assert queue.loc[queue["decision_id"] == 4, "pneumonia"].item() == "1"
     assert queue.loc[queue["decision_id"] == 5, "pneumonia"].item() == "0"
-    assert set(queue.columns) >= {"path", "pneumonia", "subtype", "patient_id", "md5"}
+    assert set(queue.columns) >= {"path", "pneumonia", "patient_id", "md5"}
     rows = list(csv.DictReader(io.StringIO(data.labelled_only(queue, "pneumonia").to_csv(index=False))))
-    assert [(r["md5"], int(r["pneumonia"])) for r in rows] == [(f"{3:064x}", 1), (f"{4:064x}", 0)]  # as read_labels
+    assert [(r["md5"], int(r["pneumonia"])) for r in rows] == [(f"{3:064x}", 1), (f"{4:064x}", 0)]
+    labels_csv = tmp_path / "labels.csv"  # the site format reads the labelled export as is
+    data.labelled_only(queue, "pneumonia").to_csv(labels_csv, index=False)
+    from training.datasets import read_generic_csv
+
+    records = read_generic_csv(labels_csv)
+    assert [(r.md5, r.label("pneumonia"), r.extra["why"]) for r in records] == [
+        (f"{3:064x}", 1.0, "clinician disagreed"), (f"{4:064x}", 0.0, "clinician disagreed")]
     curve = data.reliability(decisions, reviews)  # 0.995 agreed -> 1, 0.9995 disagreed -> 0, 0.80 disagreed -> 1
     assert curve["n"].sum() == 3 and curve.set_index("bin").loc[9, "observed_rate"] == pytest.approx(0.5)
     assert curve.set_index("bin").loc[8, "observed_rate"] == 1.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,13 @@ pytest.importorskip("sklearn", reason="the evaluation report needs the train ext
 
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from training import data  # noqa: E402
 from training.calibration import expected_calibration_error  # noqa: E402
-from training.evaluate import (  # noqa: E402
-    EvaluationError, auroc, bce_per_image, bootstrap_ci, confusion_counts, cross_fitted_ece, evaluate,
-    metrics_at_flag_rate, metrics_at_threshold, rates, reliability_bins, roc_curve_points, source_kind,
-    subgroup_table, top_k_flags, top_losses)
+from training.evaluate import evaluate  # noqa: E402
+from training.metrics import (  # noqa: E402
+    auroc, bce_per_image, bootstrap_ci, confusion_counts, cross_fitted_ece, metrics_at_flag_rate, metrics_at_threshold,
+    rates, reliability_bins, roc_curve_points, subgroup_table, top_k_flags, top_losses)
+from training.scoring import EvaluationError, source_kind  # noqa: E402
+from training.sources import DataSource, labelled_split  # noqa: E402
 
 from tests.tiny_bundle import build_tiny_bundle  # noqa: E402
 
@@ -178,11 +180,15 @@ def sample_labels(folder: Path, copies: int = 1) -> Path:
     for path in sorted(SAMPLES.glob("*.dcm")):
         source = str(pydicom.dcmread(path, stop_before_pixels=True).ImageComments)
         subtype = "bacteria" if "bacteria" in source else "virus" if "virus" in source else "normal"
-        for copy in range(copies):
-            rows.append({"path": str(path), "pneumonia": int("/PNEUMONIA/" in source), "subtype": subtype,
+        for copy in range(copies):  # one row per image: a copy is a file of its own
+            image = path if copies == 1 else folder / "images" / f"{path.stem}-{copy}.dcm"
+            if image != path:
+                image.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, image)
+            rows.append({"path": str(image), "pneumonia": int("/PNEUMONIA/" in source), "subtype": subtype,
                          "patient_id": f"{path.stem}-{copy}", "md5": f"{path.stem}-{copy}"})
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / data.LABELS_FILE, "w", newline="") as handle:
+    with open(folder / "labels.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -214,7 +220,9 @@ def test_report_end_to_end_with_the_tiny_bundle(tmp_path):
     assert 0 <= metrics["auroc"]["value"] <= 1
     assert metrics["operating_threshold"]["threshold"] == 0.6
     assert metrics["flag_rate_5pct"]["tp"] + metrics["flag_rate_5pct"]["fp"] == 1  # ceil(0.05 * 12)
-    assert {r["subgroup"] for r in metrics["subgroups"]} == {"normal", "bacteria", "virus"}
+    assert {r["subgroup"] for r in metrics["subgroups"]} == {"subtype=normal", "subtype=bacteria", "subtype=virus"}
+    assert list(metrics["by_source"]) == ["data"] and metrics["by_source"]["data"]["n"] == 12
+    assert list(metrics["per_finding"]) == ["pneumonia"]
     assert len(metrics["top_losses"]) == 12 and metrics["top_losses"][0]["bce"] >= metrics["top_losses"][-1]["bce"]
 
 
@@ -240,14 +248,14 @@ def test_cli_reports_a_missing_source_with_exit_code_2(tmp_path, capsys):
 
 def test_run_folder_uses_its_validation_predictions(tmp_path):
     data_dir = sample_labels(tmp_path / "data", copies=4)  # 48 rows, 48 one-image patients
-    examples = data.read_labels(data_dir)
-    _, val_idx = data.split_patients(examples, 0.2, 0)
-    labels = np.array([[examples[i].pneumonia] for i in val_idx], np.float32)
+    split = labelled_split([DataSource(str(data_dir))], ["pneumonia"], 0.2, 0, log=lambda _: None)
+    val_idx = split.val_idx
+    labels = split.y[val_idx]
     assert 0 < labels.sum() < len(labels), "the seeded split should hold both classes"
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.2, "findings": ["pneumonia"],
-                                                 "preprocessing": {"size": [64, 64]}}))
+                                                 "data": str(data_dir), "preprocessing": {"size": [64, 64]}}))
     logits = (labels * 4 - 2 + np.random.default_rng(0).normal(0, 1.5, labels.shape)).astype(np.float32)
     np.savez(run / "val_predictions.npz", logits=logits, labels=labels, rows=np.array(val_idx))
     metrics = evaluate(run, data_dir, tmp_path / "report", n_boot=50, log=lambda _: None)
@@ -268,8 +276,8 @@ def test_run_folder_without_predictions_runs_its_checkpoint(tmp_path):
     torch.save(build_model(1, in_channels=1, image_size=64, pretrained=False).state_dict(), run / "best.pt")
     (run / "metrics.json").write_text("{}")
     (run / "config.json").write_text(json.dumps({"seed": 0, "val_fraction": 0.2, "findings": ["pneumonia"], "size": 64,
-                                                 "preprocessing": {"size": [64, 64]}}))
+                                                 "data": str(data_dir), "preprocessing": {"size": [64, 64]}}))
     metrics = evaluate(run, data_dir, tmp_path / "report", split="all", n_boot=20, log=lambda _: None)
     assert metrics["source"]["logits_from"] == "best.pt (PyTorch)"
     assert metrics["split"]["name"] == "all" and metrics["n"] == 48
-    assert "INCLUDING the images the model trained on" in (tmp_path / "report" / "index.html").read_text()
+    assert "INCLUDING any the model trained on" in (tmp_path / "report" / "index.html").read_text()

@@ -15,10 +15,9 @@ torch = pytest.importorskip("torch", reason="the train extra is not installed: p
 pytest.importorskip("monai", reason="the train extra is not installed: pip install -e '.[train]'")
 from monai.networks.nets import DenseNet, EfficientNet  # noqa: E402
 
-from training.export import (  # noqa: E402
-    ParityError, check_cam_parity, export_onnx, onnx_outputs, pipeline_files, pipeline_parity, quantize_int8,
-    torch_cam, torch_logits,
-)
+from training.onnx_graph import export_onnx, onnx_outputs, torch_cam, torch_logits  # noqa: E402
+from training.parity import ParityError, check_cam_parity, pipeline_files, pipeline_parity  # noqa: E402
+from training.quantize import quantize_int8  # noqa: E402
 from triage.pipeline import prepare  # noqa: E402
 from triage.preprocess import PreprocessSpec  # noqa: E402
 
@@ -137,7 +136,8 @@ def test_int8_is_static_qdq_per_channel_and_close_to_fp32(tmp_path) -> None:
 
 def test_out_of_scope_files_are_decoded_without_tag_checks_to_measure_the_gate(shared_data) -> None:
     """prepare() refuses the hip on its tags; the export still measures how far the gate puts it."""
-    from training.export import relative, unchecked_input
+    from training.decode_check import relative
+    from training.ood_fit import unchecked_input
 
     hip = shared_data / "dicom" / "out-of-scope" / "fuji-cr-hip-mono2-jpegls-lossless.dcm"
     assert prepare(str(hip), SPEC).reason == "body_part_out_of_scope"

@@ -12,7 +12,7 @@ from deploy.paths import DEMO_BUNDLE, SAMPLES
 from tests.test_evaluate import sample_labels
 from tests.tiny_bundle import build_tiny_bundle
 from training.calibration import TemperatureScaling, binary_nll, expected_calibration_error
-from training.evaluate import EvaluationError
+from training.scoring import EvaluationError
 from training.recalibrate import next_version, recalibrate_bundle
 from triage.bundle import load_bundle, write_manifest
 from triage.errors import BundleError

@@ -107,7 +107,7 @@ def test_the_pipeline_decodes_as_the_bundle_says(model, path):
 
 
 def test_the_export_enables_only_codecs_within_tolerance():
-    from training.export import decode_section
+    from training.decode_check import decode_section
 
     section = decode_section({"jpeg2000": [("a.dcm", 0.02), ("b.dcm", 0.001)],
                               "jpeg_baseline": [("c.dcm", 0.005), ("d.dcm", 0.0099)]})

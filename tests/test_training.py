@@ -12,7 +12,6 @@ import pytest
 torch = pytest.importorskip("torch", reason="training tests need the train extra (torch, monai)")
 pytest.importorskip("monai", reason="training tests need the train extra (torch, monai)")
 
-from training import data  # noqa: E402
 from training.calibration import (  # noqa: E402
     TemperatureScaling, binary_nll, expected_calibration_error, flag_threshold_for_rate, operating_metrics,
     validation_report)
@@ -59,44 +58,65 @@ def test_layer_groups_cover_every_parameter_once(pretrained):
 # --- split -----------------------------------------------------------------------------------
 
 
+def record(path: str, label: int, patient: str, md5: str):
+    from training.datasets import Record, label_vector
+
+    return Record(path, patient, path, "site", label_vector({"pneumonia": float(label)}), md5=md5)
+
+
 def test_patients_sharing_an_image_land_in_one_split():
-    rows = [data.Example(f"{p}.jpeg", i % 2, "normal", p, m) for i, (p, m) in
+    from training import splits
+
+    rows = [record(f"{p}.jpeg", i % 2, p, m) for i, (p, m) in
             enumerate([("A", "x"), ("B", "x"), ("B", "y"), ("C", "y"), *[(f"P{i}", f"m{i}") for i in range(40)]])]
-    groups = data.patient_groups(rows)
+    groups = splits.patient_groups(rows)
     assert any({rows[i].patient_id for i in g} == {"A", "B", "C"} for g in groups.values())
     for seed in range(5):
-        train, val = data.split_patients(rows, 0.3, seed)
-        assert sorted(train + val) == list(range(len(rows)))
-        assert data.leakage(rows, train, val) == {"patient_id": [], "md5": []}
+        parts = splits.split_by_patient(rows, {"val": 0.3, "train": 0.7}, seed)
+        assert sorted(parts["train"] + parts["val"]) == list(range(len(rows)))
+        assert splits.leakage(rows, parts) == {"patient_id": {}, "md5": {}}
 
 
 def test_leakage_is_reported():
-    rows = [data.Example("a", 0, "normal", "A", "x"), data.Example("b", 1, "virus", "A", "y")]
+    from training import splits
+
+    rows = [record("a", 0, "A", "x"), record("b", 1, "A", "y")]
     with pytest.raises(AssertionError, match="leaks 1 patients"):
-        data.assert_no_leakage(rows, [0], [1])
+        splits.assert_no_leakage(rows, {"train": [0], "val": [1]})
 
 
-def test_real_kermany_split_has_no_patient_or_md5_leakage(shared_data):
+def test_real_kermany_split_through_the_site_format_is_the_bundled_models(shared_data):
+    import json
+
+    from training.sources import DataSource, labelled_split
+
     folder = shared_data / "kermany-pneumonia-224"
     if not (folder / "labels.csv").is_file():
         pytest.skip(f"needs ../shared/data/kermany-pneumonia-224/labels.csv ({folder}), absent here")
-    rows = data.read_labels(folder)
-    train, val = data.split_patients(rows, 0.2, seed=0)
-    assert data.assert_no_leakage(rows, train, val) == {"patient_id": [], "md5": []}
-    assert 0.15 < len(val) / len(rows) < 0.25
-    assert len(set(train) | set(val)) == len(rows) == 5216
+    split = labelled_split([DataSource(str(folder))], ["pneumonia"], 0.2, 0, log=lambda _: None)
+    assert len(split.train_idx) + len(split.val_idx) == len(split.records) == 5216
+    assert (len(split.train_idx), len(split.val_idx)) == (4125, 1091)  # the split the 0.2 demo model recorded
+    assert int(np.nansum(split.y[split.val_idx, 0])) == 818
+    assert {r.extra["subtype"] for r in split.records} == {"normal", "bacteria", "virus"}
 
 
-def test_trainer_split_through_the_adapter_equals_the_demo_split(shared_data):
-    folder = shared_data / "kermany-pneumonia-224"
-    if not (folder / "labels.csv").is_file():
-        pytest.skip(f"needs ../shared/data/kermany-pneumonia-224/labels.csv ({folder}), absent here")
+def test_export_rebuilds_the_trainers_split_from_the_run_config(shared_data):
+    from dataclasses import asdict
+
+    from training.runs import run_split
     from training.train import TrainConfig, prepare_split
 
-    d = prepare_split(TrainConfig(data=str(folder)), log=lambda _: None)
-    train, val = data.split_patients(data.read_labels(folder), 0.2, seed=0)
-    assert (d["train_idx"], d["val_idx"]) == (train, val)  # export/evaluate rebuild the split with data.split_patients
-    np.testing.assert_array_equal(d["y"], data.labels_array(data.read_labels(folder)))
+    kermany, nih = shared_data / "kermany-pneumonia-224", shared_data / "nih-pneumonia-512"
+    if not (kermany / "labels.csv").is_file() or not (nih / "labels.csv").is_file():
+        pytest.skip(f"needs ../shared/data/kermany-pneumonia-224 and nih-pneumonia-512 ({shared_data}), absent here")
+    cfg = TrainConfig(data=[{"path": str(kermany)}, {"path": str(nih), "weight": 4}])
+    d = prepare_split(cfg, log=lambda _: None)
+    again = run_split({**asdict(cfg), "findings": d.findings}, log=lambda _: None)
+    assert (again.train_idx, again.val_idx) == (d.train_idx, d.val_idx)
+    np.testing.assert_array_equal(again.y, d.y)
+    assert set(d.source_rows(d.val_idx)) == {"kermany-pneumonia-224", "nih-pneumonia-512"}
+    weights = d.sample_weights()
+    assert set(weights.tolist()) == {1.0, 4.0} and (weights == 4.0).sum() == len(d.source_rows(d.train_idx)["nih-pneumonia-512"])
 
 
 # --- export and calibration ------------------------------------------------------------------
@@ -104,7 +124,8 @@ def test_trainer_split_through_the_adapter_equals_the_demo_split(shared_data):
 
 def test_onnx_export_matches_torch(tmp_path):
     pytest.importorskip("onnxruntime")
-    from training.export import check_parity, export_onnx, onnx_logits
+    from training.onnx_graph import export_onnx, onnx_logits
+    from training.parity import check_parity
 
     torch.manual_seed(0)
     net = build_model(1, image_size=64, pretrained=False).eval()
@@ -116,7 +137,7 @@ def test_onnx_export_matches_torch(tmp_path):
 
 
 def test_parity_failure_is_loud():
-    from training.export import ParityError, check_parity
+    from training.parity import ParityError, check_parity
 
     with pytest.raises(ParityError, match="differs from PyTorch"):
         check_parity(np.zeros((64, 1)), np.full((64, 1), 0.01))
@@ -180,7 +201,7 @@ def test_sample_dicom_reads_back_as_the_training_input(tmp_path):
     from training.samples import to_dicom
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(224, 224), dtype=np.uint8)
-    example = data.Example("images/x.jpeg", 1, "virus", "P1", "abc")
+    example = record("images/x.jpeg", 1, "P1", "abc")
     path = tmp_path / "s.dcm"
     to_dicom(pixels, example).save_as(path, enforce_file_format=True)
     radiograph = read_radiograph(path)

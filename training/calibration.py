@@ -102,30 +102,63 @@ def risk_histogram(risks: np.ndarray, n_bins: int = 20) -> dict[str, list]:
     return {"bin_edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
 
 
-def calibration_section(report: dict, finding: str, fitted_on: str) -> dict:
-    """The manifest's ``calibration`` from a ``validation_report``."""
-    return {"method": "platt" if report["bias"] else "temperature", "temperature": {finding: report["temperature"]},
-            "bias": {finding: report["bias"]}, "fitted_on": fitted_on}
+def calibration_section(report: dict, findings: list[str], fitted_on: str) -> dict:
+    """The manifest's ``calibration`` from a ``validation_report``: temperature and bias per finding."""
+    return {"method": "platt" if any(report["biases"]) else "temperature",
+            "temperature": dict(zip(findings, report["temperatures"])), "bias": dict(zip(findings, report["biases"])),
+            "fitted_on": fitted_on}
 
 
-def validation_report(logits: np.ndarray, labels: np.ndarray, flag_rate: float = 0.05) -> dict:
-    """Fit the calibration (temperature and bias) and compute every validation figure the manifest stores
-    (first finding)."""
-    scaler = TemperatureScaling(fit_bias=True).fit(logits, labels)
-    z, y = np.asarray(logits)[:, 0], np.asarray(labels)[:, 0]
-    risks = scaler.predict_proba(logits)[:, 0]
+def fit_per_finding(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Temperature and bias (F,) per finding, each fitted on the images whose label is known (NaN = unknown);
+    T = 1, b = 0 for a finding without both classes."""
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+    temps, biases = np.ones(logits.shape[1]), np.zeros(logits.shape[1])
+    for j in range(logits.shape[1]):
+        known = ~np.isnan(labels[:, j])
+        if len(np.unique(labels[known, j])) == 2:
+            scaler = TemperatureScaling(fit_bias=True).fit(logits[known, j:j + 1], labels[known, j:j + 1])
+            temps[j], biases[j] = scaler.temperature_[0], scaler.bias_[0]
+    return temps, biases
+
+
+def validation_report(logits: np.ndarray, labels: np.ndarray, flag_rate: float = 0.05, column: int = 0) -> dict:
+    """Fit the calibration (temperature and bias) of every finding and compute the validation figures the manifest
+    stores for the triage finding ``column`` (images with a known label for it), plus AUROC per finding.
+
+    logits, labels: (N, F); labels NaN where unknown.
+    """
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+    temps, biases = fit_per_finding(logits, labels)
+    known = ~np.isnan(labels[:, column])
+    z, y = logits[known, column], labels[known, column]
+    risks = calibrated_risk(z[:, None], temps[column:column + 1], biases[column:column + 1])[:, 0]
     threshold = flag_threshold_for_rate(risks, flag_rate)
+    aurocs = [float(roc_auc_score(labels[k, j], logits[k, j])) if len(np.unique(labels[k, j])) == 2 else float("nan")
+              for j in range(labels.shape[1]) for k in [~np.isnan(labels[:, j])]]
     return {
-        "temperature": float(scaler.temperature_[0]),
-        "bias": float(scaler.bias_[0]),
+        "temperatures": [float(t) for t in temps], "biases": [float(b) for b in biases],
+        "temperature": float(temps[column]), "bias": float(biases[column]),
         "threshold": threshold,
         "operating": operating_metrics(risks, y, threshold),
         "auroc": float(roc_auc_score(y, z)),
+        "auroc_per_finding": aurocs,
         "n": int(len(y)),
         "n_positive": int(y.sum()),
         "nll_before": binary_nll(z, y),
-        "nll_after": binary_nll(z / scaler.temperature_[0] + scaler.bias_[0], y),
-        "ece_before": expected_calibration_error(sigmoid(z.astype(np.float64)), y),
+        "nll_after": binary_nll(z / temps[column] + biases[column], y),
+        "ece_before": expected_calibration_error(sigmoid(z), y),
         "ece_after": expected_calibration_error(risks, y),
         "risk_histogram": risk_histogram(risks),
     }
+
+
+def source_report(risks: np.ndarray, labels: np.ndarray, threshold: float, flag_rate: float = 0.05) -> dict:
+    """One source's validation figures for the triage finding at the bundle's threshold: AUROC, ECE, mean risk,
+    flagged fraction, sensitivity/PPV at the threshold, the source's own flag-rate threshold, risk histogram."""
+    risks, labels = np.asarray(risks, np.float64), np.asarray(labels, np.float64)
+    both = len(np.unique(labels)) == 2
+    return {"n": int(len(labels)), "n_positive": int(labels.sum()), "auroc": float(roc_auc_score(labels, risks))
+            if both else float("nan"), "ece": expected_calibration_error(risks, labels), "mean_risk": float(risks.mean()),
+            "prevalence": float(labels.mean()), "at_threshold": operating_metrics(risks, labels, threshold),
+            "own_threshold_at_flag_rate": flag_threshold_for_rate(risks, flag_rate), "risk_histogram": risk_histogram(risks)}

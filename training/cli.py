@@ -68,8 +68,9 @@ def export_command(args: argparse.Namespace) -> int:
     from .export import ParityError, export_bundle
 
     try:
-        manifest = export_bundle(args.run_dir, args.out, data_dir=args.data, int8=args.int8)
-    except (FileNotFoundError, ParityError) as error:
+        manifest = export_bundle(args.run_dir, args.out, data=args.data or (), int8=args.int8, name=args.name,
+                                 version=args.version, triage_finding=args.triage_finding)
+    except (FileNotFoundError, ValueError, ParityError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     metrics = manifest["metrics"]
@@ -85,24 +86,30 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """Evaluate a bundle or run on a labelled data folder and write the report."""
     from triage.errors import TriageError
 
-    from .evaluate import EvaluationError, evaluate
+    from .evaluate import evaluate
 
     try:
         metrics = evaluate(args.source, args.data, args.out, split=args.split, n_boot=args.bootstrap, seed=args.seed,
                            device=args.device, log=lambda line: print(line, flush=True))
-    except (FileNotFoundError, EvaluationError, TriageError) as error:
+    except (FileNotFoundError, ValueError, TriageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    ci, rate = metrics["auroc"]["ci95"], metrics["flag_rate_5pct"]
-    print(f"{metrics['split']['name']} n={metrics['n']}: AUROC {metrics['auroc']['value']:.4f} "
-          f"(95% CI {ci['low']:.4f}-{ci['high']:.4f}), ECE {metrics['calibration']['ece_calibrated']:.4f}; top 5%: "
-          f"PPV {rate['ppv']:.3f}, sensitivity {rate['sensitivity']:.3f}, NPV {rate['npv']:.3f}")
+    rows = [("all", metrics)] + (list(metrics["by_source"].items()) if len(metrics["by_source"]) > 1 else [])
+    for name, part in rows:
+        ci, rate = part["auroc"]["ci95"], part["flag_rate_5pct"]
+        print(f"{metrics['finding']} {metrics['split']['name']} {name} n={part['n']}: AUROC {part['auroc']['value']:.4f} "
+              f"(95% CI {ci['low']:.4f}-{ci['high']:.4f}), ECE {part['calibration']['ece_calibrated']:.4f}; top 5%: "
+              f"PPV {rate['ppv']:.3f}, sensitivity {rate['sensitivity']:.3f}, NPV {rate['npv']:.3f}")
+    for finding, part in metrics["per_finding"].items() if len(metrics["per_finding"]) > 1 else ():
+        print(f"  {finding}: n={part['n']}, AUROC {part['auroc']['value']:.4f}")
     return 0
 
 
-def add_labelled_data(parser: argparse.ArgumentParser, split_help: str) -> None:
-    """The ``DATA`` folder and ``--split`` arguments shared by ``evaluate`` and ``calibrate``."""
-    parser.add_argument("data", metavar="DATA", help="labelled data folder with labels.csv, e.g. " + DEFAULT_DATA)
+def add_labelled_data(parser: argparse.ArgumentParser, split_help: str, several: bool = False) -> None:
+    """The ``DATA`` folder(s) and ``--split`` arguments shared by ``evaluate`` and ``calibrate``."""
+    parser.add_argument("data", metavar="DATA", nargs="+" if several else None,
+                        help="labelled data folder (site format: labels.csv + images), e.g. " + DEFAULT_DATA
+                             + ("; several give a table per source" if several else ""))
     parser.add_argument("--split", choices=("validation", "all"), default="validation", help=split_help)
 
 
@@ -112,7 +119,8 @@ def add_evaluate_parser(subparsers) -> None:
                                      description="AUROC with bootstrap CI, operating points, calibration, top losses and "
                                                  "subgroups on the training's patient split; PNGs + index.html + metrics.json.")
     evaluate.add_argument("source", metavar="RUN_OR_BUNDLE", help="bundle folder (manifest.json) or run folder (config.json)")
-    add_labelled_data(evaluate, "validation: the held-out patients of the training split (default); all: every image")
+    add_labelled_data(evaluate, "validation (default): for a training source, its held-out patients; for any other "
+                                "folder (an external site), every image; all: every image", several=True)
     evaluate.add_argument("--out", required=True, help="report folder to write (index.html, metrics.json, PNGs)")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the CIs (default 1000)")
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed (the split seed comes from the model)")
@@ -129,7 +137,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     try:
         recalibrate_bundle(args.bundle, args.data, args.out, split=args.split, version=args.version,
                            log=lambda line: print(line, flush=True))
-    except (FileNotFoundError, TriageError) as error:
+    except (FileNotFoundError, ValueError, TriageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -206,7 +214,13 @@ def add_parsers(subparsers) -> None:
                                                "out-of-distribution gate, write the bundle.")
     export.add_argument("run_dir", help="run folder written by 'train'")
     export.add_argument("--out", required=True, help="bundle folder to write, e.g. models/pneumonia-demo")
-    export.add_argument("--data", default=None, help="data folder (default: the one in the run's config.json)")
+    export.add_argument("--data", default=None, action="append", metavar="PATH",
+                        help="a data folder replacing the recorded path of the run's source of the same name "
+                             "(repeatable; default: the paths in the run's config.json)")
+    export.add_argument("--name", default=None, help="bundle name (default: the run config's name, else cxr-<findings>)")
+    export.add_argument("--version", default=None, help="bundle version (default: the run config's version, else 0.1.0)")
+    export.add_argument("--triage-finding", default=None,
+                        help="the finding whose risk orders the worklist (default: the run's, else its first finding)")
     export.add_argument("--int8", action="store_true",
                         help="also build a static QDQ int8 model (calibrated on training images) and serve it if its "
                              "validation AUROC drops by <= 0.005; ms/image of both go in the manifest")

@@ -24,15 +24,12 @@ from typing import Any
 import numpy as np
 
 from triage.bundle import MANIFEST, load_bundle, write_manifest
-from triage.inference import calibrated_risk, load_model
-from triage.pipeline import prepare
 
-from .calibration import calibration_section, validation_report
+from .calibration import calibration_section, source_report, validation_report
 from .card import recalibration_text, write_model_card
 from .decode_check import decode_section, reduced_decode_diffs, reduced_decode_files
-from .evaluate import EvaluationError, score_bundle, select_images, split_settings
-
-REPO = Path(__file__).resolve().parents[1]
+from .parity import parity_risks
+from .scoring import EvaluationError, score_bundle, select_images, training_record
 
 
 def next_version(version: str) -> str:
@@ -45,9 +42,8 @@ def recalibrated_manifest(manifest: dict[str, Any], report: dict[str, Any], fitt
                           source: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``manifest`` (without ``files``/``schema_version``) with the new calibration, threshold and figures."""
     new = {k: v for k, v in json.loads(json.dumps(manifest)).items() if k not in ("files", "schema_version")}
-    finding = new["operating_point"]["finding"]
     new["version"] = version
-    new["calibration"] = calibration_section(report, finding, fitted_on)
+    new["calibration"] = calibration_section(report, new["findings"], fitted_on)
     new["operating_point"]["threshold"] = report["threshold"]
     new["operating_point"]["validation"] = {k: report["operating"][k] for k in ("sensitivity", "specificity", "ppv",
                                                                                "flagged_fraction")}
@@ -55,16 +51,6 @@ def recalibrated_manifest(manifest: dict[str, Any], report: dict[str, Any], fitt
                                                                 "nll_before", "nll_after", "risk_histogram")})
     new["recalibrated"] = source
     return new
-
-
-def parity_risks(bundle_dir: Path, files: list[str]) -> np.ndarray:
-    """The served risks (N,) of the parity files (paths relative to the checkout), loaded and calibrated as a
-    scorer does (full decode, as the parity check records them)."""
-    bundle = load_bundle(bundle_dir)
-    model = load_model(bundle, device="cpu")
-    x = np.stack([prepare(str(REPO / f), bundle.preprocessing).model_input for f in files])
-    column = bundle.findings.index(bundle.triage_finding)
-    return calibrated_risk(model.logits(x), model.temperatures, model.biases)[:, column]
 
 
 def update_card(path: Path, manifest: dict[str, Any]) -> None:
@@ -82,7 +68,10 @@ def update_card(path: Path, manifest: dict[str, Any]) -> None:
 
 def recalibrate_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str | Path, split: str = "validation",
                        version: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write the recalibrated copy of ``bundle_dir`` to ``out``; returns its manifest as loaded back."""
+    """Write the recalibrated copy of ``bundle_dir`` to ``out``; returns its manifest as loaded back.
+
+    ``split="validation"``: the validation patients of ``data_dir`` when it is one of the bundle's training
+    sources, else (an external site) every image; ``"all"``: every image."""
     start = time.perf_counter()
     bundle_dir, out = Path(bundle_dir), Path(out)
     if out.resolve() == bundle_dir.resolve():
@@ -90,25 +79,30 @@ def recalibrate_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str | 
     if out.exists() and any(out.iterdir()):
         raise EvaluationError(f"{out}: not empty. Fix: pass --out a new folder (or remove it)")
     old = load_bundle(bundle_dir)
-    seed, val_fraction, expected = split_settings(bundle_dir)
-    images = select_images(data_dir, split, seed, val_fraction)
-    expected_n = expected.get(split, {}).get("n_images") if split == "validation" else None
-    if expected_n is not None and expected_n != len(images.paths):
-        raise EvaluationError(f"{data_dir}: {len(images.paths)} validation images here, {expected_n} recorded at "
+    images = select_images([data_dir], split, training_record(bundle_dir), log=log)
+    part = images.split["sources"][0]
+    if part["matches_training_record"] is False:
+        raise EvaluationError(f"{data_dir}: {len(images.paths)} validation images here, another count was recorded at "
                               "training: not the data the bundle was trained on. Fix: pass that data folder, or "
                               "--split all for a site's own labelled images")
     scores, ok = score_bundle(bundle_dir, images, log=log)
-    labels = images.subset(ok).labels
-    if len(np.unique(labels)) < 2:
+    images = images.subset(ok)
+    column = old.findings.index(old.triage_finding)
+    labels = images.column(old.triage_finding)
+    if len(np.unique(labels[~np.isnan(labels)])) < 2:
         raise EvaluationError(f"{data_dir}: the {split} split has one class only among its scorable images; "
                               "calibration needs both. Fix: add labelled images of the other class")
-    report = validation_report(scores.logits[:, None], labels[:, None], old.flag_rate)
-    fitted_on = f"{split} split of {Path(data_dir).name} ({report['n']} images)"
+    report = validation_report(scores.logits, images.labels, old.flag_rate, column)
+    fitted_on = f"{part['selection']} images of {part['name']} ({report['n']} images)"
     source = {"from": {"name": old.name, "version": old.version, "sha256": old.sha256},
               "data": str(data_dir), "split": split, "n_images": report["n"],
               "ece_before_recalibration": float(old.manifest["metrics"]["validation"].get("ece_after", float("nan")))
               if split == "validation" else None}
     manifest = recalibrated_manifest(old.manifest, report, fitted_on, version or next_version(old.version), source)
+    known = ~np.isnan(labels)
+    risks = 1 / (1 + np.exp(-(scores.logits[known, column] / report["temperature"] + report["bias"])))
+    manifest["metrics"]["recalibration_data"] = {part["name"]: source_report(risks, labels[known], report["threshold"],
+                                                                             old.flag_rate)}
     shutil.copytree(bundle_dir, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))
     write_manifest(out, manifest)
     parity = manifest["metrics"].get("parity", {})

@@ -63,7 +63,7 @@ def plot_reliability(calibration: dict[str, Any], path: Path) -> Path:
     width = bins[0]["high"] - bins[0]["low"]
     filled = [b for b in bins if b["count"]]
     top.bar([b["low"] for b in filled], [b["observed"] for b in filled], width=width, align="edge", alpha=0.6,
-            edgecolor="k", label="observed rate of pneumonia")
+            edgecolor="k", label="observed rate of positives")
     top.plot([b["mean_risk"] for b in filled], [b["observed"] for b in filled], "o-", c="C3", label="observed vs mean risk of the bin")
     top.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfect calibration")
     top.set(ylabel="observed frequency", ylim=(0, 1), title=f"Reliability ({calibration['n_bins']} bins): ECE "
@@ -84,7 +84,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> Path:
         for (r, c), count in np.ndenumerate(matrix):
             ax.text(c, r, str(count), ha="center", va="center", fontsize=14,
                     color="white" if count > matrix.max() / 2 else "black")
-        ax.set(xticks=[0, 1], xticklabels=["not flagged", "flagged"], yticks=[0, 1], yticklabels=["normal", "pneumonia"],
+        ax.set(xticks=[0, 1], xticklabels=["not flagged", "flagged"], yticks=[0, 1], yticklabels=["negative", "positive"],
                xlabel="model", ylabel="label", title=f"{title} ({point['threshold']:.4g})")
     return _save(fig, path)
 
@@ -107,7 +107,7 @@ def plot_top_losses(losses: list[dict[str, Any]], spec: PreprocessSpec, path: Pa
         image = thumbnail(item["path"], spec)
         if image is not None:
             ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        label = "pneumonia" if item["label"] else "normal"
+        label = "positive" if item["label"] else "negative"
         ax.set_title(f"{label} ({item['subtype']})\nrisk {item['risk']:.3f}, BCE {item['bce']:.2f}", fontsize=8,
                      color="C3" if item["label"] else "C0")
     fig.suptitle("Top losses (highest BCE of the calibrated risk)", fontsize=10)
@@ -159,9 +159,21 @@ def render_html(metrics: dict[str, Any], out_dir: Path) -> str:
     flag_keys = [k for k in metrics["subgroups"][0] if k.startswith("flagged_")] if metrics["subgroups"] else []
     subgroups = [[html.escape(r["subgroup"]), str(r["n"]), str(r["n_positive"]), _fmt(r["mean_risk"]),
                   _fmt(r["auroc_vs_other_class"])] + [_fmt(r[k]) for k in flag_keys] for r in metrics["subgroups"]]
-    losses = [[html.escape(Path(r["path"]).name), "pneumonia" if r["label"] else "normal", html.escape(r["subtype"]),
+    losses = [[html.escape(Path(r["path"]).name), "positive" if r["label"] else "negative", html.escape(r["subtype"]),
                _fmt(r["risk"]), _fmt(r["bce"], 3)] for r in metrics["top_losses"]]
     unscorable = "".join(f"<li>{html.escape(u['path'])}: {html.escape(u['reason'])}</li>" for u in metrics["unscorable"])
+    finding = html.escape(metrics.get("finding", "pneumonia"))
+    described = "; ".join(f"{html.escape(p['name'])}: {html.escape(p['description'])} ({p['n_images']} images)"
+                          for p in split.get("sources", [])) or html.escape(split.get("description", ""))
+    by_source = [[html.escape(name), str(r["n"]), _fmt(r["prevalence"], 3), f"{_fmt(r['auroc']['value'])} "
+                  f"({_ci(r['auroc']['ci95'])})", _fmt(r["calibration"]["mean_risk"], 3),
+                  _fmt(r["calibration"]["ece_calibrated"]), _fmt(r["operating_threshold"]["flagged_fraction"], 3),
+                  _fmt(r["operating_threshold"]["sensitivity"], 3), _fmt(r["operating_threshold"]["ppv"], 3),
+                  _fmt(r["flag_rate_5pct"]["ppv"], 3), _fmt(r["flag_rate_5pct"]["lowest_flagged_risk"], 4)]
+                 for name, r in metrics.get("by_source", {}).items()]
+    per_finding = [[html.escape(name), str(r["n"]), str(r["n_positive"]), f"{_fmt(r['auroc']['value'])} "
+                    f"({_ci(r['auroc']['ci95'])})", _fmt(r["ece_calibrated"])]
+                   for name, r in metrics.get("per_finding", {}).items()]
     heatmaps = ("The model exports heatmaps, but this report does not draw them yet." if source.get("has_heatmaps") else
                 "No heatmaps: this model has no class-activation-map output yet, so the gallery shows the images only "
                 "(no heatmaps are invented).")
@@ -177,11 +189,19 @@ th{{background:#eee}}figure{{display:inline-block;margin:0.5em}}img{{max-width:1
 <body>
 <h1>Evaluation of {html.escape(str(source.get('name')))} {html.escape(str(source.get('version', '')))}</h1>
 <p>Source: {html.escape(source['kind'])} <code>{html.escape(source['path'])}</code>; data <code>{html.escape(metrics['data'])}</code>.<br>
-Split: <b>{html.escape(split['description'])}</b>. {split['n_images']} images of {split['n_patients']} patients
-({metrics['n']} scored, {metrics['n_positive']} with pneumonia, prevalence {_fmt(metrics['prevalence'], 3)}).
-Same images as recorded at training: {html.escape(str(split.get('matches_training_record')))}.</p>
-<p class="note">A demonstration model on pediatric images from one centre; not a medical device. Prevalence here
-({_fmt(metrics['prevalence'], 2)}) is far above a real worklist's, which inflates PPV and deflates NPV.</p>
+Images: <b>{described}</b>. {split['n_images']} images of {split['n_patients']} patients
+({metrics['n']} scored with a {finding} label, {metrics['n_positive']} positive, prevalence {_fmt(metrics['prevalence'], 3)}).</p>
+<p class="note">A demonstration model; not a medical device. Prevalence here
+({_fmt(metrics['prevalence'], 2)}) is likely far above a real worklist's, which inflates PPV and deflates NPV.</p>
+
+<h2>Per source ({finding})</h2>
+<p class="note">One table row per data source: a model that ranks one site well can still fail at another, and one
+calibration can be right for one population and wrong for another. The threshold is the bundle's.</p>
+{_table(['source', 'n', 'prevalence', 'AUROC (95% CI)', 'mean risk', 'ECE', 'flagged at threshold',
+         'sensitivity at threshold', 'PPV at threshold', 'PPV top 5%', 'lowest risk in top 5%'], by_source)}
+
+<h2>Per finding</h2>
+{_table(['finding', 'n labelled', 'positive', 'AUROC (95% CI)', 'ECE'], per_finding)}
 
 <h2>Discrimination</h2>
 <p>AUROC <b>{_fmt(metrics['auroc']['value'])}</b> (95% CI {_ci(metrics['auroc']['ci95'])}; bootstrap
@@ -205,15 +225,15 @@ Risk = sigmoid(logit / T + b) with T = {_fmt(cal['temperature'])}, b = {_fmt(cal
 <p class="note">{in_sample}</p>
 {_img(out_dir / 'reliability.png', 'Reliability diagram')}
 
-<h2>Subgroups (Kermany subtype)</h2>
-<p class="note">For a pneumonia subtype the flagged fraction is its sensitivity; for "normal" it is the false-positive
-rate. AUROC compares the subgroup against every image of the other class.</p>
-{_table(['subtype', 'n', 'positive', 'mean risk', 'AUROC vs other class'] + [k.replace('flagged_', 'flagged at ') for k in flag_keys], subgroups)}
+<h2>Subgroups (source, subtype, sex, age band, view)</h2>
+<p class="note">For an all-positive subgroup (e.g. a pneumonia subtype) the flagged fraction is its sensitivity; for an
+all-negative one it is the false-positive rate. AUROC compares the subgroup against every image of the other class.</p>
+{_table(['subgroup', 'n', 'positive', 'mean risk', 'AUROC vs other class'] + [k.replace('flagged_', 'flagged at ') for k in flag_keys], subgroups)}
 
 <h2>Top losses</h2>
 <p class="note">{heatmaps}</p>
 {_img(out_dir / 'top_losses.png', 'Top losses')}
-{_table(['file', 'label', 'subtype', 'risk', 'BCE'], losses)}
+{_table(['file', 'label', 'subtype or source', 'risk', 'BCE'], losses)}
 {f'<h2>Unscorable files</h2><ul>{unscorable}</ul>' if unscorable else ''}
 <p class="note">Figures: <a href="metrics.json">metrics.json</a>; every image's logit, risk and loss:
 <a href="predictions.csv">predictions.csv</a>.</p>

@@ -20,20 +20,22 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import set_pixel_data
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from . import data
+from .datasets import Record
+from .sources import DataSource, labelled_split
 
 ATTRIBUTION = "Kermany et al., Cell 2018, CC BY 4.0"
 CITATION = ('Kermany DS, Goldbaum M, Cai W, et al. "Identifying Medical Diagnoses and Treatable Diseases by '
             'Image-Based Deep Learning". Cell 172(5):1122-1131, 2018. doi:10.1016/j.cell.2018.02.010')
 
 
-def choose_examples(examples: Sequence[data.Example], n: int, seed: int = 0, val_fraction: float = 0.2) -> list[data.Example]:
-    """``n`` validation images of distinct patients, half normal and half pneumonia, seeded."""
-    _, val_idx = data.split_patients(examples, val_fraction, seed)
+def choose_examples(data_dir: str | Path, n: int, seed: int = 0, val_fraction: float = 0.2) -> list[Record]:
+    """``n`` validation images (pneumonia split, seeded) of distinct patients, half normal and half pneumonia."""
+    split = labelled_split([DataSource(str(data_dir))], ["pneumonia"], val_fraction, seed, log=lambda _: None)
+    examples = split.records
     rng = random.Random(seed)
-    chosen: list[data.Example] = []
+    chosen: list[Record] = []
     for label, count in ((0, n // 2), (1, n - n // 2)):
-        pool = [examples[i] for i in val_idx if examples[i].pneumonia == label]
+        pool = [examples[i] for i in split.val_idx if examples[i].label("pneumonia") == label]
         rng.shuffle(pool)
         seen: set[str] = set()
         for ex in pool:
@@ -43,7 +45,7 @@ def choose_examples(examples: Sequence[data.Example], n: int, seed: int = 0, val
     return chosen
 
 
-def to_dicom(pixels: np.ndarray, example: data.Example) -> Dataset:
+def to_dicom(pixels: np.ndarray, example: Record) -> Dataset:
     """(rows, cols) uint8 grey -> a CR Image Storage data set, one study, UIDs derived from the md5."""
     uid = lambda part: generate_uid(entropy_srcs=["kermany", example.md5, part])  # noqa: E731
     ds = Dataset()
@@ -60,7 +62,7 @@ def to_dicom(pixels: np.ndarray, example: data.Example) -> Dataset:
     ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, 1
     ds.PatientSex = ds.PatientBirthDate = ""
     ds.StudyDescription = "Pediatric chest X-ray (demo sample)"
-    ds.ImageComments = f"Demo image from {ATTRIBUTION}; source {example.path}"
+    ds.ImageComments = f"Demo image from {ATTRIBUTION}; source {relative_path(example)}"
     ds.ContentCreatorName = "Kermany^DS"
     ds.Manufacturer = "cxr-triage demo (converted from JPEG)"
     ds.ConversionType = "WSD"
@@ -71,13 +73,19 @@ def to_dicom(pixels: np.ndarray, example: data.Example) -> Dataset:
     return ds
 
 
-def write_samples(data_dir: str | Path, out: str | Path, n: int = 12, seed: int = 0) -> list[tuple[str, data.Example]]:
+def relative_path(example: Record) -> str:
+    """The image path as the dataset names it (``images/...``), without the local folder above it."""
+    parts = Path(example.path).parts
+    return "/".join(parts[parts.index("images"):]) if "images" in parts else Path(example.path).name
+
+
+def write_samples(data_dir: str | Path, out: str | Path, n: int = 12, seed: int = 0) -> list[tuple[str, Record]]:
     """Write ``n`` validation images as DICOM files plus ``ATTRIBUTION.md``; returns (file name, example)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for k, ex in enumerate(choose_examples(data.read_labels(data_dir), n, seed), start=1):
-        with Image.open(Path(data_dir) / ex.path) as image:
+    for k, ex in enumerate(choose_examples(data_dir, n, seed), start=1):
+        with Image.open(ex.path) as image:
             pixels = np.asarray(image.convert("L"), dtype=np.uint8)
         name = f"kermany-{k:02d}.dcm"
         to_dicom(pixels, ex).save_as(out / name, enforce_file_format=True)
@@ -86,9 +94,10 @@ def write_samples(data_dir: str | Path, out: str | Path, n: int = 12, seed: int 
     return written
 
 
-def attribution_text(written: Sequence[tuple[str, data.Example]]) -> str:
+def attribution_text(written: Sequence[tuple[str, Record]]) -> str:
     """Markdown naming the source, license, changes and the label of each file."""
-    rows = "\n".join(f"| `{name}` | {ex.path} | {ex.subtype} | {ex.patient_id} |" for name, ex in written)
+    rows = "\n".join(f"| `{name}` | {relative_path(ex)} | {ex.extra.get('subtype', '')} | {ex.patient_id} |"
+                     for name, ex in written)
     return f"""# Kermany sample images: attribution
 
 These DICOM files are pediatric anterior-posterior chest radiographs from

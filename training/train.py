@@ -37,7 +37,7 @@ from torch import nn
 
 from triage.preprocess import PreprocessSpec
 
-from . import datasets, splits
+from . import datasets
 from .sources import DataSource, LabelledSplit, as_sources, labelled_split
 from .augment import augment_batch, default_augment
 from .cache import CachedImages, build_cache, resolution_spec

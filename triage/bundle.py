@@ -211,8 +211,12 @@ def load_bundle(path: str | Path) -> Bundle:
 
 
 def referenced_files(manifest: dict[str, Any]) -> list[str]:
-    """Every file the manifest needs besides itself: the card, the served model, the OOD statistics."""
+    """Every file the manifest needs besides itself: the card, the served model, the OOD statistics and, when the
+    bundle ships them for ``finetune``, the network's weights (``model.weights.file``)."""
     names = set(REQUIRED_FILES) | {manifest["model"]["file"]}
+    weights = manifest["model"].get("weights")
+    if isinstance(weights, dict) and weights.get("file"):
+        names.add(weights["file"])
     if isinstance(manifest.get("ood"), dict) and manifest["ood"].get("file"):
         names.add(manifest["ood"]["file"])
     return sorted(names)
