@@ -299,6 +299,58 @@ def test_generic_csv_maps_columns_named_after_findings(tmp_path):
         ds.read_generic_csv(odd)
 
 
+# --- the plain site format ----------------------------------------------------------------------
+
+
+def test_site_format_reads_labels_metadata_and_extra_columns(tmp_path):
+    site = tmp_path / "hospital-x"
+    for name in ("a.png", "b.dcm", "c.jpg"):
+        touch(site / "images" / name, b"x")
+    write_csv(site / "labels.csv", ["path", "pneumonia", "effusion", "patient_id", "sex", "age", "view", "note"], [
+        ["images/a.png", 1, "", "P1", "F", "61", "pa", "portable"],
+        ["images/b.dcm", 0, 1, "P1", "O", "", "", ""],
+        ["images/c.jpg", "", 0, "P2", "male", "007Y", "AP", ""]])
+    a, b, c = ds.read_site(site)
+    assert (a.dataset, a.patient_id, a.sex, a.age, a.view, a.extra) == ("hospital-x", "P1", "F", 61.0, "PA",
+                                                                        {"note": "portable"})
+    assert by_name(a) == {"pneumonia": 1.0} and by_name(b) == {"pneumonia": 0.0, "effusion": 1.0}
+    assert (b.sex, b.age, c.sex, c.age) == (None, None, "M", 7.0) and np.isnan(c.label("pneumonia"))
+    assert ds.read_dataset("site", site, name="renamed")[0].dataset == "renamed"
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    (["images/a.png", "2", "P1", "F", "40"], r"labels.csv line 2 column 'pneumonia': label '2' is not 1, 0, -1 or blank"),
+    (["images/a.png", "1", "P1", "X", "40"], r"labels.csv line 2 column 'sex': sex 'X' is not M, F, O or blank"),
+    (["images/a.png", "1", "P1", "F", "old"], r"labels.csv line 2 column 'age': age 'old' is not a number"),
+    (["", "1", "P1", "F", "40"], r"labels.csv line 2 column 'path': empty path"),
+    (["images/gone.png", "1", "P1", "F", "40"], r"1 of 1 images are missing \(line 2: .*gone.png\)\. Fix:"),
+])
+def test_bad_site_rows_name_file_line_and_column(tmp_path, row, message):
+    touch(tmp_path / "images" / "a.png", b"x")
+    write_csv(tmp_path / "labels.csv", ["path", "pneumonia", "patient_id", "sex", "age"], [row])
+    with pytest.raises(ds.DatasetLayoutError, match=message):
+        ds.read_site(tmp_path)
+
+
+def test_a_site_image_listed_twice_and_a_folder_without_labels_are_refused(tmp_path):
+    touch(tmp_path / "images" / "a.png", b"x")
+    write_csv(tmp_path / "labels.csv", ["path", "pneumonia"], [["images/a.png", 1], ["images/a.png", 0]])
+    with pytest.raises(ds.DatasetLayoutError, match="line 3 column 'path': images/a.png is also on line 2"):
+        ds.read_site(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no labels file. Fix: pass a folder with labels.csv"):
+        ds.read_site(tmp_path / "images")
+
+
+@pytest.mark.parametrize(("folder", "n", "positives", "extra"), [
+    ("kermany-pneumonia-224", 5216, 3875, "subtype"), ("nih-pneumonia-512", 515, 260, "finding_labels")])
+def test_both_shared_folders_read_in_the_site_format(shared_data, folder, n, positives, extra):
+    records = ds.read_site(shared_data / folder)
+    assert len(records) == n and sum(r.label("pneumonia") for r in records) == positives
+    assert all(extra in r.extra for r in records) and {r.dataset for r in records} == {folder}
+    if folder.startswith("nih"):
+        assert {r.view for r in records} <= {"PA", "AP"} and all(r.age is not None and r.sex for r in records)
+
+
 # --- splits and leakage ------------------------------------------------------------------------
 
 

@@ -204,9 +204,49 @@ def add_train_parser(subparsers) -> None:
     train.set_defaults(func=train_command)
 
 
+def finetune_command(args: argparse.Namespace) -> int:
+    """Fine-tune a bundle on a site's labelled studies into a new bundle."""
+    from triage.errors import TriageError
+
+    from .finetune import finetune_bundle
+
+    overrides = {"stages": args.stages, "lr": args.lr, "epochs_frozen": args.epochs_frozen, "batch_size": args.batch_size}
+    try:
+        finetune_bundle(args.bundle, args.data, args.out, dataset=args.dataset, version=args.version, force=args.force,
+                        device=args.device, overrides=overrides, log=lambda line: print(line, flush=True))
+    except (FileNotFoundError, ValueError, TriageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_finetune_parser(subparsers) -> None:
+    """Register ``finetune`` (needs the train extra)."""
+    tune = subparsers.add_parser(
+        "finetune", help="adapt a bundle to a site's own labelled studies (new bundle; needs the train extra)",
+        description="Start from the bundle's own network (its weights.npz), split DATA by patient, fine-tune (head-only "
+                    "one-cycle epoch, then unfreeze and one cycle), refit calibration, threshold and gate on the site's "
+                    "split, and write a new bundle naming its parent. Before/after on the site's held-out patients is "
+                    "printed and recorded; a result worse than the parent is refused unless --force.")
+    tune.add_argument("bundle", metavar="BUNDLE", help="bundle folder to start from (with weights.npz)")
+    tune.add_argument("data", metavar="DATA", help="the site's labelled studies: a folder with labels.csv (site format)")
+    tune.add_argument("--out", required=True, help="new bundle folder to write")
+    tune.add_argument("--dataset", default="site", help="adapter of DATA (default site; see train --dataset)")
+    tune.add_argument("--version", default=None, help="version of the new bundle (default: the parent's patch + 1)")
+    tune.add_argument("--stages", type=parse_stages, default=None, help="unfrozen stages SIZE:EPOCHS (default: 2 epochs "
+                      "at the bundle's input size)")
+    tune.add_argument("--epochs-frozen", type=int, default=None, help="head-only epochs (default 1)")
+    tune.add_argument("--lr", type=float, default=None, help="head learning rate (default 1e-3)")
+    tune.add_argument("--batch-size", type=int, default=None, help="default 32")
+    tune.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="training device (default auto)")
+    tune.add_argument("--force", action="store_true", help="write the bundle even if it is worse than its parent")
+    tune.set_defaults(func=finetune_command)
+
+
 def add_parsers(subparsers) -> None:
-    """Register ``train``, ``export``, ``evaluate`` and ``calibrate`` on an ``argparse`` subparsers object."""
+    """Register ``train``, ``export``, ``evaluate``, ``calibrate`` and ``finetune`` on an ``argparse`` subparsers object."""
     add_train_parser(subparsers)
+    add_finetune_parser(subparsers)
 
     export = subparsers.add_parser("export", help="export a training run to a model bundle (ONNX + manifest + card)",
                                    description="Export to ONNX (logits, in-graph CAM, pooled features), check parity "

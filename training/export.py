@@ -8,7 +8,7 @@ Steps (``export_bundle``):
    at feature-map resolution: its spatial mean is the logit); ``features`` (N, D), the
    pooled features.
 2. Parity, each one fails the export beyond its tolerance: ONNX Runtime vs PyTorch
-   logits on every validation image; the ONNX CAM vs MONAI's ``CAM`` (torch); the whole
+   logits on every validation image (topped up with training images to 64 for a small site); the ONNX CAM vs MONAI's ``CAM`` (torch); the whole
    pipeline, DICOM file -> risk, on the sample studies (``PIPELINE_FILES``).
 3. Calibration (temperature + bias per finding) and the 5% flag-rate threshold of the triage finding on
    the served model's validation logits; the same figures per source.
@@ -46,7 +46,8 @@ from .metrics import FLAG_RATE
 from .onnx_graph import CAM_NAME, FEATURES_NAME, OUTPUT_NAME, export_onnx, onnx_logits, onnx_outputs, torch_logits
 from .ood_fit import OOD_MAX_TRAIN, fit_ood, ood_check_files, ood_report
 from .parity import (
-    CAM_CHECK_IMAGES, REPO, ParityError, check_cam_parity, check_parity, pipeline_files, pipeline_parity, verify_served)
+    CAM_CHECK_IMAGES, MIN_PARITY_IMAGES, REPO, ParityError, check_cam_parity, check_parity, pipeline_files,
+    pipeline_parity, verify_served)
 from .quantize import INT8_CALIBRATION_IMAGES, try_int8
 from .runs import load_inputs, load_run, run_split, sample_rows
 from .weights import WEIGHTS_FILE, save_weights
@@ -108,7 +109,10 @@ def export_bundle(run_dir: str | Path, out: str | Path, data: Sequence[str | Pat
     x_val, y_val = load_inputs(val_records, spec), split.y[split.val_idx].astype(np.float64)
     fp32 = onnx_outputs(fp32_path, x_val)
     check_split_matches_run(run_dir, split.val_idx, fp32[OUTPUT_NAME])
-    parity = check_parity(torch_logits(net, x_val), fp32[OUTPUT_NAME])
+    train_rows = sample_rows(split.train_idx, OOD_MAX_TRAIN, int(config.get("seed", 0)))
+    x_train = load_inputs([split.records[i] for i in train_rows], spec)
+    x_parity = np.concatenate([x_val, x_train[:max(0, MIN_PARITY_IMAGES - len(x_val))]])  # a small site: top up
+    parity = check_parity(torch_logits(net, x_parity), onnx_outputs(fp32_path, x_parity)[OUTPUT_NAME])
     parity.update(check_cam_parity(net, x_val[:CAM_CHECK_IMAGES], fp32[CAM_NAME][:CAM_CHECK_IMAGES]))
     log(f"parity on {parity['n_images']} validation images: max |risk diff| {parity['max_abs_risk_diff']:.2e}; "
         f"CAM vs MONAI on {parity['cam_n_images']}: max |diff| {parity['cam_max_abs_diff']:.2e}")
@@ -117,8 +121,6 @@ def export_bundle(run_dir: str | Path, out: str | Path, data: Sequence[str | Pat
     parity.update(pipeline_parity(net, fp32_path, pipeline_files(), spec, temperatures, biases, column=column))
     log(f"pipeline parity (DICOM -> risk) on {len(parity['pipeline_files'])} files: "
         f"max |risk diff| {parity['pipeline_max_abs_risk_diff']:.2e}")
-    train_rows = sample_rows(split.train_idx, OOD_MAX_TRAIN, int(config.get("seed", 0)))
-    x_train = load_inputs([split.records[i] for i in train_rows], spec)
     served, served_out, int8_section = fp32_path, fp32, None
     if int8:
         x_cal = x_train[np.sort(np.random.default_rng(0).choice(len(x_train), min(INT8_CALIBRATION_IMAGES,

@@ -61,6 +61,9 @@ class TrainConfig:
     dataset: str = "site"  # the adapter (training.datasets.ADAPTERS) of sources that do not name one
     dataset_options: dict[str, Any] = field(default_factory=dict)  # adapter options of a plain-path source
     findings: list[str] = field(default_factory=lambda: ["pneumonia"])  # canonical names; ["auto"]: all with labels
+    triage_finding: str = ""  # the finding that orders the worklist (default: the first)
+    name: str = ""  # bundle name at export (default: cxr-<findings>)
+    version: str = "0.1.0"  # bundle version at export
     architecture: str = "efficientnet-lite0"  # or densenet121
     weights: str = ""  # a state dict file to start from (DenseNet-121: else random init)
     epochs_frozen: int = 1
