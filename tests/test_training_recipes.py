@@ -153,9 +153,9 @@ def test_discriminative_lrs_map_onto_layer_groups_early_lowest():
 def tiny_trainer(cfg: TrainConfig, n_findings: int = 1, architecture: str = "efficientnet-lite0") -> tuple[Trainer, Caches, dict]:
     torch.manual_seed(0)
     d = prepare_split(cfg, log=lambda _: None)
-    caches = Caches(d["records"], d["train_idx"] + d["val_idx"], PreprocessSpec.from_dict(cfg.preprocessing),
+    caches = Caches(d.records, d.train_idx + d.val_idx, PreprocessSpec.from_dict(cfg.preprocessing),
                     Path(cfg.cache_dir), log=lambda _: None)
-    loss_fn, _ = make_loss(cfg, d["y"][d["train_idx"]], torch.device("cpu"))
+    loss_fn, _ = make_loss(cfg, d.y[d.train_idx], torch.device("cpu"))
     net = build_network(architecture, n_findings, 1, SIZE, pretrained=architecture == "efficientnet-lite0")
     return Trainer(net.to(memory_format=torch.channels_last), loss_fn, torch.device("cpu"),
                    ema=ModelEma(net, cfg.ema) if cfg.ema else None), caches, d
@@ -170,7 +170,7 @@ def test_frozen_phase_keeps_body_weights_and_batchnorm_statistics(dataset, tmp_p
     head_name = "_fc" if architecture == "efficientnet-lite0" else "class_layers.out"
     before = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith(head_name)}
     head_before = head(net).weight.clone()
-    run_phase(trainer, [(48, caches.get(48))], caches.positions(d["train_idx"]), d["y"][d["train_idx"]],
+    run_phase(trainer, [(48, caches.get(48))], caches.positions(d.train_idx), d.y[d.train_idx],
               [list(head(net).parameters())], [1e-2], cfg, True, torch.Generator().manual_seed(0), lambda _: None,
               "frozen", max_steps=2)
     after = net.state_dict()
@@ -181,7 +181,7 @@ def test_frozen_phase_keeps_body_weights_and_batchnorm_statistics(dataset, tmp_p
 def test_fine_tune_decreases_the_loss_through_cache_and_augmentation(dataset, tmp_path):
     cfg = tiny_config(tmp_path, dataset, epochs_frozen=0, stages=[[SIZE, 6]], lr=4e-3, val_fraction=0.2)
     trainer, caches, d = tiny_trainer(cfg)
-    losses = fine_tune(trainer, caches, d["train_idx"], d["y"], cfg, lambda _: None)
+    losses = fine_tune(trainer, caches, d.train_idx, d.y, cfg, lambda _: None)
     assert len(losses) == 6 and np.mean(losses[-2:]) < 0.75 * losses[0], losses
 
 
@@ -190,9 +190,9 @@ def test_unknown_labels_give_no_gradient_to_their_logit(tmp_path):
     cfg = tiny_config(tmp_path, labels, findings=["pneumonia", "effusion"], weight_decay=0.0, epochs_frozen=0,
                       stages=[[SIZE, 1]])
     trainer, caches, d = tiny_trainer(cfg, n_findings=2)
-    assert np.isnan(d["y"][:, 1]).all() and not np.isnan(d["y"][:, 0]).any()
+    assert np.isnan(d.y[:, 1]).all() and not np.isnan(d.y[:, 0]).any()
     w = head(trainer.net).weight.detach().clone()
-    losses = fine_tune(trainer, caches, d["train_idx"], d["y"], cfg, lambda _: None, max_steps=2)
+    losses = fine_tune(trainer, caches, d.train_idx, d.y, cfg, lambda _: None, max_steps=2)
     w_after = head(trainer.net).weight.detach()
     assert np.isfinite(losses).all()
     assert torch.equal(w[1], w_after[1]) and not torch.equal(w[0], w_after[0])
@@ -201,7 +201,7 @@ def test_unknown_labels_give_no_gradient_to_their_logit(tmp_path):
 def test_ema_weights_differ_from_raw_and_are_what_is_saved(dataset, tmp_path):
     cfg = tiny_config(tmp_path, dataset, ema=0.9, epochs_frozen=0, stages=[[SIZE, 1]])
     trainer, caches, d = tiny_trainer(cfg)
-    fine_tune(trainer, caches, d["train_idx"], d["y"], cfg, lambda _: None, max_steps=3)
+    fine_tune(trainer, caches, d.train_idx, d.y, cfg, lambda _: None, max_steps=3)
     assert trainer.ema.updates == 3 and trainer.evaluated is trainer.ema.module
     raw, ema = trainer.net.state_dict(), trainer.ema.module.state_dict()
     assert not torch.equal(raw["_fc.weight"], ema["_fc.weight"])
@@ -218,7 +218,7 @@ def test_densenet121_builds_steps_and_loads_user_weights(dataset, tmp_path):
     cfg = tiny_config(tmp_path, dataset, architecture="densenet121", epochs_frozen=0, stages=[[SIZE, 1]])
     trainer, caches, d = tiny_trainer(cfg, architecture="densenet121")
     before = trainer.net.features.conv0.weight.detach().clone()
-    losses = fine_tune(trainer, caches, d["train_idx"], d["y"], cfg, lambda _: None, max_steps=1)
+    losses = fine_tune(trainer, caches, d.train_idx, d.y, cfg, lambda _: None, max_steps=1)
     assert np.isfinite(losses).all() and not torch.equal(before, trainer.net.features.conv0.weight)
     with pytest.raises(ValueError, match="not a DenseNet121"):
         build_network("densenet121", 3, 1, SIZE, weights=str(tmp_path / "dn.pt"))
@@ -276,8 +276,8 @@ def test_run_writes_the_run_folder_and_is_reproducible(dataset, tmp_path):
 
 def test_split_shares_no_patient(dataset, tmp_path):
     d = prepare_split(tiny_config(tmp_path, dataset), log=lambda _: None)
-    train = {d["records"][i].patient_id for i in d["train_idx"]}
-    val = {d["records"][i].patient_id for i in d["val_idx"]}
+    train = {d.records[i].patient_id for i in d.train_idx}
+    val = {d.records[i].patient_id for i in d.val_idx}
     assert train and val and not train & val
 
 
