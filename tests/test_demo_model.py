@@ -33,7 +33,7 @@ def risk_of(model, path) -> float:
 
 def test_bundle_is_small_verified_and_records_its_validation(model):
     manifest = model.bundle.manifest
-    assert sum(p.stat().st_size for p in DEMO_BUNDLE.iterdir()) <= 25 * 2**20
+    assert sum(p.stat().st_size for p in DEMO_BUNDLE.iterdir()) <= 32 * 2**20  # model.onnx + weights.npz
     assert manifest["metrics"]["validation"]["auroc"] >= 0.985
     parity = manifest["metrics"]["parity"]
     assert parity["max_abs_risk_diff"] <= 1e-4 and parity["pipeline_max_abs_risk_diff"] <= 1e-4

@@ -16,10 +16,10 @@ from sklearn.metrics import roc_auc_score
 from triage.inference import calibrated_risk, sigmoid
 
 
-def binary_nll(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean binary cross-entropy of (N,) logits against (N,) 0/1 labels, numerically stable."""
+def binary_nll(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean (optionally ``weights``-weighted) binary cross-entropy of (N,) logits against (N,) 0/1 labels, stable."""
     z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
-    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+    return float(np.average(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))), weights=weights))
 
 
 class TemperatureScaling:
@@ -34,22 +34,23 @@ class TemperatureScaling:
         self.log_t_bounds = log_t_bounds
         self.fit_bias = fit_bias
 
-    def fit(self, logits: np.ndarray, labels: np.ndarray) -> "TemperatureScaling":
+    def fit(self, logits: np.ndarray, labels: np.ndarray, sample_weight: np.ndarray | None = None) -> "TemperatureScaling":
         logits, labels = np.atleast_2d(np.asarray(logits, np.float64).T).T, np.atleast_2d(np.asarray(labels, np.float64).T).T
+        w = sample_weight
         if logits.shape != labels.shape or len(logits) == 0:
             raise ValueError(f"TemperatureScaling.fit: logits {logits.shape} and labels {labels.shape} must be the same non-empty (N, F)")
         temps = []
         for f in range(logits.shape[1]):
             z, y = logits[:, f], labels[:, f]
-            result = minimize_scalar(lambda log_t: binary_nll(z / np.exp(log_t), y), bounds=self.log_t_bounds,
+            result = minimize_scalar(lambda log_t: binary_nll(z / np.exp(log_t), y, w), bounds=self.log_t_bounds,
                                      method="bounded", options={"xatol": 1e-6})
-            temps.append(float(np.exp(result.x)) if binary_nll(z / np.exp(result.x), y) <= binary_nll(z, y) else 1.0)
+            temps.append(float(np.exp(result.x)) if binary_nll(z / np.exp(result.x), y, w) <= binary_nll(z, y, w) else 1.0)
         self.temperature_ = np.array(temps)
         self.bias_ = np.zeros(logits.shape[1])
         if self.fit_bias:
             for f in range(logits.shape[1]):
                 self.temperature_[f], self.bias_[f] = fit_platt(logits[:, f], labels[:, f], self.temperature_[f],
-                                                                self.log_t_bounds)
+                                                                self.log_t_bounds, w)
         return self
 
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
@@ -58,20 +59,28 @@ class TemperatureScaling:
         return calibrated_risk(np.atleast_2d(np.asarray(logits).T).T, self.temperature_, self.bias_)
 
 
-def fit_platt(z: np.ndarray, y: np.ndarray, temperature: float, log_t_bounds: tuple[float, float]) -> tuple[float, float]:
-    """(T, b) minimizing the NLL of ``sigmoid(z / T + b)``, started at (``temperature``, 0); that start when no better."""
+def fit_platt(z: np.ndarray, y: np.ndarray, temperature: float, log_t_bounds: tuple[float, float],
+              weights: np.ndarray | None = None) -> tuple[float, float]:
+    """(T, b) minimizing the (weighted) NLL of ``sigmoid(z / T + b)``, started at (``temperature``, 0); that start
+    when no better."""
     start = np.array([np.log(temperature), 0.0])
-    nll = lambda p: binary_nll(z / np.exp(p[0]) + p[1], y)  # noqa: E731
+    nll = lambda p: binary_nll(z / np.exp(p[0]) + p[1], y, weights)  # noqa: E731
     result = minimize(nll, start, method="L-BFGS-B", bounds=[log_t_bounds, (-10.0, 10.0)])
     best = result.x if result.success and nll(result.x) < nll(start) else start
     return float(np.exp(best[0])), float(best[1])
 
 
-def flag_threshold_for_rate(risks: np.ndarray, flag_rate: float) -> float:
-    """The risk at the (1 - flag_rate) quantile: about ``flag_rate`` of ``risks`` are >= it."""
+def flag_threshold_for_rate(risks: np.ndarray, flag_rate: float, weights: np.ndarray | None = None) -> float:
+    """The risk at the (1 - flag_rate) quantile: about ``flag_rate`` of ``risks`` are >= it. With ``weights``
+    (N,), the weighted quantile: the riskiest images whose weights add up to ``flag_rate`` of the total."""
     if not 0 < flag_rate < 1:
         raise ValueError(f"flag_rate={flag_rate!r} must be in (0, 1), e.g. 0.05")
-    return float(np.quantile(np.asarray(risks, np.float64), 1 - flag_rate, method="higher"))
+    risks = np.asarray(risks, np.float64)
+    if weights is None:
+        return float(np.quantile(risks, 1 - flag_rate, method="higher"))
+    order = np.argsort(-risks, kind="stable")
+    share = np.cumsum(np.asarray(weights, np.float64)[order]) / np.sum(weights)
+    return float(risks[order][min(int(np.searchsorted(share, flag_rate)), len(risks) - 1)])
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
@@ -109,31 +118,34 @@ def calibration_section(report: dict, findings: list[str], fitted_on: str) -> di
             "fitted_on": fitted_on}
 
 
-def fit_per_finding(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Temperature and bias (F,) per finding, each fitted on the images whose label is known (NaN = unknown);
-    T = 1, b = 0 for a finding without both classes."""
+def fit_per_finding(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Temperature and bias (F,) per finding, each fitted on the images whose label is known (NaN = unknown),
+    optionally weighted (N,); T = 1, b = 0 for a finding without both classes."""
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
     temps, biases = np.ones(logits.shape[1]), np.zeros(logits.shape[1])
     for j in range(logits.shape[1]):
         known = ~np.isnan(labels[:, j])
         if len(np.unique(labels[known, j])) == 2:
-            scaler = TemperatureScaling(fit_bias=True).fit(logits[known, j:j + 1], labels[known, j:j + 1])
+            scaler = TemperatureScaling(fit_bias=True).fit(logits[known, j:j + 1], labels[known, j:j + 1],
+                                                           None if weights is None else weights[known])
             temps[j], biases[j] = scaler.temperature_[0], scaler.bias_[0]
     return temps, biases
 
 
-def validation_report(logits: np.ndarray, labels: np.ndarray, flag_rate: float = 0.05, column: int = 0) -> dict:
+def validation_report(logits: np.ndarray, labels: np.ndarray, flag_rate: float = 0.05, column: int = 0,
+                      weights: np.ndarray | None = None) -> dict:
     """Fit the calibration (temperature and bias) of every finding and compute the validation figures the manifest
     stores for the triage finding ``column`` (images with a known label for it), plus AUROC per finding.
 
-    logits, labels: (N, F); labels NaN where unknown.
+    logits, labels: (N, F); labels NaN where unknown. ``weights`` (N,): how much each image counts in the fit and
+    the flag-rate threshold (export: 1 / the size of its source, so every population counts the same).
     """
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
-    temps, biases = fit_per_finding(logits, labels)
+    temps, biases = fit_per_finding(logits, labels, weights)
     known = ~np.isnan(labels[:, column])
     z, y = logits[known, column], labels[known, column]
     risks = calibrated_risk(z[:, None], temps[column:column + 1], biases[column:column + 1])[:, 0]
-    threshold = flag_threshold_for_rate(risks, flag_rate)
+    threshold = flag_threshold_for_rate(risks, flag_rate, None if weights is None else weights[known])
     aurocs = [float(roc_auc_score(labels[k, j], logits[k, j])) if len(np.unique(labels[k, j])) == 2 else float("nan")
               for j in range(labels.shape[1]) for k in [~np.isnan(labels[:, j])]]
     return {

@@ -23,7 +23,7 @@ from triage.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
-REDUCED_DECODE_FILES = ("samples/dicom/*.dcm", "tests/data/reduced/*.dcm")
+REDUCED_DECODE_FILES = ("samples/dicom/*.dcm",)
 
 
 def relative(path: Path) -> str:
@@ -36,8 +36,9 @@ def relative(path: Path) -> str:
 
 
 def reduced_decode_files() -> list[Path]:
-    """Real compressed chest radiographs for the reduced-decode check: the samples, the test JPEG baseline
-    and, when the shared data is beside the checkout, its chest files."""
+    """Real compressed chest radiographs for the reduced-decode check: the samples and, when the shared data is
+    beside the checkout, its chest files (JPEG baseline, JPEG 2000, JPEG-LS). A codec family with no checked
+    file stays at full decode."""
     shared = sorted((SHARED_DICOM / "chest").glob("*.dcm")) if SHARED_DICOM.is_dir() else []
     repo = sorted(p for pattern in REDUCED_DECODE_FILES for p in REPO.glob(pattern) if p.is_file())
     return repo + shared

@@ -52,7 +52,7 @@ from .quantize import INT8_CALIBRATION_IMAGES, try_int8
 from .runs import load_inputs, load_run, run_split, sample_rows
 from .weights import WEIGHTS_FILE, save_weights
 
-MAX_BUNDLE_BYTES = 48 * 1024 * 1024
+MAX_BUNDLE_BYTES = 32 * 1024 * 1024  # model.onnx + weights.npz (fp32) of EfficientNet-Lite0: about 27 MiB
 
 
 def check_split_matches_run(run_dir: Path, val_rows: Sequence[int], ort_logits: np.ndarray) -> None:
@@ -65,6 +65,18 @@ def check_split_matches_run(run_dir: Path, val_rows: Sequence[int], ort_logits: 
     if not np.array_equal(np.asarray(rows), np.asarray(val_rows)) or logits.shape != ort_logits.shape:
         raise ParityError(f"{saved}: the run's validation rows differ from the split re-made from its config. "
                           "Fix: export with the code version and --data the run was trained with")
+
+
+def source_balance(split) -> np.ndarray | None:
+    """(N_val,) weight 1 / (validation images of its source) per validation image, so the calibration and the flag-rate
+    threshold treat every training population alike (a large source would otherwise set both); None for one source."""
+    rows = split.source_rows(split.val_idx)
+    if len(rows) < 2:
+        return None
+    weights = np.empty(len(split.val_idx))
+    for positions in rows.values():
+        weights[positions] = 1.0 / len(positions)
+    return weights
 
 
 def per_source(split, y_val: np.ndarray, logits: np.ndarray, report: dict[str, Any], column: int) -> dict[str, Any]:
@@ -116,7 +128,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, data: Sequence[str | Pat
     parity.update(check_cam_parity(net, x_val[:CAM_CHECK_IMAGES], fp32[CAM_NAME][:CAM_CHECK_IMAGES]))
     log(f"parity on {parity['n_images']} validation images: max |risk diff| {parity['max_abs_risk_diff']:.2e}; "
         f"CAM vs MONAI on {parity['cam_n_images']}: max |diff| {parity['cam_max_abs_diff']:.2e}")
-    fp32_report = validation_report(fp32[OUTPUT_NAME], y_val, FLAG_RATE, column)
+    weights = source_balance(split)
+    fp32_report = validation_report(fp32[OUTPUT_NAME], y_val, FLAG_RATE, column, weights)
     temperatures, biases = np.array(fp32_report["temperatures"]), np.array(fp32_report["biases"])
     parity.update(pipeline_parity(net, fp32_path, pipeline_files(), spec, temperatures, biases, column=column))
     log(f"pipeline parity (DICOM -> risk) on {len(parity['pipeline_files'])} files: "
@@ -129,7 +142,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, data: Sequence[str | Pat
         if int8_out is not None:
             fp32_path.unlink()
             served, served_out = out / "model-int8.onnx", int8_out
-    report = fp32_report if served_out is fp32 else validation_report(served_out[OUTPUT_NAME], y_val, FLAG_RATE, column)
+    report = fp32_report if served_out is fp32 else validation_report(served_out[OUTPUT_NAME], y_val, FLAG_RATE, column,
+                                                                      weights)
     if served_out is not fp32:  # the served model's own risks on the parity files, calibrated with its temperature
         x_files = np.stack([prepare(str(REPO / f), spec).model_input for f in parity["pipeline_files"]])
         served_risks = calibrated_risk(onnx_logits(served, x_files), np.array(report["temperatures"]),

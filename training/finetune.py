@@ -27,7 +27,6 @@ from triage.errors import TriageError
 
 from .card import write_model_card
 from .evaluate import binary_report
-from .metrics import FLAG_RATE
 from .recalibrate import next_version
 from .scoring import EvalSet, labels_over, score_bundle, training_record
 from .sources import DataSource, labelled_split, source_of

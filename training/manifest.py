@@ -67,8 +67,11 @@ def build_manifest(config: dict[str, Any], metrics: dict[str, Any], report: dict
                   (config.get("weights") or "none (random initialization)"),
                   **model_section},
         "preprocessing": spec.to_dict(),
-        "calibration": calibration_section(report, findings, "validation"),
+        "calibration": calibration_section(report, findings, "validation" if len(by_source or {}) < 2 else
+                                           "validation, every source weighted alike (1 / its validation images)"),
         "operating_point": {"finding": finding, "flag_rate": FLAG_RATE, "threshold": report["threshold"],
+                            "threshold_on": "the flag rate over the validation images" + (
+                                ", every source weighted alike" if len(by_source or {}) > 1 else ""),
                             "validation": {k: operating[k] for k in ("sensitivity", "specificity", "ppv",
                                                                      "flagged_fraction")}},
         "training": training_section(config, metrics),
