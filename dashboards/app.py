@@ -326,11 +326,19 @@ def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFram
     st.altair_chart(line_with_rule(by_day, "flag_rate", target, "target flag rate"), width="stretch")
 
     st.subheader("Risk distribution vs the bundle's validation reference")
-    reference = data.reference_histogram(manifest) if manifest else None
-    if reference is None:
+    references = data.reference_histograms(manifest) if manifest else {}
+    if not references:
         st.info("The bundle has no reference risk histogram, so drift cannot be measured.")
     else:
-        edges, ref_counts = reference
+        scored_risks = decisions.loc[decisions["status"] == "scored", "risk"]
+        if len(references) > 1:
+            choice = st.selectbox("Reference population", list(references),
+                                  help="the bundle's validation images of all its training sources, or of one source")
+            st.caption("PSI against each training population (lowest: the population this site's scores resemble)")
+            st.dataframe(data.psi_by_reference(scored_risks, references), hide_index=True)
+        else:
+            choice = next(iter(references))
+        edges, ref_counts = references[choice]
         counts = data.risk_histogram(decisions.loc[decisions["status"] == "scored", "risk"], edges)
         value = data.psi(ref_counts, counts)
         alert = not math.isnan(value) and value > data.PSI_ALERT and counts.sum() >= data.PSI_MIN_N

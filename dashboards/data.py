@@ -173,6 +173,27 @@ def reference_histogram(manifest: dict[str, Any]) -> tuple[list[float], list[int
     return list(hist["bin_edges"]), list(hist["counts"])
 
 
+def reference_histograms(manifest: dict[str, Any]) -> dict[str, tuple[list[float], list[int]]]:
+    """Every reference the bundle carries: "all validation images" and, for a bundle trained on several sources,
+    one per source (``metrics.validation_by_source``): {label: (bin edges, counts)}; empty when it has none."""
+    out = {}
+    overall = reference_histogram(manifest)
+    if overall is not None:
+        out["all validation images"] = overall
+    for name, figures in manifest.get("metrics", {}).get("validation_by_source", {}).items():
+        hist = figures.get("risk_histogram") or {}
+        if "bin_edges" in hist and "counts" in hist:
+            out[f"source {name}"] = (list(hist["bin_edges"]), list(hist["counts"]))
+    return out
+
+
+def psi_by_reference(risks: pd.Series | np.ndarray, references: dict[str, tuple[list[float], list[int]]]) -> pd.DataFrame:
+    """PSI of ``risks`` against each reference, closest first: which training population this site resembles."""
+    rows = [{"reference": label, "psi": psi(counts, risk_histogram(risks, edges))}
+            for label, (edges, counts) in references.items()]
+    return pd.DataFrame(rows, columns=["reference", "psi"]).sort_values("psi").reset_index(drop=True)
+
+
 def drift_by_day(decisions: pd.DataFrame, bin_edges: list[float], reference_counts: list[int]) -> pd.DataFrame:
     """Per day: number of scored risks and the PSI of that day's risk histogram against the reference."""
     scored = decisions[decisions["status"] == "scored"]

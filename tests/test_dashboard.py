@@ -215,6 +215,20 @@ def test_audit_and_active_learning_pages_render(store: Path) -> None:
 
 # -- figures --------------------------------------------------------------------------------
 
+def test_a_multi_source_bundle_gives_a_reference_per_source_and_the_closest_comes_first() -> None:
+    edges = [0.0, 0.25, 0.5, 0.75, 1.0]
+    manifest = {"metrics": {"validation": {"risk_histogram": {"bin_edges": edges, "counts": [5, 5, 5, 5]}},
+                            "validation_by_source": {
+                                "children": {"risk_histogram": {"bin_edges": edges, "counts": [1, 1, 2, 16]}},
+                                "adults": {"risk_histogram": {"bin_edges": edges, "counts": [12, 4, 2, 2]}}}}}
+    references = data.reference_histograms(manifest)
+    assert list(references) == ["all validation images", "source children", "source adults"]
+    site = np.array([0.05] * 60 + [0.3] * 20 + [0.6] * 10 + [0.9] * 10)  # mostly low risks: adult-like
+    table = data.psi_by_reference(site, references)
+    assert table["reference"].tolist()[0] == "source adults" and table["psi"].is_monotonic_increasing
+    assert data.reference_histograms({"metrics": {}}) == {}
+
+
 def test_psi_zero_for_same_distribution_and_large_for_shifted() -> None:
     ref = [10, 20, 30, 40]
     assert data.psi(ref, [1, 2, 3, 4]) == pytest.approx(0.0)
