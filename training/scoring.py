@@ -113,21 +113,28 @@ def labels_over(records: Sequence[Record], findings: Sequence[str]) -> np.ndarra
         if len(records) else np.zeros((0, len(findings)))
 
 
+def known_records(source: DataSource, findings: Sequence[str]) -> list[Record]:
+    """The source's records with a known label for at least one of ``findings`` (the rows training would use)."""
+    records = source.read()
+    y = labels_over(records, findings)
+    return [r for r, row in zip(records, y) if not np.isnan(row).all()]
+
+
 def folder_images(data: str | Path, split: str, record: TrainingRecord, dataset: str = DEFAULT_KIND,
                   log: Callable[[str], None] = print) -> tuple[list[Record], dict[str, Any]]:
-    """The records of one data folder to evaluate, and how they were chosen."""
+    """The records of one data folder to evaluate, and how they were chosen (``selection``)."""
     trained = source_of(record.sources, data) if record.sources else None
     source = replace(trained, path=str(data)) if trained else DataSource(str(data), dataset)
     if split == "all":
-        records = labelled_split([source], record.findings, record.val_fraction, record.seed, log=log)
-        rows = sorted(records.train_idx + records.val_idx)
-        return [records.records[i] for i in rows], {"name": source.name, "selection": "all", "description":
-                "every image of the folder, INCLUDING any the model trained on (optimistic when it is a training source)"}
-    if record.sources is not None and trained is None:
-        records = labelled_split([source], record.findings, record.val_fraction, record.seed, log=log)
-        rows = sorted(records.train_idx + records.val_idx)
-        return [records.records[i] for i in rows], {"name": source.name, "selection": "external", "description":
-                "every image: not one of the model's training sources (an external site)"}
+        return known_records(source, record.findings), {"name": source.name, "selection": "all", "description":
+               "every image of the folder, INCLUDING any the model trained on (optimistic when it is a training source)"}
+    if record.sources is None:  # an older bundle recorded no sources: its own source is the folder whose split matches
+        part = labelled_split([source], record.findings, record.val_fraction, record.seed, log=log)
+        recorded = record.split.get("validation", {}).get("n_images")
+        trained = source if recorded is None or recorded == len(part.val_idx) else None
+    if trained is None:
+        return known_records(source, record.findings), {"name": source.name, "selection": "external", "description":
+               "every image: not one of the model's training sources (an external site)"}
     part = labelled_split([source], record.findings, record.val_fraction, record.seed, log=log)
     return [part.records[i] for i in part.val_idx], {
         "name": source.name, "selection": "validation",
