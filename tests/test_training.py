@@ -209,3 +209,19 @@ def test_sample_dicom_reads_back_as_the_training_input(tmp_path):
     assert radiograph.meta.patient_id == "P1" and radiograph.photometric == "MONOCHROME2"
     spec = PreprocessSpec()
     np.testing.assert_array_equal(preprocess(radiograph, spec), standardize(pixels / np.float32(255), spec))
+
+
+def test_batchnorm_eval_keeps_the_running_statistics_while_the_weights_train():
+    from training.train import batchnorm_eval
+
+    torch.manual_seed(0)
+    net = build_model(1, image_size=64, pretrained=False).train()
+    batchnorm_eval(net)
+    bn = net._bn0
+    before_mean, before_weight = bn.running_mean.clone(), net._conv_stem.weight.clone()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = net(torch.rand(4, 1, 64, 64) * 3).sum()
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(bn.running_mean, before_mean) and not bn.training
+    assert not torch.equal(net._conv_stem.weight, before_weight)  # the weights still learn

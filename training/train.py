@@ -79,6 +79,7 @@ class TrainConfig:
     pos_weight: str = "none"  # "none" or "balanced" (negatives/positives per finding)
     label_smoothing: float = 0.0
     ema: float = 0.0  # EMA decay per step (e.g. 0.99); 0: off
+    batchnorm_eval: bool = False  # keep BatchNorm statistics fixed when unfrozen (finetune: a small site's batches)
     augment: bool = True
     augment_preset: str = "transfer"  # training.augment.PRESETS: "transfer" (wider, blur) or "light" (the 0.2 recipe)
     flip: bool = False
@@ -393,6 +394,8 @@ def run_phase(trainer: Trainer, epochs: Sequence[tuple[int, CachedImages]], posi
         trainer.net.train()
         if frozen:
             freeze_body(trainer.net)
+        elif cfg.batchnorm_eval:
+            batchnorm_eval(trainer.net)
         augment = default_augment(size, seed=cfg.seed * 1000 + len(losses) + (0 if frozen else 500), flip=cfg.flip,
                                   preset=cfg.augment_preset) if cfg.augment else None
         batches = training_batches(cache, positions, y, cfg.batch_size, generator, augment, trainer.device,
@@ -405,6 +408,13 @@ def run_phase(trainer: Trainer, epochs: Sequence[tuple[int, CachedImages]], posi
         on_epoch({"phase": phase, "epoch": epoch, "size": size, "train_loss": losses[-1], "train_seconds": round(seconds, 1),
                   "images_per_second": round(per_epoch * cfg.batch_size / seconds, 1)})
     return losses
+
+
+def batchnorm_eval(net: nn.Module) -> None:
+    """Every BatchNorm layer in eval mode: normalize with the running statistics and leave them as they are."""
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def fine_tune(trainer: Trainer, caches: Caches, train_idx: Sequence[int], y: np.ndarray, cfg: TrainConfig,
