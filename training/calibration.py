@@ -14,6 +14,7 @@ from scipy.optimize import minimize, minimize_scalar
 from sklearn.metrics import roc_auc_score
 
 from triage.inference import calibrated_risk, sigmoid
+from triage.policy import DEFAULT_FLAG_RATE
 
 
 def binary_nll(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
@@ -132,7 +133,7 @@ def fit_per_finding(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray 
     return temps, biases
 
 
-def validation_report(logits: np.ndarray, labels: np.ndarray, flag_rate: float = 0.05, column: int = 0,
+def validation_report(logits: np.ndarray, labels: np.ndarray, flag_rate: float = DEFAULT_FLAG_RATE, column: int = 0,
                       weights: np.ndarray | None = None) -> dict:
     """Fit the calibration (temperature and bias) of every finding and compute the validation figures the manifest
     stores for the triage finding ``column`` (images with a known label for it), plus AUROC per finding.
@@ -165,7 +166,7 @@ def validation_report(logits: np.ndarray, labels: np.ndarray, flag_rate: float =
     }
 
 
-def source_report(risks: np.ndarray, labels: np.ndarray, threshold: float, flag_rate: float = 0.05) -> dict:
+def source_report(risks: np.ndarray, labels: np.ndarray, threshold: float, flag_rate: float = DEFAULT_FLAG_RATE) -> dict:
     """One source's validation figures for the triage finding at the bundle's threshold: AUROC, ECE, mean risk,
     flagged fraction, sensitivity/PPV at the threshold, the source's own flag-rate threshold, risk histogram."""
     risks, labels = np.asarray(risks, np.float64), np.asarray(labels, np.float64)
