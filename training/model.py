@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 
 import torch
-from monai.networks.nets import DenseNet121, EfficientNet
+from monai.networks.nets import DenseNet, DenseNet121, EfficientNet
 from torch import nn
 
 LITE0_BLOCKS = [
@@ -133,9 +133,10 @@ def head(net: nn.Module) -> nn.Linear:
     """The final linear layer: EfficientNet ``_fc``, DenseNet ``class_layers.out``."""
     if isinstance(net, EfficientNet):
         return net._fc
-    if isinstance(net, DenseNet121):
+    if isinstance(net, DenseNet):
         return net.class_layers.out
-    raise TypeError(f"{type(net).__name__}: unknown backbone; use training.model.build_network")
+    raise TypeError(f"{type(net).__name__}: unknown backbone (no head, no CAM export). Fix: build it with "
+                    "training.model.build_network (a MONAI EfficientNet or DenseNet)")
 
 
 def body_modules(net: nn.Module) -> Iterator[nn.Module]:

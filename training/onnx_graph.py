@@ -15,19 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import head
+
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME, CAM_NAME, FEATURES_NAME = "image", "logits", "cam", "features"
-
-
-def classifier(net: nn.Module) -> nn.Linear:
-    """The final linear layer: MONAI EfficientNet ``_fc`` or DenseNet ``class_layers.out``."""
-    from monai.networks.nets import DenseNet, EfficientNet
-
-    if isinstance(net, EfficientNet):
-        return net._fc
-    if isinstance(net, DenseNet):
-        return net.class_layers.out
-    raise TypeError(f"{type(net).__name__}: no CAM export for this network. Fix: use a MONAI EfficientNet or DenseNet")
 
 
 def cam_layers(net: nn.Module) -> tuple[str, str]:
@@ -58,7 +49,7 @@ class CamNet(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
-        self.fc = classifier(net)
+        self.fc = head(net)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fmap = feature_map(self.net, x)
@@ -74,7 +65,7 @@ def torch_cam(net: nn.Module, x: torch.Tensor) -> np.ndarray:
     target, fc = cam_layers(net)
     cam = CAM(nn_module=net.eval(), target_layers=target, fc_layers=fc)
     with torch.no_grad():
-        maps = [cam.compute_map(x, class_idx=torch.full((len(x),), k)) for k in range(classifier(net).out_features)]
+        maps = [cam.compute_map(x, class_idx=torch.full((len(x),), k)) for k in range(head(net).out_features)]
     return torch.cat(maps, dim=1).float().numpy()
 
 
