@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.metrics import FLAG_RATE, auroc, bootstrap_ci, metrics_at_flag_rate  # noqa: E402
 from training.runs import load_inputs, load_run, run_sources  # noqa: E402
+from training.scoring import eval_set  # noqa: E402
 from training.sources import DataSource, labelled_split  # noqa: E402
 from training.train import predict_logits  # noqa: E402
 from triage.preprocess import PreprocessSpec  # noqa: E402
@@ -33,8 +34,8 @@ from triage.preprocess import PreprocessSpec  # noqa: E402
 def validation_images(folder: str, finding: str) -> tuple[list, np.ndarray, np.ndarray]:
     """(records, labels (N,), patient groups (N,)) of a source's validation patients (seed 0, 20%)."""
     split = labelled_split([DataSource(folder)], [finding], 0.2, 0, log=lambda _: None)
-    records = [split.records[i] for i in split.val_idx]
-    return records, split.y[split.val_idx, 0].astype(np.float64), np.array([r.patient_id for r in records])
+    images = eval_set([split.records[i] for i in split.val_idx], [finding])
+    return images.records, images.column(finding), images.groups
 
 
 def main(argv: list[str] | None = None) -> int:

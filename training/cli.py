@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 DEFAULT_DATA = "../shared/data/kermany-pneumonia-224"
+T = TypeVar("T")
 
 
 def parse_stages(text: str) -> list[list[int]]:
@@ -82,17 +84,28 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_command(args: argparse.Namespace) -> int:
-    """Evaluate a bundle or run on a labelled data folder and write the report."""
+def reported(call: Callable[[], T]) -> T | None:
+    """``call()``, or None after printing a bad-input error (missing file, bad data or bundle) with its fix."""
     from triage.errors import TriageError
 
-    from .evaluate import evaluate
-
     try:
-        metrics = evaluate(args.source, args.data, args.out, split=args.split, n_boot=args.bootstrap, seed=args.seed,
-                           device=args.device, log=lambda line: print(line, flush=True))
+        return call()
     except (FileNotFoundError, ValueError, TriageError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return None
+
+
+def log_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Evaluate a bundle or run on a labelled data folder and write the report."""
+    from .evaluate import evaluate
+
+    metrics = reported(lambda: evaluate(args.source, args.data, args.out, split=args.split, n_boot=args.bootstrap,
+                                        seed=args.seed, device=args.device, log=log_line))
+    if metrics is None:
         return 2
     rows = [("all", metrics)] + (list(metrics["by_source"].items()) if len(metrics["by_source"]) > 1 else [])
     for name, part in rows:
@@ -130,17 +143,11 @@ def add_evaluate_parser(subparsers) -> None:
 
 def calibrate_command(args: argparse.Namespace) -> int:
     """Write a recalibrated copy of a bundle."""
-    from triage.errors import TriageError
-
     from .recalibrate import recalibrate_bundle
 
-    try:
-        recalibrate_bundle(args.bundle, args.data, args.out, split=args.split, version=args.version,
-                           log=lambda line: print(line, flush=True))
-    except (FileNotFoundError, ValueError, TriageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    manifest = reported(lambda: recalibrate_bundle(args.bundle, args.data, args.out, split=args.split,
+                                                   version=args.version, log=log_line))
+    return 2 if manifest is None else 0
 
 
 def add_calibrate_parser(subparsers) -> None:
@@ -206,18 +213,13 @@ def add_train_parser(subparsers) -> None:
 
 def finetune_command(args: argparse.Namespace) -> int:
     """Fine-tune a bundle on a site's labelled studies into a new bundle."""
-    from triage.errors import TriageError
-
     from .finetune import finetune_bundle
 
     overrides = {"stages": args.stages, "lr": args.lr, "epochs_frozen": args.epochs_frozen, "batch_size": args.batch_size}
-    try:
-        finetune_bundle(args.bundle, args.data, args.out, dataset=args.dataset, version=args.version, force=args.force,
-                        device=args.device, overrides=overrides, log=lambda line: print(line, flush=True))
-    except (FileNotFoundError, ValueError, TriageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    manifest = reported(lambda: finetune_bundle(args.bundle, args.data, args.out, dataset=args.dataset,
+                                                version=args.version, force=args.force, device=args.device,
+                                                overrides=overrides, log=log_line))
+    return 2 if manifest is None else 0
 
 
 def add_finetune_parser(subparsers) -> None:

@@ -8,8 +8,9 @@ Steps (``export_bundle``):
    at feature-map resolution: its spatial mean is the logit); ``features`` (N, D), the
    pooled features.
 2. Parity, each one fails the export beyond its tolerance: ONNX Runtime vs PyTorch
-   logits on every validation image (topped up with training images to 64 for a small site); the ONNX CAM vs MONAI's ``CAM`` (torch); the whole
-   pipeline, DICOM file -> risk, on the sample studies (``PIPELINE_FILES``).
+   logits on every validation image (topped up with training images to 64 for a small site);
+   the ONNX CAM vs MONAI's ``CAM`` (torch); the whole pipeline, DICOM file -> risk, on the
+   sample studies (``PIPELINE_FILES``).
 3. Calibration (temperature + bias per finding) and the 5% flag-rate threshold of the triage finding on
    the served model's validation logits; the same figures per source.
 4. ``--int8``: static QDQ quantization (per-channel) calibrated on training images; served
@@ -17,9 +18,9 @@ Steps (``export_bundle``):
 5. The out-of-distribution gate (``training.ood_fit``): feature statistics of the training
    images, threshold at ``OOD_PERCENTILE`` of the validation distances; distances of the
    sample and real out-of-scope files are recorded.
-7. ``weights.npz``: the network's state dict as plain arrays (no pickle), so ``finetune`` can
+6. ``weights.npz``: the network's state dict as plain arrays (no pickle), so ``finetune`` can
    restart training from the bundle; pinned by sha256 in the manifest like every other file.
-6. Manifest (``triage.bundle.write_manifest``), model card, reload with ``load_bundle``,
+7. Manifest (``triage.bundle.write_manifest``), model card, reload with ``load_bundle``,
    and the served bundle re-scores the parity files through ``triage.pipeline``.
 """
 
@@ -123,10 +124,12 @@ def export_bundle(run_dir: str | Path, out: str | Path, data: Sequence[str | Pat
     check_split_matches_run(run_dir, split.val_idx, fp32[OUTPUT_NAME])
     train_rows = sample_rows(split.train_idx, OOD_MAX_TRAIN, int(config.get("seed", 0)))
     x_train = load_inputs([split.records[i] for i in train_rows], spec)
-    x_parity = np.concatenate([x_val, x_train[:max(0, MIN_PARITY_IMAGES - len(x_val))]])  # a small site: top up
-    parity = check_parity(torch_logits(net, x_parity), onnx_outputs(fp32_path, x_parity)[OUTPUT_NAME])
+    top_up = x_train[:max(0, MIN_PARITY_IMAGES - len(x_val))]  # a small site: add training images to 64
+    x_parity = np.concatenate([x_val, top_up])
+    ort_parity = np.concatenate([fp32[OUTPUT_NAME], onnx_logits(fp32_path, top_up)]) if len(top_up) else fp32[OUTPUT_NAME]
+    parity = check_parity(torch_logits(net, x_parity), ort_parity)
     parity.update(check_cam_parity(net, x_val[:CAM_CHECK_IMAGES], fp32[CAM_NAME][:CAM_CHECK_IMAGES]))
-    log(f"parity on {parity['n_images']} validation images: max |risk diff| {parity['max_abs_risk_diff']:.2e}; "
+    log(f"parity on {parity['n_images']} images: max |risk diff| {parity['max_abs_risk_diff']:.2e}; "
         f"CAM vs MONAI on {parity['cam_n_images']}: max |diff| {parity['cam_max_abs_diff']:.2e}")
     weights = source_balance(split)
     fp32_report = validation_report(fp32[OUTPUT_NAME], y_val, FLAG_RATE, column, weights)

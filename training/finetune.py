@@ -28,7 +28,7 @@ from triage.errors import TriageError
 from .card import write_model_card
 from .evaluate import binary_report
 from .recalibrate import next_version
-from .scoring import EvalSet, labels_over, score_bundle, training_record
+from .scoring import EvalSet, TrainingRecord, eval_set, score_bundle, training_record
 from .sources import DataSource, labelled_split, source_of
 
 # BatchNorm statistics stay the parent's: a few hundred images of one site, 32 at a time, would otherwise pull them
@@ -57,9 +57,8 @@ def parent_network(bundle: Bundle):
     return net.eval()
 
 
-def site_source(bundle: Bundle, data: str | Path, dataset: str) -> tuple[DataSource, bool]:
+def site_source(record: TrainingRecord, data: str | Path, dataset: str) -> tuple[DataSource, bool]:
     """The site's data source, and whether it is one of the bundle's training sources (same name)."""
-    record = training_record(bundle.path)
     trained = source_of(record.sources, data) if record.sources else None
     source = DataSource(str(data), dataset)
     return (replace(trained, path=str(data), weight=1.0) if trained else source), trained is not None
@@ -115,7 +114,7 @@ def finetune_bundle(bundle_dir: str | Path, data: str | Path, out: str | Path, *
     parent = load_bundle(bundle_dir)
     net = parent_network(parent)
     record = training_record(bundle_dir)
-    source, was_trained_on = site_source(parent, data, dataset)
+    source, was_trained_on = site_source(record, data, dataset)
     size = parent.preprocessing.size[0]
     settings = {**parent.manifest.get("training", {}).get("settings", {}), **FINETUNE_DEFAULTS,
                 **{k: v for k, v in (overrides or {}).items() if v is not None}}
@@ -127,9 +126,7 @@ def finetune_bundle(bundle_dir: str | Path, data: str | Path, out: str | Path, *
         "architecture": parent.manifest["model"]["weights"].get("architecture") or "efficientnet-lite0",
         "name": parent.name, "version": version or next_version(parent.version), "out": str(out), "ema": 0.0})
     split = labelled_split(cfg.sources, cfg.findings, cfg.val_fraction, cfg.seed, log=log)
-    held_out = [split.records[i] for i in split.val_idx]
-    images = EvalSet(held_out, labels_over(held_out, cfg.findings), cfg.findings,
-                     np.array([r.patient_id for r in held_out]), {"name": "site held-out"})
+    images = eval_set([split.records[i] for i in split.val_idx], cfg.findings, {"name": "site held-out"})
     log(f"site {source.name}: {len(split.train_idx)} training and {len(split.val_idx)} held-out images (patient split, "
         f"seed {cfg.seed}{'; the parent was trained on this source: its own validation patients are held out' if was_trained_on else ''})")
     before = held_out_figures(bundle_dir, images, n_boot, 0, log)
@@ -168,7 +165,7 @@ def finetune_bundle(bundle_dir: str | Path, data: str | Path, out: str | Path, *
         if after["auroc"] < before["auroc"] and not force:
             raise FinetuneError(f"the fine-tuned model is worse than its parent on the {after['n']} held-out patients' "
                                 f"images (AUROC {after['auroc']:.4f} < {before['auroc']:.4f}): not written. Fix: more "
-                                "labelled studies, another recipe (--epochs, --lr), or --force to write it anyway")
+                                "labelled studies, another recipe (--stages, --lr), or --force to write it anyway")
         manifest = {k: v for k, v in load_bundle(staging).manifest.items() if k not in ("files", "schema_version")}
         manifest["metrics"]["finetune"] = {"held_out": f"{after['n']} images of {source.name} (patient split, seed "
                                                        f"{cfg.seed})", "parent": before, "child": after,

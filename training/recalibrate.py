@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from triage.bundle import MANIFEST, load_bundle, write_manifest
+from triage.inference import sigmoid
 
 from .calibration import calibration_section, source_report, validation_report
 from .card import recalibration_text, write_model_card
@@ -100,7 +101,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data_dir: str | Path, out: str | 
               if split == "validation" else None}
     manifest = recalibrated_manifest(old.manifest, report, fitted_on, version or next_version(old.version), source)
     known = ~np.isnan(labels)
-    risks = 1 / (1 + np.exp(-(scores.logits[known, column] / report["temperature"] + report["bias"])))
+    risks = sigmoid(scores.logits[known, column] / report["temperature"] + report["bias"])
     manifest["metrics"]["recalibration_data"] = {part["name"]: source_report(risks, labels[known], report["threshold"],
                                                                              old.flag_rate)}
     shutil.copytree(bundle_dir, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MANIFEST))

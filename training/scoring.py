@@ -23,7 +23,7 @@ from triage.inference import sigmoid
 from triage.preprocess import PreprocessSpec
 
 from . import splits
-from .calibration import TemperatureScaling, flag_threshold_for_rate
+from .calibration import fit_per_finding, flag_threshold_for_rate
 from .datasets import Record, label_matrix
 from .findings import INDEX
 from .metrics import FLAG_RATE
@@ -152,17 +152,24 @@ def select_images(data: Sequence[str | Path], split: str, record: TrainingRecord
         recs, how = folder_images(folder, split, record, dataset, log)
         records += recs
         parts.append({**how, "n_images": len(recs)})
-    roots = {i: root for root, members in splits.patient_groups(records).items() for i in members}
-    split_info = {"name": split, "seed": record.seed, "val_fraction": record.val_fraction, "sources": parts,
-                  "n_images": len(records), "n_patients": len(set(roots.values()))}
+    images = eval_set(records, record.findings)
+    images.split = {"name": split, "seed": record.seed, "val_fraction": record.val_fraction, "sources": parts,
+                    "n_images": len(records), "n_patients": len(set(images.groups.tolist()))}
     expected = (record.split.get("validation", {}).get("by_source") or {}) if split == "validation" else {}
     if record.sources is None and split == "validation" and len(parts) == 1:
         expected = {parts[0]["name"]: record.split.get("validation", {})}
     for part in parts:
         n = expected.get(part["name"], {}).get("n_images")
         part["matches_training_record"] = None if n is None or part["selection"] != "validation" else n == part["n_images"]
-    return EvalSet(records, labels_over(records, record.findings), list(record.findings),
-                   np.array([roots[i] for i in range(len(records))]), split_info)
+    return images
+
+
+def eval_set(records: Sequence[Record], findings: Sequence[str], split: Mapping[str, Any] | None = None) -> EvalSet:
+    """``records`` as an ``EvalSet``: labels over ``findings`` and patient groups (patients linked by a shared image
+    md5, as the splits group them) for the bootstrap."""
+    roots = {i: root for root, members in splits.patient_groups(records).items() for i in members}
+    return EvalSet(list(records), labels_over(records, findings), list(findings),
+                   np.array([roots[i] for i in range(len(records))]), dict(split or {}))
 
 
 @dataclass
@@ -261,17 +268,10 @@ def score_run(path: str | Path, images: EvalSet, log: Callable[[str], None] = pr
     val_records = [split.records[i] for i in split.val_idx]
     same = [r.path for r in val_records] == images.paths
     logits, how = run_logits(path, images, np.array(split.val_idx) if same else None)
-    val_logits = logits if same else run_logits(path, EvalSet(val_records, labels_over(val_records, split.findings),
-                                                              split.findings, np.zeros(len(val_records))),
+    val_logits = logits if same else run_logits(path, eval_set(val_records, split.findings),
                                                 np.array(split.val_idx))[0]
-    val_y = labels_over(val_records, split.findings)
     findings, column = list(split.findings), 0
-    temps, biases = np.ones(len(findings)), np.zeros(len(findings))
-    for j in range(len(findings)):
-        known = ~np.isnan(val_y[:, j])
-        if len(np.unique(val_y[known, j])) == 2:
-            scaler = TemperatureScaling(fit_bias=True).fit(val_logits[known, j:j + 1], val_y[known, j:j + 1])
-            temps[j], biases[j] = scaler.temperature_[0], scaler.bias_[0]
+    temps, biases = fit_per_finding(val_logits, labels_over(val_records, findings))
     risks = sigmoid(val_logits[:, column] / temps[column] + biases[column])
     threshold = flag_threshold_for_rate(risks, FLAG_RATE)
     log(f"run {path}: logits from {how} in {time.perf_counter() - start:.1f} s")
