@@ -75,8 +75,6 @@ class Outbox:
         delivered = 0
         for destination in self.destinations:
             folder = self.folder / destination_key(destination)
-            for part in folder.glob(f"*{PART_SUFFIX}"):
-                part.unlink(missing_ok=True)
             for path in sorted(folder.glob("*.dcm")) if folder.is_dir() else []:
                 failures, next_try = self._attempts.get(path, (0, 0.0))
                 if time.monotonic() < next_try or self._stop.is_set():
@@ -103,6 +101,10 @@ class Outbox:
             self._wake.clear()
 
     def start(self) -> None:
+        """Remove half-written reports left by a crash (once, before any ``put``: a ``put`` from the service's
+        thread may be writing its ``.part`` while a delivery pass runs), then deliver in the background."""
+        for part in self.folder.glob(f"*/*{PART_SUFFIX}"):
+            part.unlink(missing_ok=True)
         self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
         self._thread.start()
 
