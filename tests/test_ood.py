@@ -10,8 +10,9 @@ from tests.tiny_bundle import SIZE, build_tiny_bundle
 from triage.bundle import load_bundle
 from triage.errors import REASONS, BundleError
 from triage.inference import load_model
-from triage.ood import fit_gate, load_gate, save_gate, threshold_at
+from triage.ood import fit_gate, load_gate, load_input_gate, save_gate, threshold_at
 from triage.pipeline import Prepared, score_prepared
+from triage.radiograph import ImageMeta
 from triage.preprocess import PreprocessSpec, resize_unit, standardize
 
 SPEC = PreprocessSpec(size=(SIZE, SIZE))
@@ -96,8 +97,8 @@ def test_gate_in_a_tiny_bundle_separates_synthetic_non_chests(tmp_path) -> None:
     model = load_model(bundle, device="cpu")
     fresh = synthetic_chests(200, seed=7)
     outside = non_chests()
-    chest_d = model.ood.distances(model.run(fresh).features)
-    other_d = {name: float(model.ood.distances(model.run(x).features)[0]) for name, x in outside.items()}
+    chest_d = model.ood.scores(model.run(fresh).features)  # a bundle before 0.4: one part, distance / its cut
+    other_d = {name: float(model.ood.scores(model.run(x).features)[0]) for name, x in outside.items()}
     assert np.mean(chest_d <= model.ood.threshold) >= 0.97
     assert all(d > model.ood.threshold for d in other_d.values()), (model.ood.threshold, other_d)
     assert min(other_d.values()) > np.max(chest_d), "a margin between every chest and every non-chest"
@@ -133,3 +134,49 @@ def test_ood_without_features_output_is_a_schema_error(tmp_path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="model.outputs.features"):
         load_bundle(folder)
+
+
+def half_inverted(seed: int) -> np.ndarray:
+    """A synthetic chest whose top half is untouched and bottom half inverted: familiar texture where the view part
+    looks, an unfamiliar layout overall (the tiny bundle's stand-in for a lateral view)."""
+    x = synthetic_chests(1, seed)[0].copy()
+    x[:, SIZE // 2:] = -x[:, SIZE // 2:]
+    return x
+
+
+def test_the_parts_gate_tells_a_view_from_a_non_chest_and_a_frontal_tag_wins(tmp_path) -> None:
+    folder = build_tiny_bundle(tmp_path / "b", ood_inputs=synthetic_chests(400, seed=0), gate_parts=True)
+    model = load_model(load_bundle(folder), "cpu")
+    assert model.ood.score_parts == ("layout",) and model.ood.view_part == "texture"
+    untagged, frontal = ImageMeta("1", "2", "3"), ImageMeta("1", "2", "4", view_position="PA")
+    batch = [Prepared("chest.png", "a" * 64, untagged, synthetic_chests(1, seed=11)[0]),
+             Prepared("other-view.png", "b" * 64, untagged, half_inverted(12)),
+             Prepared("noise.png", "c" * 64, untagged, non_chests()["uniform noise"][0]),
+             Prepared("tagged-pa.dcm", "d" * 64, frontal, half_inverted(12)),
+             Prepared("tagged-pa-noise.dcm", "e" * 64, frontal, non_chests()["uniform noise"][0])]
+    chest, view, noise, tagged, tagged_noise = score_prepared(model, batch, lambda pid: "")
+    assert chest.status == "scored" and chest.detail == ""
+    assert (view.status, view.reason, view.risk) == ("human_review", "view_out_of_scope", None)
+    assert "frontal" in view.detail and "Fix: send the frontal image" in view.detail
+    assert (noise.status, noise.reason) == ("human_review", "out_of_distribution")
+    assert "unlike the frontal chest radiographs" in noise.detail and "Fix:" in noise.detail
+    assert tagged.status == "scored" and tagged.risk is not None  # the header's PA wins over the view judgement
+    assert "View Position (0018,5101) is 'PA' and the header wins" in tagged.detail
+    assert tagged_noise.reason == "out_of_distribution"  # but a frontal tag does not make noise a chest
+
+
+def test_parts_gate_round_trips_and_a_malformed_section_names_the_fix(tmp_path) -> None:
+    import json
+
+    folder = build_tiny_bundle(tmp_path / "b", ood_inputs=synthetic_chests(200, seed=0), gate_parts=True)
+    section = json.loads((folder / "manifest.json").read_text())["ood"]
+    gate = load_input_gate(folder / "ood.npz", section)
+    x = np.random.default_rng(3).normal(size=(4, 64))
+    assert gate.scores(x).shape == (4,) and all(r in ("", "view_out_of_scope", "out_of_distribution")
+                                                for r in gate.assess(x).reasons)
+    assert gate.assess(np.full((1, 64), np.nan)).refused[0]
+    broken = {**section, "parts": {"layout": {"columns": [0, 60], "threshold": 1.0}}, "score_parts": ["layout"]}
+    with pytest.raises(BundleError, match="do not match their columns.*re-export"):
+        load_input_gate(folder / "ood.npz", broken)
+    with pytest.raises(BundleError, match="malformed.*re-export"):
+        load_input_gate(folder / "ood.npz", {**section, "parts": {"layout": {"threshold": 1.0}}})

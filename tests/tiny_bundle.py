@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from triage.bundle import write_manifest
-from triage.ood import fit_gate, save_gate, threshold_at
+from triage.ood import fit_gate, fit_input_gate, save_gate, save_input_gate, threshold_at
 from triage.preprocess import PreprocessSpec
 
 SIZE = 64
@@ -60,13 +60,14 @@ def tiny_features(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
 
 
 def build_tiny_bundle(folder: Path, threshold: float = 0.5, temperature: float = 1.0, with_cam: bool = False,
-                      ood_inputs: np.ndarray | None = None, ood_percentile: float = 99.5) -> Path:
+                      ood_inputs: np.ndarray | None = None, ood_percentile: float = 99.5, gate_parts: bool = False) -> Path:
     """Write a complete, valid bundle into ``folder`` and return it.
 
     ``with_cam=True`` adds the ``cam`` and ``features`` outputs (the default is the older,
     logits-only format). ``ood_inputs`` (N, 1, SIZE, SIZE) in-distribution model inputs
     add an OOD gate (and the outputs): statistics from the first half, threshold at
-    ``ood_percentile`` of the second half's distances.
+    ``ood_percentile`` of the second half's distances. ``gate_parts=True`` writes the parts format of bundles from
+    0.4 instead: score part ``layout`` (all 64 block means), view part ``texture`` (the top half's 32 blocks).
     """
     folder.mkdir(parents=True, exist_ok=True)
     with_cam = with_cam or ood_inputs is not None
@@ -91,9 +92,15 @@ def build_tiny_bundle(folder: Path, threshold: float = 0.5, temperature: float =
     if ood_inputs is not None:
         features = tiny_features(model, ood_inputs)
         half = len(features) // 2
-        gate, _ = threshold_at(fit_gate(features[:half], n_components=8), features[half:], ood_percentile)
-        save_gate(gate, folder / "ood.npz")
-        manifest["ood"] = {"method": "mahalanobis_ppca", "file": "ood.npz", "threshold": gate.threshold,
-                           "percentile": ood_percentile}
+        if gate_parts:
+            parts = fit_input_gate(features[:half], np.zeros(half), features[half:], np.zeros(len(features) - half),
+                                   {"layout": (0, 64), "texture": (0, 32)}, ("layout",), "texture", ood_percentile, 8)
+            manifest["ood"] = {"method": "imagenet_ppca_parts", "file": "ood.npz",
+                               **save_input_gate(parts, folder / "ood.npz")}
+        else:
+            gate, _ = threshold_at(fit_gate(features[:half], n_components=8), features[half:], ood_percentile)
+            save_gate(gate, folder / "ood.npz")
+            manifest["ood"] = {"method": "mahalanobis_ppca", "file": "ood.npz", "threshold": gate.threshold,
+                               "percentile": ood_percentile}
     write_manifest(folder, manifest)
     return folder

@@ -197,23 +197,26 @@ def recalibration_text(manifest: dict[str, Any]) -> str:
 
 
 def ood_text(manifest: dict[str, Any]) -> str:
-    """The out-of-distribution gate: method, threshold, and what it caught at export."""
+    """The input gate: what it reads, how its cuts were set, what it refused on validation and at export."""
     ood = manifest.get("ood")
-    if not ood:
+    if not ood or "parts" not in ood:
         return ""
     checked = ood.get("checked", {})
-    caught = file_names([f for f, r in checked.items() if r.get("over_threshold")])
-    passed = file_names([f for f, r in checked.items() if r.get("over_threshold") is False])
-    return f"""## Out-of-distribution gate
+    refused = [f"{file_names([f])[0]} ({r['gate_reason']})" for f, r in checked.items() if r.get("gate_reason")]
+    passed = file_names([f for f, r in checked.items() if r.get("gate_reason") == ""])
+    validation = "; ".join(f"{name} {v['refused']} of {v['n']}" for name, v in ood.get("validation", {}).items())
+    return f"""## Input gate
 
-Images whose pooled features are far from the training images go to human review with reason
-`out_of_distribution` instead of being scored: Mahalanobis distance under a probabilistic-PCA covariance
-({ood['n_components']} components) fitted on {ood['fitted_on']}; threshold {ood['threshold']:.3f}
-= {ood.get('margin', 1.0)} x the {ood['percentile']}th percentile of the distances of {ood['threshold_on']}
-({ood.get('percentile_distance', ood['threshold']):.3f}); {ood['validation_distance']['flagged_fraction']:.1%} of
-those validation images are over it. The gate is there to refuse images that are not human chest radiographs. It is a safety net for images the header checks let through, not a
-guarantee: an image can be out of scope and still look familiar to the model. At export, over the threshold: {', '.join(caught) or 'none'}; under it:
-{', '.join(passed) or 'none'} (distances in the manifest, `ood.checked`).
+Before a risk is reported, the input gate asks whether the image is a frontal chest radiograph like the training
+images. It reads {ood['features']}; each part is compared with {ood['fitted_on']} by a Mahalanobis distance
+(probabilistic PCA, {ood['n_components']} components) and divided by its cut, {ood['cuts']}. Rule: {ood['rule']}.
+Threshold {ood['threshold']:.3f}. Validation images refused: {validation}.
+Nothing fitted or tuned on lateral views is in this bundle; they were used only to measure the gate
+(`benchmarks/bench_gate.py`). Header tags win when present: View Position (0018,5101) LL/RL/LATERAL or a non-chest
+Body Part Examined (0018,0015) are refused by the header checks first, and a PA/AP View Position overrides the gate's
+view judgement (the record says so); the gate's `out_of_distribution` applies whatever the tags say (a dog's thorax).
+A safety net, not a guarantee. At export, refused (tags aside): {', '.join(refused) or 'none'}; accepted:
+{', '.join(passed) or 'none'} (scores in the manifest, `ood.checked`).
 
 """
 

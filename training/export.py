@@ -5,8 +5,8 @@ Steps (``export_bundle``):
 1. Rebuild the network from the run's best checkpoint and export ONE graph (opset 17,
    dynamic batch) with three outputs: ``logits`` (N, F); ``cam`` (N, F, h, w), the class
    activation map computed in the graph (last feature map x classifier weights + bias,
-   at feature-map resolution: its spatial mean is the logit); ``features`` (N, D), the
-   pooled features.
+   at feature-map resolution: its spatial mean is the logit); ``features`` (N, 848), what the
+   input gate reads (``training.onnx_graph.GateNet``).
 2. Parity, each one fails the export beyond its tolerance: ONNX Runtime vs PyTorch
    logits on every validation image (topped up with training images to 64 for a small site);
    the ONNX CAM vs MONAI's ``CAM`` (torch); the whole pipeline, DICOM file -> risk, on the
@@ -15,9 +15,10 @@ Steps (``export_bundle``):
    the served model's validation logits; the same figures per source.
 4. ``--int8``: static QDQ quantization (per-channel) calibrated on training images; served
    only if its validation AUROC is within ``INT8_MAX_AUROC_DROP`` of fp32; ms/image of both.
-5. The out-of-distribution gate (``training.ood_fit``): feature statistics of the training
-   images, threshold at ``OOD_PERCENTILE`` of the validation distances; distances of the
-   sample and real out-of-scope files are recorded.
+5. The input gate (``training.ood_fit``): statistics of the gate features (a frozen ImageNet
+   backbone in the same graph) of the training images, cuts at the largest per-source
+   ``GATE_PERCENTILE`` of the validation images; the gate's verdict on the sample and real
+   out-of-scope files is recorded.
 6. ``weights.npz``: the network's state dict as plain arrays (no pickle), so ``finetune`` can
    restart training from the bundle; pinned by sha256 in the manifest like every other file.
 7. Manifest (``triage.bundle.write_manifest``), model card, reload with ``load_bundle``,
@@ -44,8 +45,8 @@ from .card import write_model_card
 from .decode_check import decode_section, reduced_decode_diffs, reduced_decode_files
 from .manifest import build_manifest
 from .metrics import FLAG_RATE
-from .onnx_graph import CAM_NAME, FEATURES_NAME, OUTPUT_NAME, export_onnx, onnx_logits, onnx_outputs, torch_logits
-from .ood_fit import OOD_MAX_TRAIN, fit_ood, ood_check_files, ood_report
+from .onnx_graph import CAM_NAME, FEATURES_NAME, GATE_WHAT, OUTPUT_NAME, export_onnx, onnx_logits, onnx_outputs, torch_logits
+from .ood_fit import OOD_MAX_TRAIN, fit_ood, gate_table, ood_check_files, ood_report
 from .parity import (
     CAM_CHECK_IMAGES, MIN_PARITY_IMAGES, REPO, ParityError, check_cam_parity, check_parity, pipeline_files,
     pipeline_parity, verify_served)
@@ -152,14 +153,16 @@ def export_bundle(run_dir: str | Path, out: str | Path, data: Sequence[str | Pat
         served_risks = calibrated_risk(onnx_logits(served, x_files), np.array(report["temperatures"]),
                                        np.array(report["biases"]))[:, column]
         parity["pipeline_onnx_risks"] = [round(float(r), 8) for r in served_risks]
-    ood = fit_ood(served, out, x_train, served_out[FEATURES_NAME], log)
+    val_sources = np.array([split.records[i].dataset for i in split.val_idx])
+    train_sources = [split.records[i].dataset for i in train_rows]
+    ood = fit_ood(served, out, x_train, train_sources, served_out[FEATURES_NAME], val_sources, log)
     cam_shape = list(fp32[CAM_NAME].shape[1:])
     model_section = {"file": served.name, "precision": "int8" if served_out is not fp32 else "fp32",
                      "outputs": {"logits": OUTPUT_NAME, "cam": CAM_NAME, "features": FEATURES_NAME},
                      "cam": {"shape": ["batch", *cam_shape], "units": "logit: the spatial mean of a map is its logit",
                              "method": "last feature map x classifier weights + bias (1x1 convolution), in the graph"},
                      "features": {"shape": ["batch", int(fp32[FEATURES_NAME].shape[1])],
-                                  "what": "global-average-pooled last feature map (the classifier's input)"}}
+                                  "what": GATE_WHAT}}
     if int8_section is not None:
         model_section["int8"] = int8_section
         if served_out is not fp32:
@@ -175,8 +178,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, data: Sequence[str | Pat
     write_model_card(out / "MODEL_CARD.md", manifest)
     write_manifest(out, manifest)
     manifest["ood"]["checked"] = ood_report(out, ood_check_files())
-    caught = [f for f, r in manifest["ood"]["checked"].items() if r["over_threshold"]]
-    log(f"OOD gate over threshold: {caught}")
+    log(f"input gate refuses (tags aside): {gate_table(manifest['ood']['checked'])}")
     parity["served_pipeline_max_abs_risk_diff"] = verify_served(out, parity, served_out is not fp32)
     manifest["decode"] = decode_section(reduced_decode_diffs(out, reduced_decode_files()))
     log(f"reduced decode: {manifest['decode']['reduced'] or 'none'} within {RISK_TOLERANCE} "

@@ -1,6 +1,6 @@
-"""The exported ONNX graph: one forward pass -> logits, class activation maps and pooled features.
+"""The exported ONNX graph: one forward pass -> logits, class activation maps and the input gate's features.
 
-``export_onnx`` writes ``CamNet`` (opset 17, dynamic batch); ``onnx_outputs`` runs it with ONNX
+``export_onnx`` writes ``CamNet`` (opset 17, dynamic batch) with ``GateNet`` beside the classifier; ``onnx_outputs`` runs it with ONNX
 Runtime on CPU; ``torch_logits`` and ``torch_cam`` (MONAI's ``CAM``) are the PyTorch references the
 parity checks compare against.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import head
+from .model import build_model, head
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME, CAM_NAME, FEATURES_NAME = "image", "logits", "cam", "features"
@@ -39,23 +39,65 @@ def feature_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net._swish(net._bn1(x))
 
 
+GATE_STAGES = 5
+"""The input gate reads the first five stages of ImageNet EfficientNet-Lite0 (to 112 channels at 1/16 resolution)."""
+GATE_PARTS = {"texture": (0, 80), "layout_s3": (80, 400), "layout_s4": (400, 848)}
+"""Columns of the ``features`` output: the stage-3 map averaged over the image (orderless texture), and the stage-3
+and stage-4 maps averaged over each quarter of the image (2x2 layout: where the lungs, heart and spine are)."""
+GATE_SCORE_PARTS, GATE_VIEW_PART = ("layout_s3", "layout_s4"), "texture"
+GATE_WHAT = ("input-gate features of a frozen ImageNet EfficientNet-Lite0 (stem summed to one channel), not the "
+             "classifier's: stage-3 (80 ch) map averaged over the image, then stage-3 and stage-4 (112 ch) maps "
+             "averaged over each image quarter (2x2), concatenated (848)")
+
+
+def quadrants(fmap: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w), h and w even -> (N, 4C): the mean of each quarter of the map, channel-major."""
+    n, c, h, w = fmap.shape
+    return fmap.reshape(n, c, 2, h // 2, 2, w // 2).mean(dim=(3, 5)).flatten(1)
+
+
+class GateNet(nn.Module):
+    """The input gate's features (N, 848) from a frozen ImageNet EfficientNet-Lite0 truncated after ``GATE_STAGES``.
+
+    ImageNet features, not the fine-tuned ones: features trained for pneumonia say little about layout or view
+    (measured: a gate on them passed 8-12 of 12 lateral views), while ImageNet's spatial features see where things are.
+    Needs the model input's side divisible by 32 (224: 14 x 14 maps).
+    """
+
+    def __init__(self, channels: int = 1, image_size: int = 224) -> None:
+        super().__init__()
+        net = build_model(1, channels, image_size, pretrained=True).eval()
+        self.stem = nn.Sequential(net._conv_stem_padding, net._conv_stem, net._bn0, net._swish)
+        self.stages = nn.ModuleList(list(net._blocks.children())[:GATE_STAGES])
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for stage in self.stages[:4]:
+            h = stage(h)
+        s3 = h
+        s4 = self.stages[4](s3)
+        return torch.cat([s3.mean(dim=(2, 3)), quadrants(s3), quadrants(s4)], dim=1)
+
+
 class CamNet(nn.Module):
-    """``net`` -> (logits (N, F), cam (N, F, h, w), features (N, C)) from one forward pass (eval mode).
+    """``net`` -> (logits (N, F), cam (N, F, h, w), gate features (N, 848)) from one forward pass (eval mode).
 
     ``cam[:, k] = sum_c W[k, c] * fmap[:, c] + b[k]`` (a 1x1 convolution with the classifier's
     weights), so ``cam.mean((2, 3)) == logits``; dropout before the classifier is identity in eval.
+    The gate features come from ``GateNet`` on the same input.
     """
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, gate: nn.Module) -> None:
         super().__init__()
         self.net = net
         self.fc = head(net)
+        self.gate = gate
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fmap = feature_map(self.net, x)
-        features = fmap.mean(dim=(2, 3))
         cam = F.conv2d(fmap, self.fc.weight[:, :, None, None], self.fc.bias)
-        return self.fc(features), cam, features
+        return self.fc(fmap.mean(dim=(2, 3))), cam, self.gate(x)
 
 
 def torch_cam(net: nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -71,10 +113,10 @@ def torch_cam(net: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 def export_onnx(net: nn.Module, path: str | Path, channels: int = 1, size: tuple[int, int] = (224, 224),
                 opset: int = OPSET) -> Path:
-    """Write ``net`` as ONNX: input "image" [batch, C, H, W] float32 -> "logits", "cam", "features"."""
+    """Write ``net`` as ONNX: input "image" [batch, C, H, W] float32 -> "logits", "cam", "features" (``GateNet``)."""
     import onnx
 
-    graph = CamNet(net.eval().to(memory_format=torch.contiguous_format)).eval()
+    graph = CamNet(net.eval().to(memory_format=torch.contiguous_format), GateNet(channels, size[0])).eval()
     dummy = torch.zeros(2, channels, *size, dtype=torch.float32)
     path = Path(path)
     outputs = [OUTPUT_NAME, CAM_NAME, FEATURES_NAME]

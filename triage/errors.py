@@ -58,11 +58,14 @@ REASONS: dict[str, str] = {
     "multi_frame": "more than one frame (Number of Frames > 1)",
     "modality_out_of_scope": "Modality (0008,0060) is not CR or DX",
     "body_part_out_of_scope": "Body Part Examined (0018,0015) or the descriptions name non-chest anatomy",
-    "view_out_of_scope": "View Position (0018,5101) is lateral or otherwise not frontal",
+    "view_out_of_scope": "not a frontal (PA/AP) view: View Position (0018,5101) or a description says so, or, with no "
+                         "view in the header, the input gate judges the image a chest radiograph in another view "
+                         "(a lateral)",
     "too_large": "file or decoded pixel data over the size limit (a decompression bomb, or not a radiograph)",
     "image_too_small": "fewer rows or columns than the minimum (64 px by default): a thumbnail, not a radiograph",
     "inference_failed": "ONNX Runtime failed on this image",
     "decode_timeout": "decoding took longer than the per-file decode timeout (default 60 s), so its worker process was "
                       "stopped; fix: re-export the study uncompressed, or raise --decode-timeout if the file is valid",
-    "out_of_distribution": "unlike the chest radiographs the model was trained on (pooled-feature distance over the bundle's OOD threshold), e.g. not a human frontal chest X-ray",
+    "out_of_distribution": "the input gate judges the image unlike the frontal chest radiographs the model was trained "
+                           "on (not a human chest radiograph, or a device or population the training data lacks)",
 }

@@ -2,7 +2,7 @@
 
 ``Model.run`` returns every output the bundle declares in one pass: logits, and for
 bundles that have them the class activation maps (heatmaps computed in the graph,
-no gradients) and the pooled features read by the out-of-distribution gate.
+no gradients) and the features read by the input gate (``triage.ood``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import BundleError
-from .ood import OodGate, load_gate
+from .ood import InputGate, load_input_gate
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -64,7 +64,7 @@ class Model:
     session: "object"
     provider: str
     temperatures: np.ndarray
-    ood: OodGate | None = None
+    ood: InputGate | None = None
     biases: np.ndarray | None = None  # calibration shifts (F,); None for temperature-only bundles
 
     @property
@@ -114,5 +114,5 @@ def load_model(bundle: Bundle, device: str = "auto", threads: int = 0) -> Model:
                           "manifest and model disagree. Fix: rebuild the bundle")
     temperatures = np.array([bundle.temperature(f) for f in bundle.findings], dtype=np.float64)
     biases = np.array([bundle.bias(f) for f in bundle.findings], dtype=np.float64)
-    ood = load_gate(bundle.path / bundle.ood["file"], float(bundle.ood["threshold"])) if bundle.ood else None
+    ood = load_input_gate(bundle.path / bundle.ood["file"], bundle.ood) if bundle.ood else None
     return Model(bundle, session, session.get_providers()[0], temperatures, ood, biases)

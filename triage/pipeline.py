@@ -1,7 +1,7 @@
 """The whole flow in a few readable functions.
 
-    file -> Radiograph -> model input -> ONNX logits (+ pooled features) -> calibrated risk
-         -> out-of-distribution gate -> study risk -> flag (policy) -> Decision (audit record)
+    file -> Radiograph -> model input -> ONNX logits (+ gate features) -> calibrated risk
+         -> input gate (view / distribution) -> study risk -> flag (policy) -> Decision (audit record)
 
 ``prepare`` (decode + preprocess) is pure and picklable so it can run in worker
 processes; ``score_prepared`` runs the model in the main process; ``finalize``
@@ -24,9 +24,11 @@ from .decode import decode_size
 from .errors import BadInputError
 from .inference import Model, calibrated_risk
 from .ingest import read_radiograph
+from .ood import VIEW_OUT
 from .policy import Flags, flag_top_k, study_risks
 from .preprocess import PreprocessSpec, preprocess
 from .radiograph import ImageMeta
+from .scope import FRONTAL_VIEWS
 
 SCORED, HUMAN_REVIEW = "scored", "human_review"
 
@@ -100,7 +102,7 @@ def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callab
     """Run the model once over the scorable files of ``batch``; drafts for all of them, in order."""
     scorable = [p for p in batch if p.model_input is not None]
     risks: list[float] = []
-    distances: list[float] = []
+    verdict = None
     infer_ms = 0.0
     if scorable:
         start = time.perf_counter()
@@ -108,31 +110,46 @@ def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callab
         outputs = model.run(np.stack([p.model_input for p in scorable]), cams=False, features=model.ood is not None)
         risks = calibrated_risk(outputs.logits, model.temperatures, model.biases)[:, column].tolist()
         if model.ood is not None:
-            distances = model.ood.distances(outputs.features).tolist()
+            verdict = model.ood.assess(outputs.features)
         infer_ms = (time.perf_counter() - start) * 1000 / len(scorable)
-    risk_of = {id(p): r for p, r in zip(scorable, risks)}
-    distance_of = {id(p): d for p, d in zip(scorable, distances)}
+    position = {id(p): i for i, p in enumerate(scorable)}
 
     def decide(p: Prepared) -> Decision:
-        if id(p) not in risk_of:  # not scorable: the reason is already set
+        if id(p) not in position:  # not scorable: the reason is already set
             return draft(p, model.bundle, pseudonymize, provider=model.provider, run_id=run_id)
-        if not math.isfinite(risk_of[id(p)]):
+        i = position[id(p)]
+        if not math.isfinite(risks[i]):
             return draft(_non_finite(p), model.bundle, pseudonymize, provider=model.provider, run_id=run_id)
-        if id(p) in distance_of and not distance_of[id(p)] <= model.ood.threshold:
-            return draft(_out_of_distribution(p, distance_of[id(p)], model.ood.threshold), model.bundle, pseudonymize,
-                         infer_ms=infer_ms, provider=model.provider, run_id=run_id)
-        return draft(p, model.bundle, pseudonymize, risk_of[id(p)], infer_ms, model.provider, run_id)
+        gated = p if verdict is None else gate_outcome(p, verdict.reasons[i], float(verdict.score[i]), verdict.threshold)
+        if gated.model_input is None:
+            return draft(gated, model.bundle, pseudonymize, infer_ms=infer_ms, provider=model.provider, run_id=run_id)
+        return draft(gated, model.bundle, pseudonymize, risks[i], infer_ms, model.provider, run_id)
 
     return [decide(p) for p in batch]
 
 
-def _out_of_distribution(prepared: Prepared, distance: float, threshold: float) -> Prepared:
-    """A scorable file whose features are far from the training images: routed to human review, unscored."""
-    detail = (f"{prepared.path}: out_of_distribution: the image's feature distance to the model's training chest "
-              f"radiographs is {distance:.2f}, over the bundle's threshold {threshold:.2f}, so its risk would mean "
-              "nothing. Fix: a person reads it; if it is a frontal human chest radiograph, report it to the model's "
-              "maintainers (the training data may not cover this device or population)")
-    return replace(prepared, model_input=None, reason="out_of_distribution", detail=detail)
+def gate_outcome(prepared: Prepared, reason: str, score: float, threshold: float) -> Prepared:
+    """The input gate's verdict on a scorable file: unchanged when accepted; routed to human review (model input
+    dropped) with ``view_out_of_scope`` or ``out_of_distribution``; except that a valid frontal View Position
+    (0018,5101) in the header wins over the gate's view judgement (the file is scored and its detail says so)."""
+    if not reason:
+        return prepared
+    measured = f"the input gate's score is {score:.2f}, over the bundle's threshold {threshold:.2f}"
+    view = prepared.meta.view_position.strip().upper() if prepared.meta else ""
+    if reason == VIEW_OUT and view in FRONTAL_VIEWS:
+        return replace(prepared, detail=f"{prepared.path}: View Position (0018,5101) is {view!r} and the header wins: "
+                       f"scored, although {measured} and the image looks like a chest radiograph in another view")
+    if reason == VIEW_OUT:
+        detail = (f"{prepared.path}: view_out_of_scope: {measured}: the image looks like a chest radiograph but not a "
+                  "frontal (PA/AP) one (a lateral or other view), and its header names no view, so its risk would mean "
+                  "nothing. Fix: send the frontal image of the study; if this is a frontal chest, set View Position "
+                  "(0018,5101) to PA or AP, and report the file to the model's maintainers")
+    else:
+        detail = (f"{prepared.path}: out_of_distribution: {measured}: the image is unlike the frontal chest radiographs "
+                  "the model was trained on (not a human chest radiograph, or a device or population the training "
+                  "data does not cover), so its risk would mean nothing. Fix: a person reads it; if it is a frontal "
+                  "human chest radiograph, report it to the model's maintainers")
+    return replace(prepared, model_input=None, reason=reason, detail=detail)
 
 
 def _non_finite(prepared: Prepared) -> Prepared:
