@@ -362,6 +362,13 @@ def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFram
         st.caption("No study was routed to human review.")
     else:
         st.bar_chart(reasons.set_index("reason")[["share"]], horizontal=True)
+        st.caption("Refusal rate by reason per day (share of the day's decisions): a rise of view_out_of_scope or "
+                   "out_of_distribution means images the input gate does not recognise, e.g. a new device or protocol")
+        by_day = data.refusal_rate_by_day(decisions)
+        st.altair_chart(alt.Chart(by_day).mark_line(point=True).encode(
+            x=alt.X("day:T", title="day"), y=alt.Y("rate:Q", title="refusal rate", axis=alt.Axis(format="%")),
+            color=alt.Color("reason:N", title="reason"), tooltip=["day:T", "reason:N", "n:Q", "n_day:Q"]),
+            width="stretch")
 
     st.subheader("Agreement with clinicians")
     figures = data.agreement(decisions, reviews)

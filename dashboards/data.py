@@ -210,6 +210,21 @@ def review_rates_by_reason(decisions: pd.DataFrame) -> pd.DataFrame:
     return counts.reset_index(drop=True)
 
 
+def refusal_rate_by_day(decisions: pd.DataFrame) -> pd.DataFrame:
+    """Per day and human-review reason: the routed decisions and their share of that day's decisions (rows only
+    where a reason occurred). A rise of ``view_out_of_scope`` or ``out_of_distribution`` is a drift signal: a new
+    device, protocol or population the input gate does not recognise."""
+    columns = ["day", "reason", "n", "n_day", "rate"]
+    if decisions.empty:
+        return pd.DataFrame(columns=columns)
+    per_day = decisions.groupby("day").size().rename("n_day")
+    routed = decisions[decisions["status"] == "human_review"]
+    counts = routed.groupby(["day", "reason"]).size().rename("n").reset_index()
+    counts = counts.join(per_day, on="day")
+    counts["rate"] = counts["n"] / counts["n_day"]
+    return counts[columns].sort_values(["day", "reason"]).reset_index(drop=True)
+
+
 def agreement(decisions: pd.DataFrame, reviews: pd.DataFrame) -> dict[str, float | int]:
     """Clinician agreement from each decision's latest verdict; PPV among flagged = agree / (agree + disagree)."""
     verdicts = latest_verdicts(reviews).merge(decisions[["id", "flagged"]], left_on="decision_id", right_on="id")

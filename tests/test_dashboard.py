@@ -207,6 +207,7 @@ def test_audit_and_active_learning_pages_render(store: Path) -> None:
     assert not app.exception
     assert app.success[0].value.startswith("Audit chain: audit chain OK: 6 decisions, 2 reviews")
     assert [m.value for m in app.metric][1:4] == ["2", "50%", "100%"]  # reviewed, agreement, PPV among flagged
+    assert any(c.value.startswith("Refusal rate by reason per day") for c in app.caption)
     app.sidebar.radio(key="page").set_value("Active learning").run()
     assert not app.exception
     queue = app.dataframe[0].value
@@ -276,6 +277,21 @@ def test_agreement_and_active_learning_labels(store: Path, tmp_path: Path) -> No
     assert data.subgroup_table(decisions).query("subgroup == 'age_band'")["n"].sum() == 6
     assert np.isfinite(data.flag_rate_by_day(decisions, 0.05)["flag_rate"]).all()
     assert isinstance(data.bundle_history(decisions), pd.DataFrame) and len(data.bundle_history(decisions)) == 1
+
+
+def test_refusal_rate_by_reason_per_day_shows_a_rise_of_gate_refusals() -> None:
+    import datetime as dt
+
+    day1, day2 = dt.date(2026, 12, 1), dt.date(2026, 12, 2)
+    rows = ([(day1, "scored", "")] * 18 + [(day1, "human_review", "not_dicom")] * 2
+            + [(day2, "scored", "")] * 6 + [(day2, "human_review", "view_out_of_scope")] * 3
+            + [(day2, "human_review", "out_of_distribution")])
+    frame = pd.DataFrame(rows, columns=["day", "status", "reason"]).reset_index(names="id")
+    table = data.refusal_rate_by_day(frame)
+    got = {(r.day, r.reason): (r.n, r.n_day, r.rate) for r in table.itertuples()}
+    assert got == {(day1, "not_dicom"): (2, 20, 0.1), (day2, "out_of_distribution"): (1, 10, 0.1),
+                   (day2, "view_out_of_scope"): (3, 10, 0.3)}
+    assert data.refusal_rate_by_day(frame.iloc[:0]).empty
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_bundle_is_small_verified_and_records_its_validation(model):
     assert "samples/dicom/philips-cr-chest-pa-j2k.dcm" in parity["pipeline_files"]
     assert len(parity["pipeline_files"]) == 13
     card = (DEMO_BUNDLE / "MODEL_CARD.md").read_text()
-    assert "not a medical device" in card.lower() and "Out-of-distribution gate" in card
+    assert "not a medical device" in card.lower() and "## Input gate" in card and "lateral" in card
     served = manifest["model"]
     assert served["precision"] == ("int8" if served.get("int8", {}).get("accepted") else "fp32")
     if "int8" in served:
@@ -51,7 +51,7 @@ def test_bundle_is_small_verified_and_records_its_validation(model):
 def test_heatmap_of_a_real_radiograph_comes_from_the_onnx_graph(model):
     x = prepare(str(SAMPLES / "kermany" / "kermany-01.dcm"), model.bundle.preprocessing).model_input[None]
     logits, cams, features = model.run(x)
-    assert model.has_cam and cams.shape == (1, 1, 7, 7) and features.shape == (1, 1280)
+    assert model.has_cam and cams.shape == (1, 1, 7, 7) and features.shape == (1, 848)  # the input gate's features
     tolerance = 1e-4 if model.bundle.manifest["model"]["precision"] == "fp32" else 0.1 * (1 + abs(logits[0, 0]))
     assert abs(cams[0, 0].mean() - logits[0, 0]) <= tolerance  # the map's mean is the logit
 
@@ -86,6 +86,46 @@ def test_ood_gate_catches_the_dog_thorax_and_passes_every_chest_sample(model, sh
     assert dog.study_uid and "Fix:" in dog.detail
 
 
+def lateral_views(shared_data: Path) -> list[Path]:
+    """The 12 real lateral chest radiographs (CC BY-NC-SA: for tests only, never fitted on)."""
+    return sorted((shared_data / "lateral-views" / "images").iterdir())
+
+
+def test_the_gate_refuses_real_lateral_views_as_views(model, shared_data):
+    decisions = [decide(model, path) for path in lateral_views(shared_data)]
+    assert len(decisions) == 12 and all(d.status in ("scored", "human_review") for d in decisions)
+    refused = [d for d in decisions if d.reason in ("view_out_of_scope", "out_of_distribution")]
+    assert len(refused) >= 11, [(Path(d.path).name, d.reason) for d in decisions]
+    views = [d for d in refused if d.reason == "view_out_of_scope"]
+    assert len(views) >= 9 and all("not a frontal (PA/AP) one" in d.detail and "Fix:" in d.detail for d in views)
+
+
+def test_the_gate_refuses_every_out_of_scope_image_even_without_its_tags(model, shared_data):
+    """The header checks refuse the hip, extremity and dental files first; without their tags the image alone must."""
+    from training.ood_fit import gate_input
+
+    files = sorted((shared_data / "dicom" / "out-of-scope").glob("*.dcm"))
+    features = model.run(np.stack([gate_input(p, model.bundle.preprocessing) for p in files]), cams=False).features
+    assert len(files) == 4 and model.ood.assess(features).reasons == ["out_of_distribution"] * 4
+
+
+def test_tags_win_a_frontal_tag_overrides_the_view_judgement_and_a_lateral_tag_refuses_first(model, shared_data,
+                                                                                            make_dicom):
+    from PIL import Image
+
+    lateral = next(p for p in lateral_views(shared_data) if decide(model, p).reason == "view_out_of_scope")
+    unit = np.asarray(Image.open(lateral).convert("L"), dtype=np.float64) / 255.0
+    rows, cols = unit.shape
+    untagged = decide(model, make_dicom("untagged.dcm", view=None, unit=unit, rows=rows, cols=cols, bits_stored=8))
+    assert untagged.reason == "view_out_of_scope" and "input gate" in untagged.detail
+    tagged_pa = decide(model, make_dicom("pa.dcm", view="PA", unit=unit, rows=rows, cols=cols, bits_stored=8))
+    assert tagged_pa.status == "scored" and tagged_pa.risk is not None
+    assert "View Position (0018,5101) is 'PA' and the header wins" in tagged_pa.detail
+    tagged_ll = decide(model, make_dicom("ll.dcm", view="LL", unit=unit, rows=rows, cols=cols, bits_stored=8))
+    assert tagged_ll.reason == "view_out_of_scope" and "View Position (0018,5101) is 'LL'" in tagged_ll.detail
+    assert "input gate" not in tagged_ll.detail
+
+
 def test_real_shared_dicoms_are_scored_or_routed_with_their_reason(shared_data, tmp_path):
     out = tmp_path / "worklist.csv"
     assert main(["score", str(shared_data / "dicom"), "--out", str(out), "--audit-db", str(tmp_path / "a.sqlite"),
@@ -95,7 +135,7 @@ def test_real_shared_dicoms_are_scored_or_routed_with_their_reason(shared_data, 
     chests = [rows[p.name] for p in (shared_data / "dicom" / "chest").iterdir()]
     for row in chests:  # adult chests from other vendors: scored, or routed to a person by the OOD gate; never dropped
         assert row["status"] == "scored" and 0 <= float(row["risk"]) <= 1 or row["reason"] == "out_of_distribution"
-    assert sum(row["status"] == "scored" for row in chests) == 5  # 0.3.0 learned adult chests: none refused
+    assert sum(row["status"] == "scored" for row in chests) == 5  # adult chests of 4 vendors: none refused
     for name in ("fuji-cr-hip-mono2-jpegls-lossless.dcm", "fuji-cr-extremity-mono1-j2k-lossy.dcm",
                  "dental-panoramic-mono1-jpeg-lossless-modality-lut.dcm"):
         assert (rows[name]["status"], rows[name]["reason"]) == ("human_review", "body_part_out_of_scope")
