@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="the train extra is not installed: p
 pytest.importorskip("monai", reason="the train extra is not installed: pip install -e '.[train]'")
 from monai.networks.nets import DenseNet, EfficientNet  # noqa: E402
 
-from training.onnx_graph import export_onnx, onnx_outputs, torch_cam, torch_logits  # noqa: E402
+from training.onnx_graph import GateNet, export_onnx, onnx_outputs, torch_cam, torch_logits  # noqa: E402
 from training.parity import ParityError, check_cam_parity, pipeline_files, pipeline_parity  # noqa: E402
 from training.quantize import quantize_int8  # noqa: E402
 from triage.pipeline import prepare  # noqa: E402
@@ -85,8 +85,10 @@ def test_onnx_cam_equals_monai_torch_cam(exported, inputs) -> None:
     np.testing.assert_allclose(out["cam"], reference, atol=1e-5 * max(scale, 1.0))
     np.testing.assert_allclose(out["logits"], torch_logits(net, x), atol=1e-5)
     np.testing.assert_allclose(out["cam"].mean(axis=(2, 3)), out["logits"], atol=1e-5)  # the map's mean is the logit
-    assert out["features"].shape == (len(x), net.class_layers.out.in_features if isinstance(net, DenseNet)
-                                     else net._fc.in_features)
+    with torch.no_grad():  # the input gate's features: the frozen ImageNet GateNet in the same graph, whatever the net
+        gate = GateNet(1, SIZE).eval()(torch.from_numpy(x)).numpy()
+    assert out["features"].shape == (len(x), 848) == gate.shape
+    np.testing.assert_allclose(out["features"], gate, rtol=1e-4, atol=1e-4)
     assert check_cam_parity(net, x, out["cam"])["cam_max_abs_diff"] <= 1e-4
 
 

@@ -116,6 +116,9 @@ def export_onnx(net: nn.Module, path: str | Path, channels: int = 1, size: tuple
     """Write ``net`` as ONNX: input "image" [batch, C, H, W] float32 -> "logits", "cam", "features" (``GateNet``)."""
     import onnx
 
+    if size[0] % 32 or size[1] % 32:
+        raise ValueError(f"export_onnx: the input gate needs a model input side divisible by 32, got {size}. "
+                         "Fix: train at 224 (or another multiple of 32) px")
     graph = CamNet(net.eval().to(memory_format=torch.contiguous_format), GateNet(channels, size[0])).eval()
     dummy = torch.zeros(2, channels, *size, dtype=torch.float32)
     path = Path(path)
