@@ -108,3 +108,35 @@ def test_a_declared_output_the_graph_lacks_is_refused(tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="no output named \\['heatmap'\\]"):
         load_model(load_bundle(folder), device="cpu")
+
+
+def test_a_model_onnx_runtime_cannot_load_is_a_bundle_error_naming_the_fix(tmp_path) -> None:
+    """InvalidProtobuf subclasses plain Exception: it must still become a BundleError, not a traceback."""
+    import json
+
+    from triage.bundle import sha256_file
+
+    folder = build_tiny_bundle(tmp_path / "b")
+    (folder / "model.onnx").write_bytes(b"\x08\x07garbage that is not a protobuf model" * 10)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = sha256_file(folder / "model.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"model.onnx: ONNX Runtime could not load the model.*Fix: rebuild the bundle"):
+        load_model(load_bundle(folder), device="cpu")
+
+
+def test_a_batch_onnx_runtime_fails_on_is_retried_image_by_image(tmp_path) -> None:
+    """One input ONNX Runtime rejects (wrong size: InvalidArgument) goes to inference_failed; the rest are scored."""
+    from triage.pipeline import Prepared, score_prepared
+
+    model = load_model(load_bundle(build_tiny_bundle(tmp_path / "b")), device="cpu")
+    good = np.zeros((1, SIZE, SIZE), np.float32)
+    batch = [Prepared("a.dcm", "a" * 64, model_input=good), Prepared("bad.dcm", "b" * 64,
+                                                                    model_input=np.zeros((1, 8, 8), np.float32)),
+             Prepared("c.dcm", "c" * 64, model_input=good + 0.5)]
+    a, bad, c = score_prepared(model, batch, lambda pid: "")
+    assert a.status == c.status == "scored" and c.risk > a.risk
+    assert (bad.status, bad.reason, bad.risk) == ("human_review", "inference_failed", None)
+    assert bad.detail.startswith("bad.dcm: inference_failed: ONNX Runtime failed") and "Fix:" in bad.detail
+    alone = score_prepared(model, [batch[1]], lambda pid: "")[0]
+    assert alone.reason == "inference_failed" and "InvalidArgument" in alone.detail

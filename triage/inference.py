@@ -13,10 +13,24 @@ from typing import NamedTuple
 import numpy as np
 
 from .bundle import Bundle
-from .errors import BundleError
+from .errors import BundleError, TriageError
 from .ood import InputGate, load_input_gate
 
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class InferenceError(TriageError, RuntimeError):
+    """ONNX Runtime failed on a batch (its own exception types subclass plain ``Exception``)."""
+
+
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """The exception types ONNX Runtime raises: its pybind11 ones (``InvalidProtobuf``, ``InvalidArgument``, ``Fail``,
+    ``RuntimeException``... which subclass plain ``Exception``) and Python's ``RuntimeError``/``ValueError``."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)
+                and v.__module__ == state.__name__)
+    return (*own, RuntimeError, ValueError)
 
 
 def choose_providers(available: list[str], device: str = "auto") -> list[str]:
@@ -77,7 +91,11 @@ class Model:
         optional = {"cams": self.bundle.cam_output if cams else None,
                     "features": self.bundle.features_output if features else None}
         names += [n for n in optional.values() if n]
-        values = dict(zip(names, self.session.run(names, {self.bundle.input_name: batch})))
+        try:
+            values = dict(zip(names, self.session.run(names, {self.bundle.input_name: batch})))
+        except ort_errors() as error:
+            raise InferenceError(f"ONNX Runtime failed on a batch of {len(batch)} ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0] if str(error) else ''})") from error
         return Outputs(values[names[0]], *(values[n] if n else None for n in optional.values()))
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -102,7 +120,7 @@ def load_model(bundle: Bundle, device: str = "auto", threads: int = 0) -> Model:
     providers = choose_providers(ort.get_available_providers(), device)
     try:
         session = ort.InferenceSession(str(bundle.model_path), sess_options=options, providers=providers)
-    except (RuntimeError, ValueError) as error:  # onnxruntime raises its own subclasses of these
+    except ort_errors() as error:  # InvalidProtobuf & co. subclass plain Exception
         raise BundleError(f"{bundle.model_path}: ONNX Runtime could not load the model ({error}). Fix: rebuild the bundle") from error
     names = {i.name for i in session.get_inputs()}
     if bundle.input_name not in names:

@@ -22,7 +22,7 @@ from .audit import Decision
 from .bundle import Bundle, sha256_file
 from .decode import decode_size
 from .errors import BadInputError
-from .inference import Model, calibrated_risk
+from .inference import InferenceError, Model, calibrated_risk
 from .ingest import read_radiograph
 from .ood import VIEW_OUT
 from .policy import Flags, flag_top_k, study_risks
@@ -97,33 +97,73 @@ def draft(prepared: Prepared, bundle: Bundle, pseudonymize: Callable[[str], str]
     )
 
 
+Result = tuple[float, str, float]  # calibrated risk of the triage finding, gate reason ("" accepted), gate score
+
+
+def forward(model: Model, inputs: Sequence[np.ndarray]) -> list[Result]:
+    """One ONNX Runtime call over model inputs (C, H, W): a ``Result`` each; ``InferenceError`` when it fails."""
+    try:
+        batch = np.stack(inputs)
+    except ValueError as error:  # inputs of different shapes: ONNX Runtime would refuse them anyway
+        raise InferenceError(f"model inputs of different shapes ({error})") from error
+    outputs = model.run(batch, cams=False, features=model.ood is not None)
+    column = model.bundle.findings.index(model.bundle.triage_finding)
+    risks = calibrated_risk(outputs.logits, model.temperatures, model.biases)[:, column].tolist()
+    if model.ood is None:
+        return [(risk, "", math.nan) for risk in risks]
+    verdict = model.ood.assess(outputs.features)
+    return list(zip(risks, verdict.reasons, verdict.score.tolist()))
+
+
+def forward_each(model: Model, inputs: Sequence[np.ndarray]) -> list[Result | InferenceError]:
+    """``forward`` on the whole batch; when it fails, on each input alone, so only the inputs that fail get their
+    ``InferenceError`` (and go to human review) while the rest of the batch is scored."""
+    try:
+        return list(forward(model, inputs))
+    except InferenceError:
+        if len(inputs) == 1:
+            raise
+    results: list[Result | InferenceError] = []
+    for x in inputs:
+        try:
+            results += forward(model, [x])
+        except InferenceError as error:
+            results.append(error)
+    return results
+
+
 def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callable[[str], str],
                    run_id: str = "") -> list[Decision]:
-    """Run the model once over the scorable files of ``batch``; drafts for all of them, in order."""
+    """Run the model once over the scorable files of ``batch``; drafts for all of them, in order. A batch that
+    ONNX Runtime fails on is retried image by image; the images that still fail get ``inference_failed``."""
     scorable = [p for p in batch if p.model_input is not None]
-    risks: list[float] = []
-    verdict = None
     infer_ms = 0.0
+    results: list[Result | InferenceError] = []
     if scorable:
         start = time.perf_counter()
-        column = model.bundle.findings.index(model.bundle.triage_finding)
-        outputs = model.run(np.stack([p.model_input for p in scorable]), cams=False, features=model.ood is not None)
-        risks = calibrated_risk(outputs.logits, model.temperatures, model.biases)[:, column].tolist()
-        if model.ood is not None:
-            verdict = model.ood.assess(outputs.features)
+        try:
+            results = forward_each(model, [p.model_input for p in scorable])
+        except InferenceError as error:
+            results = [error]
         infer_ms = (time.perf_counter() - start) * 1000 / len(scorable)
-    position = {id(p): i for i, p in enumerate(scorable)}
+    result_of = {id(p): r for p, r in zip(scorable, results)}
+    threshold = model.ood.threshold if model.ood is not None else math.inf
 
     def decide(p: Prepared) -> Decision:
-        if id(p) not in position:  # not scorable: the reason is already set
+        if id(p) not in result_of:  # not scorable: the reason is already set
             return draft(p, model.bundle, pseudonymize, provider=model.provider, run_id=run_id)
-        i = position[id(p)]
-        if not math.isfinite(risks[i]):
-            return draft(_non_finite(p), model.bundle, pseudonymize, provider=model.provider, run_id=run_id)
-        gated = p if verdict is None else gate_outcome(p, verdict.reasons[i], float(verdict.score[i]), verdict.threshold)
+        result = result_of[id(p)]
+        if isinstance(result, InferenceError):
+            return draft(_inference_failed(p, str(result)), model.bundle, pseudonymize, provider=model.provider,
+                         run_id=run_id)
+        risk, reason, score = result
+        if not math.isfinite(risk):
+            return draft(_inference_failed(p, "the model returned a non-finite risk"), model.bundle, pseudonymize,
+                         provider=model.provider, run_id=run_id)
+        gated = gate_outcome(p, reason, score, threshold)
         if gated.model_input is None:
             return draft(gated, model.bundle, pseudonymize, infer_ms=infer_ms, provider=model.provider, run_id=run_id)
-        return draft(gated, model.bundle, pseudonymize, risks[i], infer_ms, model.provider, run_id)
+        return draft(gated, model.bundle, pseudonymize, risk, infer_ms, model.provider, run_id)
 
     return [decide(p) for p in batch]
 
@@ -152,9 +192,10 @@ def gate_outcome(prepared: Prepared, reason: str, score: float, threshold: float
     return replace(prepared, model_input=None, reason=reason, detail=detail)
 
 
-def _non_finite(prepared: Prepared) -> Prepared:
-    """A scorable file whose model output was NaN/inf: routed to human review."""
-    detail = f"{prepared.path}: inference_failed: the model returned a non-finite risk. Fix: report this file to the model's maintainers"
+def _inference_failed(prepared: Prepared, problem: str) -> Prepared:
+    """A scorable file the model could not score (ONNX Runtime failed on it, or a non-finite output): human review."""
+    detail = (f"{prepared.path}: inference_failed: {problem}. Fix: a person reads it; report this file and the "
+              "bundle to the model's maintainers")
     return replace(prepared, model_input=None, reason="inference_failed", detail=detail)
 
 
