@@ -253,3 +253,33 @@ def test_a_killed_decode_worker_costs_no_file_and_stalls_nothing(tmp_path, tiny)
     assert len(rows) == 40 and all(r["status"] == "scored" for r in rows)  # the killed worker's files were retried
     with AuditStore(db) as store:
         assert len(store.decisions()) == 40 and store.verify().ok
+
+
+def write_nested_sequences(path: Path, depth: int = 400) -> Path:
+    """A valid chest DICOM with a private sequence nested ``depth`` deep (undefined lengths): pydicom's reader recurses
+    once per level and raises RecursionError (issue 14, item 1)."""
+    import struct
+
+    from tests.conftest import build_dataset
+
+    build_dataset().save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    at = data.index(b"\x10\x00\x10\x00PN")  # Patient's Name (0010,0010): the nested (0009,1001) goes just before it
+    item = struct.pack("<HH", 0x0009, 0x1001) + b"SQ\x00\x00\xff\xff\xff\xff" + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    path.write_bytes(data[:at] + item * depth + end * depth + data[at:])
+    return path
+
+
+def test_a_file_that_makes_the_reader_recurse_too_deep_is_recorded_and_the_run_goes_on(tmp_path, tiny, capsys):
+    folder = tmp_path / "in"
+    write_pngs(folder, 6)
+    write_nested_sequences(folder / "nested.dcm")
+    out, db = tmp_path / "w.csv", tmp_path / "a.sqlite"
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", "2") == 0
+    rows = {Path(r["path"]).name: r for r in read_worklist(out)}
+    assert len(rows) == 7 and sum(r["status"] == "scored" for r in rows.values()) == 6
+    nested = rows["nested.dcm"]
+    assert (nested["status"], nested["reason"]) == ("human_review", "malformed_file")
+    assert "RecursionError" in nested["detail"] and "Fix:" in nested["detail"]
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", "2") == 0  # a rerun too

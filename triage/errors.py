@@ -63,6 +63,8 @@ REASONS: dict[str, str] = {
                          "(a lateral)",
     "too_large": "file or decoded pixel data over the size limit (a decompression bomb, or not a radiograph)",
     "image_too_small": "fewer rows or columns than the minimum (64 px by default): a thumbnail, not a radiograph",
+    "malformed_file": "reading the file raised an unexpected error (e.g. sequences nested too deep: RecursionError; "
+                      "more memory than available: MemoryError): a damaged or crafted file",
     "inference_failed": "ONNX Runtime failed on this image",
     "decode_timeout": "decoding took longer than the per-file decode timeout (default 60 s), so its worker process was "
                       "stopped; fix: re-export the study uncompressed, or raise --decode-timeout if the file is valid",

@@ -65,6 +65,12 @@ def prepare(path: str, spec: PreprocessSpec, reduced_decode: Collection[str] = (
         elapsed_ms = (time.perf_counter() - start) * 1000
         return Prepared(str(path), sha256_or_empty(path), error.meta, reason=error.reason, detail=str(error),
                         decode_ms=elapsed_ms)
+    except Exception as error:  # noqa: BLE001 - one file must never stop a run: RecursionError, MemoryError, a bug
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        detail = (f"{path}: malformed_file: reading it raised {type(error).__name__}"
+                  f"{': ' + str(error).splitlines()[0][:200] if str(error) else ''}. Fix: a person reads the study "
+                  "on the modality or PACS; ask the sender to re-export it (a damaged or crafted file)")
+        return Prepared(str(path), sha256_or_empty(path), reason="malformed_file", detail=detail, decode_ms=elapsed_ms)
     elapsed_ms = (time.perf_counter() - start) * 1000
     return Prepared(str(path), radiograph.sha256, radiograph.meta, model_input, decode_ms=elapsed_ms)
 
