@@ -96,7 +96,7 @@ def build_report(decisions: Sequence[Decision], source: Dataset, instances: Sequ
     ``source``: any source instance's header (patient and study modules are copied from it);
     ``instances``: (series UID, SOP class UID, SOP instance UID) of the source images.
     """
-    first, now = decisions[0], now or datetime.now()
+    now = now or datetime.now()
     ds = Dataset()
     for keyword in _PATIENT_KEYWORDS:
         if keyword in source:
