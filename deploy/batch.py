@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fcntl
 import os
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from triage.audit import AuditStore, Decision, default_audit_db, is_url, open_store
 from triage.bundle import Bundle, load_bundle
-from triage.errors import TriageError
+from triage.errors import AuditError, TriageError
 from triage.inference import Model, load_model
 from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks, sha256_or_empty
 from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate, flag_top_k
@@ -174,6 +176,27 @@ class RunSummary:
         return lines
 
 
+@contextmanager
+def run_lock(audit_db: Path | str) -> Iterator[None]:
+    """One ``score`` run per SQLite audit store at a time: an exclusive ``flock`` on ``<store>.run-lock`` (the kernel
+    releases it when the run ends, even when it is killed). Two runs would decide the same files twice. A
+    PostgreSQL store is not locked here yet (its append lock keeps the chain whole, but two runs can decide a file
+    twice)."""
+    if is_url(audit_db):
+        yield
+        return
+    path = Path(f"{audit_db}.run-lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AuditError(f"{audit_db}: another cxr-triage score run is using this audit store (it holds {path}). "
+                             "Fix: wait for that run to finish (a rerun then scores only new files), or pass another "
+                             "--audit-db") from None
+        yield
+
+
 def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path, flag_rate: float = DEFAULT_FLAG_RATE,
               workers: int = 1, device: str = "auto", progress: bool | None = None,
               decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> RunSummary:
@@ -188,7 +211,7 @@ def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: P
     files = list_inputs(paths)
     run_id = uuid.uuid4().hex
     secret = load_or_create_secret(default_secret_path(audit_db))
-    with open_store(audit_db) as store:
+    with run_lock(audit_db), open_store(audit_db) as store:
         state = resume_state(store, bundle)
         model = load_model(bundle, device)
         fresh, seen_known = _score_new_files(

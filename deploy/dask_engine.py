@@ -172,7 +172,7 @@ def run_dask(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Pa
     files = batch.list_inputs(paths)
     run_id = uuid.uuid4().hex
     secret = load_or_create_secret(default_secret_path(audit_db))
-    with open_store(audit_db) as store, dask_client(scheduler, workers) as client:
+    with batch.run_lock(audit_db), open_store(audit_db) as store, dask_client(scheduler, workers) as client:
         state = batch.resume_state(store, bundle)
         chunks = partition(files, max(1, len(client.nthreads())))
         results = score_on_cluster(client, chunks, bundle, device, state.known, run_id, store, secret, progress, on_chunk)

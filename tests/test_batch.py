@@ -283,3 +283,18 @@ def test_a_file_that_makes_the_reader_recurse_too_deep_is_recorded_and_the_run_g
     assert (nested["status"], nested["reason"]) == ("human_review", "malformed_file")
     assert "RecursionError" in nested["detail"] and "Fix:" in nested["detail"]
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", "2") == 0  # a rerun too
+
+
+def test_a_second_run_on_the_same_store_is_refused_while_the_first_holds_it(tmp_path, tiny, capsys):
+    from deploy.batch import run_lock
+
+    folder = tmp_path / "in"
+    write_pngs(folder, 4)
+    out, db = tmp_path / "w.csv", tmp_path / "a.sqlite"
+    with run_lock(db):  # a run in progress (flock: another open file description conflicts, even in one process)
+        assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db) == 1
+        assert "another cxr-triage score run is using this audit store" in capsys.readouterr().err
+    assert not out.exists()
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db) == 0
+    with AuditStore(db) as store:
+        assert len(store.decisions()) == 4
