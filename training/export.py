@@ -37,6 +37,7 @@ import numpy as np
 from triage.bundle import load_bundle, write_manifest
 from triage.decode import RISK_TOLERANCE
 from triage.inference import calibrated_risk
+from triage.ood import source_weights
 from triage.pipeline import prepare
 from triage.preprocess import PreprocessSpec
 
@@ -69,16 +70,11 @@ def check_split_matches_run(run_dir: Path, val_rows: Sequence[int], ort_logits: 
                           "Fix: export with the code version and --data the run was trained with")
 
 
-def source_balance(split) -> np.ndarray | None:
-    """(N_val,) weight 1 / (validation images of its source) per validation image, so the calibration and the flag-rate
-    threshold treat every training population alike (a large source would otherwise set both); None for one source."""
-    rows = split.source_rows(split.val_idx)
-    if len(rows) < 2:
-        return None
-    weights = np.empty(len(split.val_idx))
-    for positions in rows.values():
-        weights[positions] = 1.0 / len(positions)
-    return weights
+def source_balance(val_sources: np.ndarray) -> np.ndarray | None:
+    """(N_val,) weight 1 / (validation images of its source) per validation image (``val_sources``: each one's source),
+    so the calibration and the flag-rate threshold treat every training population alike (a large source would
+    otherwise set both); None for one source."""
+    return source_weights(val_sources) if len(np.unique(val_sources)) > 1 else None
 
 
 def per_source(split, y_val: np.ndarray, logits: np.ndarray, report: dict[str, Any], column: int) -> dict[str, Any]:
@@ -132,7 +128,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, data: Sequence[str | Pat
     parity.update(check_cam_parity(net, x_val[:CAM_CHECK_IMAGES], fp32[CAM_NAME][:CAM_CHECK_IMAGES]))
     log(f"parity on {parity['n_images']} images: max |risk diff| {parity['max_abs_risk_diff']:.2e}; "
         f"CAM vs MONAI on {parity['cam_n_images']}: max |diff| {parity['cam_max_abs_diff']:.2e}")
-    weights = source_balance(split)
+    val_sources = np.array([split.records[i].dataset for i in split.val_idx])
+    weights = source_balance(val_sources)
     fp32_report = validation_report(fp32[OUTPUT_NAME], y_val, FLAG_RATE, column, weights)
     temperatures, biases = np.array(fp32_report["temperatures"]), np.array(fp32_report["biases"])
     parity.update(pipeline_parity(net, fp32_path, pipeline_files(), spec, temperatures, biases, column=column))
@@ -153,7 +150,6 @@ def export_bundle(run_dir: str | Path, out: str | Path, data: Sequence[str | Pat
         served_risks = calibrated_risk(onnx_logits(served, x_files), np.array(report["temperatures"]),
                                        np.array(report["biases"]))[:, column]
         parity["pipeline_onnx_risks"] = [round(float(r), 8) for r in served_risks]
-    val_sources = np.array([split.records[i].dataset for i in split.val_idx])
     train_sources = [split.records[i].dataset for i in train_rows]
     ood = fit_ood(served, out, x_train, train_sources, served_out[FEATURES_NAME], val_sources, log)
     cam_shape = list(fp32[CAM_NAME].shape[1:])

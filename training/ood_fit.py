@@ -18,7 +18,7 @@ import numpy as np
 from triage.bundle import load_bundle
 from triage.inference import load_model
 from triage.ood import fit_input_gate, save_input_gate
-from triage.pipeline import prepare, score_prepared
+from triage.pipeline import Prepared, prepare, score_prepared
 from triage.preprocess import PreprocessSpec
 
 from .decode_check import SHARED_DICOM, relative
@@ -38,8 +38,8 @@ def fit_ood(served: Path, out: Path, x_train: np.ndarray, train_sources: Sequenc
     the manifest's ``ood`` section."""
     train_features = onnx_outputs(served, x_train)[FEATURES_NAME]
     sources = np.asarray(val_sources)
-    gate = fit_input_gate(train_features, np.asarray(train_sources), val_features, sources, GATE_PARTS, GATE_SCORE_PARTS, GATE_VIEW_PART,
-                          GATE_PERCENTILE, GATE_COMPONENTS)
+    gate = fit_input_gate(train_features, np.asarray(train_sources), val_features, sources, GATE_PARTS,
+                          GATE_SCORE_PARTS, GATE_VIEW_PART, GATE_PERCENTILE, GATE_COMPONENTS)
     section = save_input_gate(gate, out / "ood.npz")
     verdict = gate.assess(val_features)
     by_source = {str(s): {"n": int((sources == s).sum()), "refused": int(verdict.refused[sources == s].sum()),
@@ -84,9 +84,10 @@ def unchecked_input(path: Path, spec: PreprocessSpec) -> np.ndarray | None:
     return preprocess(Radiograph(str(path), "", pixels, photometric, ImageMeta("", "", ""), ds), spec)
 
 
-def gate_input(path: Path, spec: PreprocessSpec) -> np.ndarray | None:
-    """The model input of any file the pipeline reads (PNG/JPEG or DICOM), a DICOM's tag checks skipped."""
-    prepared = prepare(str(path), spec)
+def gate_input(path: Path, spec: PreprocessSpec, prepared: Prepared | None = None) -> np.ndarray | None:
+    """The model input of any file the pipeline reads (PNG/JPEG or DICOM), a DICOM's tag checks skipped;
+    ``prepared``: the file's ``prepare`` result when the caller has it already."""
+    prepared = prepare(str(path), spec) if prepared is None else prepared
     return prepared.model_input if prepared.model_input is not None else unchecked_input(path, spec)
 
 
@@ -97,8 +98,9 @@ def ood_report(bundle_dir: Path, files: Sequence[Path]) -> dict[str, Any]:
     model = load_model(bundle, device="cpu")
     report: dict[str, Any] = {}
     for path in files:
-        decision = score_prepared(model, [prepare(str(path), bundle.preprocessing)], lambda pid: "")[0]
-        x = gate_input(path, bundle.preprocessing)
+        prepared = prepare(str(path), bundle.preprocessing)
+        decision = score_prepared(model, [prepared], lambda pid: "")[0]
+        x = gate_input(path, bundle.preprocessing, prepared)
         verdict = None if x is None else model.ood.assess(model.run(x[None], cams=False).features)
         report[relative(path)] = {"status": decision.status, "reason": decision.reason,
                                   "gate_score": None if verdict is None else round(float(verdict.score[0]), 4),

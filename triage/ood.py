@@ -89,7 +89,7 @@ def fit_gate(features: np.ndarray, n_components: int = 64, min_variance: float =
 
 def source_weights(sources: np.ndarray) -> np.ndarray:
     """(N,) weight 1 / (images of its source) per image: every source counts alike."""
-    names, index, counts = np.unique(sources, return_inverse=True, return_counts=True)
+    _, index, counts = np.unique(sources, return_inverse=True, return_counts=True)
     return 1.0 / counts[index]
 
 
@@ -150,13 +150,12 @@ class GatePart:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The gate on a batch: ``score`` (N,) (refused when over ``threshold``; NaN counts as over), ``refused`` (N,)
-    bool and ``reason`` per image (``""`` when accepted, else ``VIEW_OUT`` or ``OUT_OF_DISTRIBUTION``)."""
+    """The gate on a batch: ``score`` (N,) (refused when over the gate's threshold; NaN counts as over), ``refused``
+    (N,) bool and ``reasons`` per image (``""`` when accepted, else ``VIEW_OUT`` or ``OUT_OF_DISTRIBUTION``)."""
 
     score: np.ndarray
     refused: np.ndarray
     reasons: list[str]
-    threshold: float
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ class InputGate:
         chest_like = (self.part(self.view_part).ratios(x) <= 1.0) if self.view_part else np.zeros(len(x), bool)
         reasons = ["" if not out else VIEW_OUT if chest else OUT_OF_DISTRIBUTION
                    for out, chest in zip(refused, chest_like)]
-        return Verdict(score, refused, reasons, self.threshold)
+        return Verdict(score, refused, reasons)
 
     def _check(self, features: np.ndarray) -> np.ndarray:
         x = np.asarray(features, dtype=np.float64)

@@ -126,16 +126,10 @@ def forward_each(model: Model, inputs: Sequence[np.ndarray]) -> list[Result | In
     ``InferenceError`` (and go to human review) while the rest of the batch is scored."""
     try:
         return list(forward(model, inputs))
-    except InferenceError:
+    except InferenceError as error:
         if len(inputs) == 1:
-            raise
-    results: list[Result | InferenceError] = []
-    for x in inputs:
-        try:
-            results += forward(model, [x])
-        except InferenceError as error:
-            results.append(error)
-    return results
+            return [error]
+    return [result for x in inputs for result in forward_each(model, [x])]
 
 
 def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callable[[str], str],
@@ -147,10 +141,7 @@ def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callab
     results: list[Result | InferenceError] = []
     if scorable:
         start = time.perf_counter()
-        try:
-            results = forward_each(model, [p.model_input for p in scorable])
-        except InferenceError as error:
-            results = [error]
+        results = forward_each(model, [p.model_input for p in scorable])
         infer_ms = (time.perf_counter() - start) * 1000 / len(scorable)
     result_of = {id(p): r for p, r in zip(scorable, results)}
     threshold = model.ood.threshold if model.ood is not None else math.inf
