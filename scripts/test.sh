@@ -4,12 +4,8 @@
 # CPU build, set PIP_TORCH_INDEX=https://download.pytorch.org/whl/cpu before running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# System programs used by the tests as real peers: dcmtk (DICOM network peer), Chromium
-# (dashboard e2e), PostgreSQL (audit store server, started by the tests on loopback).
-need=()
-command -v storescp >/dev/null || need+=(dcmtk)
-command -v chromium >/dev/null || need+=(chromium chromium-driver)
-ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+# System programs used by the tests as real peers (scripts/missing-packages.sh lists those absent).
+mapfile -t need < <(bash scripts/missing-packages.sh)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } >/tmp/cxr-apt.log 2>&1 \
