@@ -140,3 +140,80 @@ def test_a_batch_onnx_runtime_fails_on_is_retried_image_by_image(tmp_path) -> No
     assert bad.detail.startswith("bad.dcm: inference_failed: ONNX Runtime failed") and "Fix:" in bad.detail
     alone = score_prepared(model, [batch[1]], lambda pid: "")[0]
     assert alone.reason == "inference_failed" and "InvalidArgument" in alone.detail
+
+
+def save_with_external_data(folder, location="weights.bin"):
+    """Re-save the tiny bundle's model with its initializers in an external-data file beside it."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(folder / "model.onnx")
+    for tensor in model.graph.initializer:  # only raw_data tensors go external
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    onnx.save(model, folder / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location=location, size_threshold=0)
+
+
+def rewrite_manifest(folder):
+    from triage.bundle import write_manifest
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    write_manifest(folder, {k: v for k, v in manifest.items() if k not in ("files", "schema_version")})
+
+
+def test_external_data_is_pinned_by_the_manifest_and_scores(tiny):
+    save_with_external_data(tiny)
+    rewrite_manifest(tiny)
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    assert "weights.bin" in manifest["files"]
+    model = load_model(load_bundle(tiny), device="cpu")
+    logits = model.run(np.full((1, 1, SIZE, SIZE), 0.5, np.float32)).logits
+    assert logits.shape == (1, 1) and np.isfinite(logits).all()
+
+
+def test_swapped_external_data_is_refused(tiny):
+    save_with_external_data(tiny)
+    rewrite_manifest(tiny)
+    weights = tiny / "weights.bin"
+    weights.write_bytes(np.float32([400.0, 3.0]).tobytes())  # same size and name, other values: another risk
+    with pytest.raises(BundleError, match=r"weights\.bin: sha256 .* does not match"):
+        load_bundle(tiny)
+
+
+def test_external_data_the_manifest_does_not_list_is_refused(tiny):
+    save_with_external_data(tiny)
+    manifest = json.loads((tiny / "manifest.json").read_text())
+    from triage.bundle import sha256_file
+
+    manifest["files"]["model.onnx"] = sha256_file(tiny / "model.onnx")  # model re-pinned, weights.bin not listed
+    (tiny / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"external data 'weights\.bin', which the manifest does not pin"):
+        load_bundle(tiny)
+
+
+def test_external_data_outside_the_bundle_is_refused(tiny, tmp_path):
+    from triage.bundle import check_external_data
+
+    save_with_external_data(tiny)  # onnx itself refuses to write '..'; a crafted file says it anyway (same length)
+    model = tiny / "model.onnx"
+    model.write_bytes(model.read_bytes().replace(b"weights.bin", b"../wgts.bin"))
+    with pytest.raises(BundleError, match=r"external data from '\.\./wgts\.bin', outside the bundle folder"):
+        check_external_data(model, {"../wgts.bin": "0" * 64})
+
+
+def test_a_pinned_bundle_identity_is_checked(tiny):
+    from triage.bundle import sha256_file
+
+    identity = sha256_file(tiny / "manifest.json")
+    assert load_bundle(tiny, expected_sha256=identity.upper()).sha256 == identity
+    with pytest.raises(BundleError, match="is not the pinned"):
+        load_bundle(tiny, expected_sha256="0" * 64)
+    with pytest.raises(BundleError, match="not 64 hex digits"):
+        load_bundle(tiny, expected_sha256="abc")
+
+
+def test_the_demo_bundle_has_no_external_data():
+    from deploy.paths import default_bundle_dir
+    from triage.bundle import external_data_locations
+
+    assert list(external_data_locations((default_bundle_dir() / "model.onnx").read_bytes())) == []

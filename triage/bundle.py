@@ -5,7 +5,9 @@ input name/shape/dtype, graph outputs (``logits``; optionally ``cam``, the class
 activation maps, and ``features``, the pooled features the out-of-distribution gate
 reads), preprocessing, calibration, operating point, the optional ``ood`` gate,
 provenance, metrics and the sha256 of every other file. The bundle's own identity
-(``Bundle.sha256``) is the sha256 of ``manifest.json``, which pins every file.
+(``Bundle.sha256``) is the sha256 of ``manifest.json``, which pins every file, the ONNX
+model's external-data files included; a site can pin that identity in turn
+(``load_bundle(..., expected_sha256=...)``, ``--expect-bundle-sha256``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,12 +179,15 @@ def _schema_problems(manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Read and verify a bundle folder: schema, then the sha256 of every listed file.
+def load_bundle(path: str | Path, expected_sha256: str | None = None) -> Bundle:
+    """Read and verify a bundle folder: its identity when ``expected_sha256`` pins one, the schema, the sha256 of
+    every listed file, and that every external-data file the ONNX model reads is among them.
 
     Raises ``BundleError`` naming the folder, the problem and the fix.
     """
     folder = Path(path)
+    if expected_sha256 is not None:
+        check_identity(folder, expected_sha256)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"{folder}: no {MANIFEST}. Fix: pass --bundle a bundle folder (see README, 'Model bundle')")
@@ -198,6 +204,9 @@ def load_bundle(path: str | Path) -> Bundle:
         if name not in manifest["files"]:
             raise BundleError(f"{manifest_path}: files has no sha256 for {name!r}. Fix: rebuild the bundle")
     for name, expected in sorted(manifest["files"].items()):
+        if not is_plain_name(name):
+            raise BundleError(f"{manifest_path}: files lists {name!r}, which is not a file inside the bundle folder. "
+                              "Fix: restore the bundle from its release")
         file_path = folder / name
         if not file_path.is_file():
             raise BundleError(f"{folder}: {name} is missing. Fix: restore the bundle from its release")
@@ -207,7 +216,65 @@ def load_bundle(path: str | Path) -> Bundle:
                 f"{file_path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; "
                 "the file was changed or corrupted. Fix: restore the bundle from its release"
             )
+    check_external_data(folder / manifest["model"]["file"], manifest["files"])
     return Bundle(folder, manifest, sha256_file(manifest_path), PreprocessSpec.from_dict(manifest["preprocessing"]))
+
+
+def check_identity(folder: Path, expected_sha256: str) -> None:
+    """Refuse a bundle whose identity (sha256 of its ``manifest.json``) is not the one a site pinned."""
+    expected = expected_sha256.strip().lower()
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise BundleError(f"expected bundle sha256 {expected_sha256!r} is not 64 hex digits. Fix: copy the full "
+                          "sha256 that 'cxr-triage score' prints for the bundle (or sha256sum manifest.json)")
+    try:
+        actual = sha256_file(folder / MANIFEST)
+    except OSError as error:
+        raise BundleError(f"{folder}: cannot read {MANIFEST} ({error.strerror}). Fix: pass --bundle a bundle "
+                          "folder") from error
+    if actual != expected:
+        raise BundleError(f"{folder}: bundle sha256 {actual} is not the pinned {expected}: this is not the bundle the "
+                          "site approved (changed, replaced or another version). Fix: restore the approved bundle, "
+                          "or pin the new one after it was approved")
+
+
+def is_plain_name(name: str) -> bool:
+    """True for a relative path that stays inside the bundle folder (no absolute path, no ``..``)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\\" not in name
+
+
+# An ONNX StringStringEntryProto {key: "location", value: ...} as protobuf writes it: field 1 (0x0a) of 8 bytes,
+# then field 2 (0x12) whose length follows. TensorProto.external_data (field 13) holds one per external tensor.
+_LOCATION_ENTRY = b"\x0a\x08location\x12"
+
+
+def external_data_locations(model: bytes) -> Iterator[str]:
+    """The ``location`` of every external-data entry in a serialized ONNX model (initializers, constants and
+    subgraphs alike: the whole message is scanned). A model whose bytes are pinned by the manifest cannot hide
+    one, and a byte run that merely looks like one only makes the check stricter."""
+    start = model.find(_LOCATION_ENTRY)
+    while start >= 0:
+        length, shift, at = 0, 0, start + len(_LOCATION_ENTRY)
+        while at < len(model) and shift < 35:  # a varint: 7 bits a byte, high bit set when more follow
+            length |= (model[at] & 0x7F) << shift
+            shift, at = shift + 7, at + 1
+            if not model[at - 1] & 0x80:
+                break
+        yield model[at:at + length].decode("utf-8", "replace")
+        start = model.find(_LOCATION_ENTRY, at)
+
+
+def check_external_data(model_path: Path, files: dict[str, str]) -> None:
+    """Refuse an ONNX model that reads an external-data file the manifest does not pin with its sha256 (ONNX
+    Runtime would load whatever file of that name lies beside it), or one outside the bundle folder."""
+    for location in sorted(set(external_data_locations(model_path.read_bytes()))):
+        if not is_plain_name(location):
+            raise BundleError(f"{model_path}: the model reads external data from {location!r}, outside the bundle "
+                              "folder. Fix: re-export the model with its external data beside model.onnx")
+        if location not in files:
+            raise BundleError(f"{model_path}: the model reads external data {location!r}, which the manifest does "
+                              "not pin with a sha256, so it could be swapped unnoticed. Fix: rebuild the bundle "
+                              "(write_manifest lists every external-data file)")
 
 
 def referenced_files(manifest: dict[str, Any]) -> list[str]:
@@ -229,7 +296,8 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     ``schema_version``; every file of ``referenced_files`` must already be in ``folder``.
     """
     folder = Path(folder)
-    names = referenced_files(manifest)
+    model = (folder / manifest["model"]["file"]).read_bytes()
+    names = sorted(set(referenced_files(manifest)) | set(external_data_locations(model)))
     full = {"schema_version": SCHEMA_VERSION, **manifest, "files": {n: sha256_file(folder / n) for n in names}}
     problems = _schema_problems(full)
     if problems:
