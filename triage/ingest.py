@@ -41,8 +41,11 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
 
 from .decode import CODECS, decode_reduced
 from .errors import BadInputError, OutOfScopeError
+from .logs import quiet_libraries
 from .radiograph import ImageMeta, Radiograph
 from .scope import MAX_DECODED_BYTES, MIN_SIDE_PX, check_anatomy, check_format, integer
+
+quiet_libraries()  # every process that reads a file: no tag values in warnings or logs (triage.logs)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
