@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from triage.audit import AuditStore, Decision, default_audit_db, is_url, open_store
+from triage.audit import AuditStore, Decision, default_audit_db, is_url, open_store, os_path, path_text
 from triage.bundle import Bundle, load_bundle
 from triage.errors import AuditError, TriageError
 from triage.inference import Model, load_model
@@ -55,7 +55,8 @@ class Known:
 
 
 def list_inputs(paths: Iterable[str]) -> list[str]:
-    """Every file under ``paths`` (recursive), absolute, sorted, de-duplicated.
+    """Every file under ``paths`` (recursive), absolute, sorted, de-duplicated, as ``triage.audit.path_text``
+    writes it (a name that is not UTF-8 escaped; ``os_path`` opens it).
 
     Hidden files, DICOMDIR and documentation/data files (IGNORED_SUFFIXES) are
     skipped; everything else is an input, so a stray non-image is recorded as such.
@@ -63,12 +64,12 @@ def list_inputs(paths: Iterable[str]) -> list[str]:
     found: set[str] = set()
     for root in map(Path, paths):
         if not root.exists():
-            raise FileNotFoundError(f"{root}: no such file or folder. Fix: check the path given to 'cxr-triage score'")
+            raise FileNotFoundError(f"{path_text(root)}: no such file or folder. Fix: check the path given to 'cxr-triage score'")
         candidates = [root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())
         for path in candidates:
             if path.name.startswith(".") or path.name in IGNORED_NAMES or path.suffix.lower() in IGNORED_SUFFIXES:
                 continue
-            found.add(str(path.resolve()))
+            found.add(path_text(path.resolve()))
     return sorted(found)
 
 
@@ -81,10 +82,20 @@ def _init_worker(spec: PreprocessSpec, reduced: frozenset[str], known: frozenset
 
 def _prepare_unless_known(path: str) -> Prepared | Known:
     """Worker task: skip a file this bundle already scored, else decode and preprocess it."""
-    digest = sha256_or_empty(path)
+    digest = sha256_or_empty(os_path(path))
     if (path, digest) in _WORKER["known"]:
         return Known(path, digest)
-    return prepare(path, _WORKER["spec"], _WORKER["reduced"])
+    return prepare_listed(path, _WORKER["spec"], _WORKER["reduced"])
+
+
+def prepare_listed(path: str, spec: PreprocessSpec, reduced: frozenset[str]) -> Prepared:
+    """``prepare`` the file that ``path`` (as ``list_inputs`` gives it: ``path_text``) names; the result, its detail
+    included, names the file by that text, so a name that is not UTF-8 reaches the audit store and worklist intact."""
+    real = os_path(path)
+    prepared = prepare(real, spec, reduced)
+    if real == path:
+        return prepared
+    return dataclasses.replace(prepared, path=path, detail=prepared.detail.replace(real, path))
 
 
 def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, reduced: frozenset[str], known: frozenset[tuple[str, str]],

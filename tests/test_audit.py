@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import multiprocessing
+import os
 import socket
 import sqlite3
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 
 from deploy.audit_cmd import add_parser
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
-from triage.audit import DECISION_COLUMNS, GENESIS_HASH, AuditStore, Decision, default_audit_db, is_url, open_store
+from triage.audit import (DECISION_COLUMNS, GENESIS_HASH, AuditStore, Decision, default_audit_db, is_url, open_store,
+                          os_path, path_text)
 from triage.errors import AuditError
 from triage.pseudonym import pseudonymize
 
@@ -277,6 +279,19 @@ def test_export_csv_has_every_column_and_no_raw_patient_id(db, tmp_path):
     assert rows[3]["path"] == "/data/img003.dcm" and rows[3]["sha256"] == f"{3:064x}"
     assert rows[3]["risk"] == "0.03" and rows[3]["patient_pseudo_id"] == pseudonymize("MRN-3", b"k" * 32)
     assert "MRN-" not in text
+
+
+@pytest.mark.parametrize("name, text", [
+    (b"M\xfcller.dcm", "M\\xfcller.dcm"),  # Latin-1 from a legacy share: not UTF-8
+    (b"M\xc3\xbcller.dcm", "M\u00fcller.dcm"),  # UTF-8: unchanged
+    (b"plain.dcm", "plain.dcm"),
+    (b"M\\xfcller.dcm", "M\\\\xfcller.dcm"),  # a real backslash is doubled: never read as an escape
+    (b"a\\\xfc\\\\.dcm", "a\\\\\\xfc\\\\\\\\.dcm"),
+])
+def test_path_text_is_utf8_one_to_one_and_os_path_maps_it_back(name, text):
+    real = os.fsdecode(b"/share/" + name)
+    assert path_text(real) == "/share/" + text
+    assert os_path(path_text(real)) == real
 
 
 def test_a_file_that_is_not_a_database_is_an_audit_error_with_a_fix(tmp_path):

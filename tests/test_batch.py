@@ -298,3 +298,25 @@ def test_a_second_run_on_the_same_store_is_refused_while_the_first_holds_it(tmp_
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db) == 0
     with AuditStore(db) as store:
         assert len(store.decisions()) == 4
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_recorded_by_its_escaped_name_and_resumed(tmp_path, tiny, capsys):
+    import os
+
+    from triage.audit import os_path
+
+    folder, out, db = tmp_path / "in", tmp_path / "w.csv", tmp_path / "a.sqlite"
+    write_pngs(folder, 3)
+    latin1 = os.fsdecode(os.fsencode(folder) + b"/M\xfcller.png")  # Latin-1 from a legacy share: byte 0xfc
+    os.rename(folder / "img002.png", latin1)
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    rows = {r["path"]: r for r in read_worklist(out)}
+    recorded = f"{folder}/M\\xfcller.png"
+    assert recorded in rows and rows[recorded]["status"] == "scored" and len(rows) == 3
+    assert os_path(recorded) == latin1
+    with AuditStore(db) as store:
+        assert {d["path"] for d in store.decisions()} == set(rows) and store.verify().ok
+    capsys.readouterr()
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    assert "(3 already audited with this bundle, skipped)" in capsys.readouterr().out
+    assert {r["path"] for r in read_worklist(out)} == set(rows)

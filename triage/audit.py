@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -174,6 +175,27 @@ def redact(url: str) -> str:
             netloc = f"{user.split(':', 1)[0]}:***@{host}"
     query = "&".join("password=***" if q.lower().startswith("password=") else q for q in parts.query.split("&"))
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_PATH_ESCAPE = re.compile(rb"\\(\\|x[0-9a-f]{2})")  # what path_text writes: a backslash doubled, or \xNN
+
+
+def path_text(path: str | os.PathLike[str]) -> str:
+    """A file path as the audit store, the worklist and the resume key hold it: UTF-8 text that maps back to the file.
+
+    A byte of the name that is not UTF-8 (``M\\xfcller.dcm`` in Latin-1 from a legacy share, which Python holds as
+    a lone surrogate) is written ``\\xfc`` and a backslash ``\\\\``, so the mapping is one-to-one; any other path
+    is unchanged. ``os_path`` maps the text back to the file.
+    """
+    return os.fsencode(path).replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def os_path(text: str) -> str:
+    """The file path whose ``path_text`` is ``text`` (the inverse), as ``open`` takes it."""
+    def byte(escape: re.Match[bytes]) -> bytes:
+        return b"\\" if escape[1] == b"\\" else bytes.fromhex(escape[1][1:].decode("ascii"))
+
+    return os.fsdecode(_PATH_ESCAPE.sub(byte, text.encode("utf-8")))
 
 
 def open_store(target: str | Path, create: bool = True) -> "AuditStore":
