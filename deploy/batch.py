@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import fcntl
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -30,7 +31,8 @@ from triage.audit import AuditStore, Decision, default_audit_db, is_url, open_st
 from triage.bundle import Bundle, load_bundle
 from triage.errors import AuditError, TriageError
 from triage.inference import Model, load_model
-from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks, sha256_or_empty
+from triage.pipeline import (SCORED, Prepared, draft, finalize, prepare, score_prepared, scored_study_risks,
+                             sha256_or_empty)
 from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate, flag_top_k
 from triage.preprocess import PreprocessSpec
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
@@ -54,23 +56,79 @@ class Known:
     sha256: str
 
 
-def list_inputs(paths: Iterable[str]) -> list[str]:
-    """Every file under ``paths`` (recursive), absolute, sorted, de-duplicated, as ``triage.audit.path_text``
-    writes it (a name that is not UTF-8 escaped; ``os_path`` opens it).
+@dataclass(frozen=True)
+class Inputs:
+    """What a walk of the PATHs met: regular files to score (``path_text``, sorted), and the entries it cannot
+    score (unreadable folders, FIFOs, devices, sockets, links to nothing or to folders), each a ``file_unreadable``
+    ``Prepared`` so it is recorded for human review, never dropped."""
 
-    Hidden files, DICOMDIR and documentation/data files (IGNORED_SUFFIXES) are
-    skipped; everything else is an input, so a stray non-image is recorded as such.
+    files: list[str]
+    unscorable: list[Prepared]
+
+
+def walk_inputs(paths: Iterable[str]) -> Inputs:
+    """Every file under ``paths`` (recursive, symbolic links to folders not followed), absolute, de-duplicated.
+
+    Hidden files, DICOMDIR and documentation/data files (IGNORED_SUFFIXES) are skipped; every other entry is an
+    input, so a stray non-image is recorded as such. Nothing that is not a regular file is ever opened (a FIFO
+    would block the run).
     """
-    found: set[str] = set()
-    for root in map(Path, paths):
-        if not root.exists():
-            raise FileNotFoundError(f"{path_text(root)}: no such file or folder. Fix: check the path given to 'cxr-triage score'")
-        candidates = [root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())
-        for path in candidates:
-            if path.name.startswith(".") or path.name in IGNORED_NAMES or path.suffix.lower() in IGNORED_SUFFIXES:
+    files: set[str] = set()
+    unscorable: dict[str, Prepared] = {}
+    for root in map(os.fspath, paths):
+        if not os.path.exists(root):
+            raise FileNotFoundError(f"{path_text(root)}: no such file or folder. Fix: check the path given to "
+                                    "'cxr-triage score'")
+        for path, problem in _walk(root) if os.path.isdir(root) else [(root, "")]:
+            if not problem and _is_ignored(os.path.basename(path)):
                 continue
-            found.add(path_text(path.resolve()))
-    return sorted(found)
+            problem = problem or _file_problem(path)
+            if problem:
+                text = path_text(os.path.abspath(path))
+                unscorable[text] = Prepared(text, "", reason="file_unreadable", detail=f"{text}: file_unreadable: {problem}")
+            else:
+                files.add(path_text(os.path.realpath(path)))
+    return Inputs(sorted(files), [unscorable[p] for p in sorted(unscorable)])
+
+
+def list_inputs(paths: Iterable[str]) -> list[str]:
+    """The regular files of ``walk_inputs(paths)``."""
+    return walk_inputs(paths).files
+
+
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES or os.path.splitext(name)[1].lower() in IGNORED_SUFFIXES
+
+
+def _walk(root: str) -> Iterator[tuple[str, str]]:
+    """(path, "") for every entry under ``root`` that is not a folder (or is a link to one), and (path, problem and
+    fix) for every folder the walk could not list (a service account without permission)."""
+    unlisted: list[OSError] = []
+    for folder, folders, names in os.walk(root, onerror=unlisted.append):
+        links = [name for name in folders if os.path.islink(os.path.join(folder, name))]  # os.walk lists, never enters
+        yield from ((os.path.join(folder, name), "") for name in names + links)
+    for error in unlisted:
+        yield error.filename, (f"a folder this account cannot list ({error.strerror}), so none of its files is "
+                               "scored. Fix: let the scorer's account read and enter it (and its sub-folders), then "
+                               "rerun")
+
+
+def _file_problem(path: str) -> str:
+    """Why ``path`` cannot be scored, with the fix; "" for a regular file (or a link to one). Never opens it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if os.path.islink(path) and isinstance(error, FileNotFoundError):
+            return (f"a symbolic link to {path_text(os.readlink(path))}, which does not exist. Fix: restore the file "
+                    "it points to, or remove the link")
+        return f"it cannot be examined ({error.strerror}). Fix: check that this account may read it"
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a symbolic link to a folder, which the walk does not follow (a link can loop). Fix: pass the folder it points to as a PATH"
+    kind = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "not a regular file")
+    return f"{kind}, not a regular file: reading it could block the run. Fix: copy the image into a regular file"
 
 
 _WORKER: dict[str, object] = {}
@@ -165,6 +223,7 @@ class RunSummary:
     decisions: list[Decision]
     provider: str
     seconds: float
+    unscorable: int = 0  # of ``files``: entries the walk met but cannot score (unreadable folders, FIFOs...)
 
     def lines(self) -> list[str]:
         scored = [d for d in self.decisions if d.status == SCORED]
@@ -176,6 +235,9 @@ class RunSummary:
         threshold = next((d.threshold for d in self.decisions if d.threshold is not None), None)
         lines = [
             f"files: {self.files} ({self.skipped} already audited with this bundle, skipped)",
+            *([f"not scorable where found: {self.unscorable} (folders this account cannot list, FIFOs, devices, "
+               "sockets, broken or folder links), each recorded for human review as file_unreadable"]
+              if self.unscorable else []),
             f"scored: {len(scored)} files in {len(studies)} studies",
             f"flagged: {len(flagged)} of {len(studies)} studies"
             + (f" (study risk >= {threshold:.4f})" if threshold is not None else ""),
@@ -219,19 +281,31 @@ def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: P
     check_flag_rate(flag_rate)
     check_timeout(decode_timeout_s)
     check_writable(out)
-    files = list_inputs(paths)
+    inputs = walk_inputs(paths)
     run_id = uuid.uuid4().hex
     secret = load_or_create_secret(default_secret_path(audit_db))
     with run_lock(audit_db), open_store(audit_db) as store:
         state = resume_state(store, bundle)
         model = load_model(bundle, device)
         fresh, seen_known = _score_new_files(
-            files, model, store, state.known, workers,
+            inputs.files, model, store, state.known, workers,
             lambda pid: pseudonymize(pid, secret), run_id, progress, decode_timeout_s)
-        final_new, final_previous = record_run(store, bundle, state, fresh, seen_known, flag_rate, run_id)
+        walked, walked_known = unscorable_drafts(inputs.unscorable, state.known, bundle, run_id)
+        final_new, final_previous = record_run(store, bundle, state, fresh + walked, seen_known + walked_known,
+                                               flag_rate, run_id)
     write_worklist(final_new + final_previous, out)
-    return RunSummary(len(files), len(final_previous), final_new + final_previous, model.provider,
-                      time.perf_counter() - start)
+    return RunSummary(len(inputs.files) + len(inputs.unscorable), len(final_previous), final_new + final_previous,
+                      model.provider, time.perf_counter() - start, len(inputs.unscorable))
+
+
+def unscorable_drafts(unscorable: Sequence[Prepared], known: frozenset[tuple[str, str]], bundle: Bundle,
+                      run_id: str) -> tuple[list[Decision], list[tuple[str, str]]]:
+    """Human-review drafts for the entries the walk cannot score that this bundle has not recorded yet, and the
+    (path, sha256) keys of those it has."""
+    seen = [(p.path, p.sha256) for p in unscorable if (p.path, p.sha256) in known]
+    new = [draft(p, bundle, lambda _: "", run_id=run_id)  # no header read, so no patient id to pseudonymize
+           for p in unscorable if (p.path, p.sha256) not in known]
+    return new, seen
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
 """End-to-end: the batch scorer CLI on real files, a real ONNX session and a real SQLite store."""
 
 import csv
+import json
 import math
+import os
+import pwd
 import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +25,7 @@ from triage.bundle import load_bundle
 from triage.errors import AuditError
 
 pydicom_data = pytest.importorskip("pydicom.data")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -224,10 +231,7 @@ def test_pending_rows_left_by_a_kill_after_the_audit_append_are_not_recorded_twi
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the decode workers")
 def test_a_killed_decode_worker_costs_no_file_and_stalls_nothing(tmp_path, tiny):
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
     folder, out, db = tmp_path / "in", tmp_path / "w.csv", tmp_path / "a.sqlite"
@@ -301,8 +305,6 @@ def test_a_second_run_on_the_same_store_is_refused_while_the_first_holds_it(tmp_
 
 
 def test_a_file_name_that_is_not_utf8_is_scored_recorded_by_its_escaped_name_and_resumed(tmp_path, tiny, capsys):
-    import os
-
     from triage.audit import os_path
 
     folder, out, db = tmp_path / "in", tmp_path / "w.csv", tmp_path / "a.sqlite"
@@ -320,3 +322,70 @@ def test_a_file_name_that_is_not_utf8_is_scored_recorded_by_its_escaped_name_and
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
     assert "(3 already audited with this bundle, skipped)" in capsys.readouterr().out
     assert {r["path"] for r in read_worklist(out)} == set(rows)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_fifos_devices_and_broken_links_are_recorded_never_opened(tmp_path, tiny, capsys):
+    folder, out, db = tmp_path / "in", tmp_path / "w.csv", tmp_path / "a.sqlite"
+    write_pngs(folder, 2)
+    os.mkfifo(folder / "pipe.dcm")  # opening it would block the run
+    os.symlink(os.devnull, folder / "device.dcm")
+    os.symlink(tmp_path / "gone.dcm", folder / "dangling.dcm")
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    rows = {Path(r["path"]).name: r for r in read_worklist(out)}
+    assert len(rows) == 5 and sum(r["status"] == "scored" for r in rows.values()) == 2
+    for name, problem in {"pipe.dcm": "a FIFO", "device.dcm": "a character device", "dangling.dcm": "does not exist"}.items():
+        assert (rows[name]["status"], rows[name]["reason"]) == ("human_review", "file_unreadable")
+        assert problem in rows[name]["detail"] and "Fix:" in rows[name]["detail"]
+    assert "not scorable where found: 3" in capsys.readouterr().out
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0  # a rerun: not twice
+    assert "(5 already audited with this bundle, skipped)" in capsys.readouterr().out
+    with AuditStore(db) as store:
+        assert len(store.decisions()) == 5 and store.verify().ok
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder that another account can enter (pytest's own temporary folders are private to their owner)."""
+    base = Path(tempfile.mkdtemp(prefix="cxr-triage-test-"))
+    base.chmod(0o755)
+    yield base
+    for folder, _, _ in os.walk(base):
+        os.chmod(folder, 0o755)
+    shutil.rmtree(base)
+
+
+def as_service_account() -> list[str]:
+    """The command prefix that runs a program as a non-root account: ``setpriv`` to nobody when the tests run as
+    root (root reads any folder), none otherwise; skips when that account cannot run Python here."""
+    if os.geteuid() != 0:
+        return []
+    nobody = pwd.getpwnam("nobody")
+    prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+    if shutil.which("setpriv") is None or subprocess.run([*prefix, sys.executable, "-c", ""]).returncode != 0:
+        pytest.skip("needs setpriv (util-linux) and a Python that the nobody account may run")
+    return prefix
+
+
+WALK = """import json, sys
+from deploy.batch import walk_inputs
+inputs = walk_inputs(sys.argv[1:])
+print(json.dumps({"files": inputs.files, "unscorable": [[p.path, p.reason, p.detail] for p in inputs.unscorable]}))
+"""
+
+
+def test_a_folder_the_service_account_cannot_list_is_met_and_kept_for_human_review(shared_dir):
+    """The walk as a non-root account (nobody when the tests run as root) meets a folder it may not list: that
+    folder becomes a file_unreadable input (recorded like the FIFO above), its neighbours are still listed."""
+    folder = shared_dir / "in"
+    write_pngs(folder, 2)
+    write_pngs(folder / "locked", 2, seed=1)
+    (folder / "locked").chmod(0)
+    run = subprocess.run([*as_service_account(), sys.executable, "-c", WALK, str(folder)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    inputs = json.loads(run.stdout)
+    assert inputs["files"] == [str(folder / "img000.png"), str(folder / "img001.png")]
+    [(path, reason, detail)] = inputs["unscorable"]
+    assert (path, reason) == (str(folder / "locked"), "file_unreadable")
+    assert "a folder this account cannot list (Permission denied)" in detail and "Fix:" in detail
