@@ -15,6 +15,9 @@ General Study module's (Study Date, Time, ID, Accession Number, Referring Physic
 Name: the RIS links the report to the order by Accession Number) and Patient's Age.
 Nothing else from the source (no other IDs, address, telephone, institution, operator)
 is copied, and the report only goes to the configured destinations and the outbox.
+``build_study_report`` refuses (PatientMismatchError) to build one report over instances
+whose (0010,0020) Patient ID, (0010,0010) Patient's Name or (0010,0030) Birth Date differ:
+such a report would file one patient's result under another's identity.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
 from triage.audit import Decision
+
+from .assembler import PatientMismatchError, differing, patient_digests
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SCHEME = "99CXRT"
@@ -89,10 +94,30 @@ def _evidence(study_uid: str, instances: Sequence[tuple[str, str, str]]) -> Dico
     return DicomSequence([study])
 
 
+def build_study_report(decisions: Sequence[Decision], headers: Sequence[Dataset], now: datetime | None = None) -> Dataset:
+    """The SR for one study from the headers of its source instances (the first gives the Patient and
+    General Study modules); PatientMismatchError when they do not all share one patient (see ``check_one_patient``)."""
+    check_one_patient(headers)
+    instances = dict.fromkeys((str(h.get("SeriesInstanceUID", "")), str(h.SOPClassUID), str(h.SOPInstanceUID))
+                              for h in headers)  # two stored versions of one instance are referenced once
+    return build_report(decisions, headers[0], list(instances), now)
+
+
+def check_one_patient(headers: Sequence[Dataset]) -> None:
+    """PatientMismatchError naming the first instance whose patient differs from the first header's."""
+    expected = patient_digests(headers[0])
+    for header in headers[1:]:
+        mismatched = differing(expected, patient_digests(header))
+        if mismatched:
+            raise PatientMismatchError(str(headers[0].get("StudyInstanceUID", "")), str(header.get("SOPInstanceUID", "")),
+                                       mismatched)
+
+
 def build_report(decisions: Sequence[Decision], source: Dataset, instances: Sequence[tuple[str, str, str]],
                  now: datetime | None = None) -> Dataset:
     """One study's decisions (finalized, same study) -> a Comprehensive SR data set with file meta.
 
+    Prefer ``build_study_report``, which checks that the instances share one patient.
     ``source``: any source instance's header (patient and study modules are copied from it);
     ``instances``: (series UID, SOP class UID, SOP instance UID) of the source images.
     """
