@@ -35,6 +35,7 @@ from triage.pipeline import (SCORED, Prepared, draft, finalize, prepare, score_p
                              sha256_or_empty)
 from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate, flag_top_k
 from triage.preprocess import PreprocessSpec
+from triage.present import csv_row
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 from .isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder, check_timeout
@@ -201,7 +202,7 @@ def write_worklist(decisions: Sequence[Decision], out: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=WORKLIST_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for d in sort_worklist(decisions):
-            row = dataclasses.asdict(d)
+            row = csv_row(dataclasses.asdict(d))  # tags, paths and details come from files: no formulas
             row["flagged"] = int(d.flagged)
             for name in ("risk", "study_risk", "threshold"):
                 row[name] = "" if row[name] is None else f"{row[name]:.6f}"

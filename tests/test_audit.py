@@ -349,6 +349,21 @@ def test_cli_export_writes_the_csv(db, tmp_path, capsys):
     assert "wrote 5 decisions" in capsys.readouterr().out and len(out.read_text().splitlines()) == 6
 
 
+def test_cli_export_neutralizes_spreadsheet_formulas_in_values_from_files(tmp_path, capsys):
+    db, out = tmp_path / "audit.sqlite", tmp_path / "out.csv"
+    crafted = {"manufacturer": '=HYPERLINK("http://evil.example/","re-login")', "body_part": "@SUM(A1:A9)",
+               "study_uid": "=1+1", "detail": "+cmd|' /C calc'!A0", "path": "/data/=1+1.dcm"}
+    with open_store(db) as store:
+        store.append_decisions([decision(3, **crafted)])
+    assert run_cli("audit", "export", "--audit-db", str(db), "--out", str(out)) == 0
+    with open(out, newline="", encoding="utf-8") as handle:
+        [row] = list(csv.DictReader(handle))
+    assert {name: row[name] for name in crafted} == {
+        "manufacturer": "'" + crafted["manufacturer"], "body_part": "'@SUM(A1:A9)", "study_uid": "'=1+1",
+        "detail": "'" + crafted["detail"], "path": "/data/=1+1.dcm"}
+    assert (row["risk"], row["flagged"], row["id"]) == ("0.03", "0", "1")  # numbers stay numbers
+
+
 def test_cli_head_prints_an_anchor_that_verify_checks_from_a_log(db, tmp_path, capsys):
     assert run_cli("audit", "head", "--audit-db", db) == 0
     head = capsys.readouterr().out.strip()

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deploy.batch import decision_from_row
+from deploy.batch import decision_from_row, write_worklist
 from deploy.cli import main
 from tests.processes import grandchildren
 from tests.tiny_bundle import build_tiny_bundle
-from triage.audit import AuditStore
+from triage.audit import AuditStore, Decision
 from triage.bundle import load_bundle
 from triage.errors import AuditError
 
@@ -389,3 +389,13 @@ def test_a_folder_the_service_account_cannot_list_is_met_and_kept_for_human_revi
     [(path, reason, detail)] = inputs["unscorable"]
     assert (path, reason) == (str(folder / "locked"), "file_unreadable")
     assert "a folder this account cannot list (Permission denied)" in detail and "Fix:" in detail
+
+
+def test_worklist_cells_from_files_never_run_as_spreadsheet_formulas(tmp_path):
+    crafted = Decision(path="/data/=1+1.dcm", sha256="0" * 64, status="human_review", reason="not_dicom",
+                       study_uid='=HYPERLINK("http://evil.example/","re-login")', detail="@SUM(A1:A9)", risk=0.25,
+                       finding="-2+3")
+    write_worklist([crafted], tmp_path / "w.csv")
+    [row] = read_worklist(tmp_path / "w.csv")
+    assert row["study_uid"] == "'" + crafted.study_uid and row["detail"] == "'@SUM(A1:A9)"
+    assert row["finding"] == "'-2+3" and row["path"] == crafted.path and float(row["risk"]) == 0.25

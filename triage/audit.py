@@ -40,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from . import __version__
 from .errors import AuditError
+from .present import csv_cell
 
 SCHEMA_VERSION = 1
 DEFAULT_AUDIT_DB = "cxr-triage-audit.sqlite"
@@ -623,8 +624,10 @@ class AuditStore:
     def export_csv(self, out_path: str | Path) -> int:
         """Write every decision (all columns, one header row) to ``out_path`` atomically; returns rows written.
 
-        Floats are written as repr (exact); None as an empty cell; ``flagged`` as 0/1. The
-        store holds pseudonyms only, so the export holds no patient IDs or names.
+        Floats are written as repr (exact); None as an empty cell; ``flagged`` as 0/1; text that a
+        spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``...) gets a leading ``'``
+        (``triage.present.csv_cell``). The store holds pseudonyms only, so the export holds no
+        patient IDs or names.
         """
         out = Path(out_path)
         try:
@@ -688,7 +691,8 @@ def _dict_row(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> dict[str, Any]
 
 
 def _csv_cell(value: Any) -> Any:
-    return "" if value is None else repr(value) if isinstance(value, float) else value
+    """An export cell: None empty, a float exact (repr), text from a file neutralized for spreadsheets (csv_cell)."""
+    return "" if value is None else repr(value) if isinstance(value, float) else csv_cell(value)
 
 
 def _decision_dict(row: dict[str, Any]) -> dict[str, Any]:
