@@ -1,11 +1,19 @@
-"""``cxr-triage dashboard``: serve the Streamlit review and audit app (localhost by default)."""
+"""``cxr-triage dashboard``: serve the Streamlit review and audit app (localhost by default).
+
+Streamlit runs as a child process that dies with this one: SIGTERM, SIGINT and SIGHUP are
+passed on to it, and on Linux ``PR_SET_PDEATHSIG`` has the kernel send it SIGTERM should
+this process die without passing anything on (``kill -9``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from triage.audit import AUDIT_DB_ENV, DEFAULT_AUDIT_DB, default_audit_db, is_url, open_store, redact
@@ -14,6 +22,8 @@ from triage.errors import AuditError
 from .paths import REPO_ROOT, default_bundle_dir
 
 APP = REPO_ROOT / "dashboards" / "app.py"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def streamlit_command(args: argparse.Namespace) -> list[str]:
@@ -55,10 +65,34 @@ def dashboard_command(args: argparse.Namespace) -> int:
            "CXR_DASHBOARD_BUNDLE": str(Path(args.bundle).resolve()), "CXR_DASHBOARD_CONFIG": str(config.resolve())}
     shown = redact(audit_db) if is_url(audit_db) else audit_db
     print(f"dashboard on http://{args.address}:{args.port} (audit store {shown}, logins {config})", flush=True)
+    return run_child(streamlit_command(args), env)
+
+
+def die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when this process dies (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()  # loaded before the fork, not in the child
+
+    def hook() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return hook
+
+
+def run_child(command: Sequence[str], env: dict[str, str]) -> int:
+    """Run ``command`` until it exits, passing on SIGTERM/SIGINT/SIGHUP; its exit code (128 + N after signal N)."""
+    child = subprocess.Popen(command, env=env, preexec_fn=die_with_parent_hook())
+    previous = {signum: signal.signal(signum, lambda signum, _frame: child.send_signal(signum))
+                for signum in FORWARDED_SIGNALS}
     try:
-        return subprocess.call(streamlit_command(args), env=env)
-    except KeyboardInterrupt:
-        return 0
+        code = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
