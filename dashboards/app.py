@@ -1,6 +1,8 @@
 """The review and audit dashboard: ``streamlit run dashboards/app.py`` (or ``cxr-triage dashboard``).
 
-Pages: Worklist, Study, Audit, Active learning. Nothing is shown before a login. Settings
+Pages: Worklist, Study, Audit, Active learning. Nothing is shown before a login. Values
+from a study (tags, paths, details) are drawn as plain text (dataframes, ``st.text``,
+``st.code``), never as Markdown: a DICOM tag is text anyone can write. Settings
 come from the environment (the ``cxr-triage dashboard`` command sets them):
 ``CXR_DASHBOARD_AUDIT_DB``, ``CXR_DASHBOARD_BUNDLE``, ``CXR_DASHBOARD_CONFIG``.
 """
@@ -24,8 +26,8 @@ from triage.audit import AuditStore, default_audit_db, is_url
 from triage.bundle import load_bundle
 from triage.errors import TriageError
 from triage.inference import Model, load_model
-from triage.ingest import read_radiograph
 from triage.preprocess import PreprocessSpec, unit_image
+from triage.present import format_risk
 
 PAGES = ("Worklist", "Study", "Audit", "Active learning")
 VERDICT_LABELS = {"agree": "Agree", "disagree": "Disagree", "not_assessable": "Not assessable"}
@@ -87,14 +89,15 @@ def load_cam_model(bundle_dir: str, model_sha256: str) -> Model:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def load_cam(path: str, sha256: str, bundle_dir: str, model_sha256: str) -> np.ndarray:
-    """The triage finding's class activation map (h, w) of one study file, recomputed with the bundle (no torch)."""
-    return data.study_cam(load_cam_model(bundle_dir, model_sha256), path)
+    """The triage finding's class activation map (h, w) of the decided file, recomputed with the bundle (no torch)."""
+    return data.study_cam(load_cam_model(bundle_dir, model_sha256), data.read_study(path, sha256))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def load_display_image(path: str, sha256: str, spec: dict[str, Any]) -> np.ndarray:
-    """The study's image in [0, 1] (bundle VOI, bone bright), at most DISPLAY_MAX_SIDE_PX a side; loaded lazily."""
-    unit = unit_image(read_radiograph(path), PreprocessSpec.from_dict(spec))
+    """The decided file's image in [0, 1] (bundle VOI, bone bright), at most DISPLAY_MAX_SIDE_PX a side; loaded
+    lazily. ``data.FileChangedError`` when the file is no longer the one decided on (its sha256 differs)."""
+    unit = unit_image(data.read_study(path, sha256), PreprocessSpec.from_dict(spec))
     step = max(1, math.ceil(max(unit.shape) / DISPLAY_MAX_SIDE_PX))
     return unit[::step, ::step]
 
@@ -106,6 +109,15 @@ def windowed(unit: np.ndarray, level: float, width: float) -> np.ndarray:
 
 
 # -- login ----------------------------------------------------------------------------------
+
+LOCAL_CLIENT = "localhost"  # st.context.ip_address is None for a browser on this machine (or a local proxy)
+
+
+@st.cache_resource(show_spinner=False)
+def login_guard() -> auth.LoginGuard:
+    """The login rate limits, shared by every session of this server process."""
+    return auth.LoginGuard()
+
 
 def oidc_configured() -> bool:
     """True when .streamlit/secrets.toml has an [auth] section for st.login."""
@@ -138,10 +150,15 @@ def login_view(settings: Settings) -> str | None:
         password = st.text_input("Password", type="password")
         submitted = st.form_submit_button("Log in")
     if submitted:
-        if auth.authenticate(users, name, password):
+        outcome = login_guard().attempt(users, name, password, st.context.ip_address or LOCAL_CLIENT)
+        if outcome.ok:
             st.session_state["user"] = name.strip()
             st.rerun()
-        st.error("Unknown user name or wrong password.")
+        if outcome.wait_s:
+            st.error(f"Too many failed logins for this user name or from this address: try again in "
+                     f"{math.ceil(outcome.wait_s)} s.")
+        else:
+            st.error("Unknown user name or wrong password.")
     return None
 
 
@@ -188,16 +205,14 @@ def worklist_view(work: pd.DataFrame) -> None:
     if work.empty:
         st.info("No decisions match the filters.")
         return
-    shown = work[WORKLIST_COLUMNS]
+    shown = data.risks_as_text(work[WORKLIST_COLUMNS])
 
     def on_select() -> None:
         rows = st.session_state["worklist_table"]["selection"]["rows"]
         if rows:
             open_study(int(shown.iloc[rows[0]]["id"]))
 
-    st.dataframe(shown, hide_index=True, on_select=on_select, selection_mode="single-row", key="worklist_table",
-                 column_config={"study_risk": st.column_config.NumberColumn(format="%.4f"),
-                                "risk": st.column_config.NumberColumn(format="%.4f")})
+    st.dataframe(shown, hide_index=True, on_select=on_select, selection_mode="single-row", key="worklist_table")
     first_flagged = work[work["flagged"]]
     if not first_flagged.empty:
         st.button("Open the first flagged study", on_click=open_study, args=(int(first_flagged.iloc[0]["id"]),))
@@ -240,8 +255,12 @@ def image_panel(row: pd.Series, manifest: dict[str, Any] | None, bundle_dir: Pat
         return
     try:
         unit = load_display_image(row["path"], row["sha256"], manifest["preprocessing"])
+    except data.FileChangedError as error:
+        plain_warning(f"The file of decision {row['id']} has changed since it was decided: its image is not shown.",
+                      data.shown_text(str(error), row["path"]))
+        return
     except (TriageError, OSError) as error:
-        st.warning(f"The image cannot be displayed: {error}")
+        plain_warning("The image cannot be displayed.", data.shown_text(str(error), row["path"]))
         return
     controls = st.columns(2)
     level = controls[0].slider("Level", 0.0, 1.0, 0.5, 0.01, key="level")
@@ -252,7 +271,7 @@ def image_panel(row: pd.Series, manifest: dict[str, Any] | None, bundle_dir: Pat
         try:
             cam = load_cam(row["path"], row["sha256"], str(bundle_dir), model_sha)
         except (TriageError, OSError, ValueError) as error:
-            st.warning(f"The heatmap cannot be computed: {error}")
+            plain_warning("The heatmap cannot be computed.", data.shown_text(str(error), row["path"]))
         else:
             shown = data.overlay(shown, cam)
             caption += (f" · heatmap of {manifest['operating_point']['finding']} ({cam.shape[0]}x{cam.shape[1]} class "
@@ -261,19 +280,31 @@ def image_panel(row: pd.Series, manifest: dict[str, Any] | None, bundle_dir: Pat
     st.image(shown, caption=caption, clamp=True, width="stretch")
 
 
-def metadata_panel(row: pd.Series) -> None:
-    risk = "—" if pd.isna(row["study_risk"]) else f"{row['study_risk']:.4f}"
-    threshold = "—" if pd.isna(row["threshold"]) else f"{row['threshold']:.4f}"
-    st.metric("Study risk" + (" · FLAGGED" if row["flagged"] else ""), risk)
+def plain_warning(message: str, detail: str) -> None:
+    """A warning in our own words, then ``detail`` (which quotes a study's file or tags) as plain text."""
+    st.warning(message)
+    st.code(detail, language=None, wrap_lines=True)
+
+
+def study_fields(row: pd.Series) -> pd.DataFrame:
+    """The decision's fields as a two-column text table (no server path: the file name only)."""
     fields = {
-        "Threshold": threshold, "Finding": row["finding"] or "—", "Status": row["status"],
-        "Reason": row["reason"] or "—", "Detail": row["detail"] or "—",
-        "Model": f"{row['bundle_name']} {row['bundle_version']}".strip() or "—", "Policy": row["policy"] or "—",
+        "Threshold": format_risk(row["threshold"]) or "—", "Finding": row["finding"] or "—", "Status": row["status"],
+        "Reason": row["reason"] or "—", "Model": f"{row['bundle_name']} {row['bundle_version']}".strip() or "—",
+        "Policy": row["policy"] or "—",
         "View / sex / age": f"{row['view_position'] or '?'} / {row['patient_sex'] or '?'} / {row['patient_age'] or '?'}",
         "Manufacturer": row["manufacturer"] or "—", "Patient (pseudonym)": row["patient_pseudo_id"] or "—",
-        "Study UID": row["study_uid"], "Scored at": str(row["created_at"])[:19],
+        "Study UID": row["study_uid"], "File": Path(row["path"]).name or "—", "Scored at": str(row["created_at"])[:19],
     }
-    st.markdown("\n".join(f"- **{k}:** {v}" for k, v in fields.items()))
+    return pd.DataFrame({"field": list(fields), "value": [str(v) for v in fields.values()]})
+
+
+def metadata_panel(row: pd.Series) -> None:
+    st.metric("Study risk" + (" · FLAGGED" if row["flagged"] else ""), format_risk(row["study_risk"]) or "—")
+    st.dataframe(study_fields(row), hide_index=True, width="stretch")
+    if row["detail"]:
+        st.caption("Detail")
+        st.code(data.shown_text(row["detail"], row["path"]), language=None, wrap_lines=True)
 
 
 def review_panel(settings: Settings, user: str, row: pd.Series) -> None:
@@ -315,7 +346,11 @@ def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFram
     """How the model behaves on this site's studies, for the hospital's audit."""
     st.header("Audit")
     ok, message = load_verification(str(settings.audit_db), data.data_version(settings.audit_db))
-    (st.success if ok else st.error)(f"Audit chain: {message}")
+    if ok:
+        st.success(f"Audit chain: {message}")  # counts only
+    else:
+        st.error("Audit chain: BROKEN. A record was changed or removed after it was written:")
+        st.code(message, language=None, wrap_lines=True)  # quotes a study UID from the store
     if decisions.empty:
         st.info("The audit store has no decisions yet.")
         return
@@ -394,12 +429,12 @@ def audit_view(settings: Settings, decisions: pd.DataFrame, reviews: pd.DataFram
         st.dataframe(waits, hide_index=True)
 
     st.subheader("Subgroups")
-    st.dataframe(data.subgroup_table(decisions), hide_index=True)
+    st.dataframe(data.risks_as_text(data.subgroup_table(decisions), ("mean_risk",)), hide_index=True)
     st.subheader("Model / bundle versions")
     st.dataframe(data.bundle_history(decisions), hide_index=True)
     st.subheader("Export")
     export = data.pseudonymized_export(decisions, data.site_secret(settings.audit_db))
-    st.download_button("Download decisions (pseudonymized CSV)", export.to_csv(index=False).encode(),
+    st.download_button("Download decisions (pseudonymized CSV)", data.csv_bytes(export),
                        file_name="decisions-pseudonymized.csv", mime="text/csv")
 
 
@@ -410,13 +445,14 @@ def active_learning_view(decisions: pd.DataFrame, reviews: pd.DataFrame, manifes
     size = st.number_input("Queue size", 10, 5000, 200, 10)
     queue = data.active_learning_queue(decisions, reviews, finding, int(size))
     st.caption("Clinician disagreements first, then the studies the model is least sure of (risk nearest 0.5).")
-    st.dataframe(queue, hide_index=True)
+    shown = queue.assign(path=queue["path"].map(lambda path: Path(path).name)).rename(columns={"path": "file"})
+    st.dataframe(data.risks_as_text(shown), hide_index=True)  # the file name on screen; the CSVs keep the path
     labelled = data.labelled_only(queue, finding)
     cols = st.columns(2)
     cols[0].download_button(f"Download labelled CSV ({len(labelled)} rows, for training)",
-                            labelled.to_csv(index=False).encode(), file_name="active-learning-labelled.csv",
+                            data.csv_bytes(labelled), file_name="active-learning-labelled.csv",
                             mime="text/csv", disabled=labelled.empty)
-    cols[1].download_button(f"Download the queue to label ({len(queue)} rows)", queue.to_csv(index=False).encode(),
+    cols[1].download_button(f"Download the queue to label ({len(queue)} rows)", data.csv_bytes(queue),
                             file_name="active-learning-queue.csv", mime="text/csv")
     st.caption("The labelled CSV is in the site format that train, evaluate, calibrate and finetune read (save it as "
                "labels.csv): path, the finding as 1/0, patient_id (pseudonym), md5 (here the file's sha256, compared "

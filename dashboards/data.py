@@ -6,6 +6,7 @@ pages only draw. Frames hold one row per decision (``decisions``) or per review 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -17,8 +18,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from triage import ingest
 from triage.audit import AuditStore, VerifyResult, is_url, open_store
+from triage.errors import TriageError
+from triage.present import csv_cell, format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
+from triage.radiograph import Radiograph
+from triage.scope import check_image
 
 PSI_ALERT = 0.2        # population stability index above this: the risk distribution has drifted
 PSI_MIN_N = 100        # fewer scored studies than this: PSI is too noisy to raise an alert
@@ -306,6 +312,17 @@ def site_secret(audit_db: str | Path) -> bytes:
     return load_or_create_secret(default_secret_path(audit_db))
 
 
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    """``frame`` as a CSV download, every cell through ``triage.present.csv_cell`` (tags and paths come from files,
+    so a value like ``=HYPERLINK(...)`` must reach a spreadsheet as text, not as a formula)."""
+    return frame.map(csv_cell).to_csv(index=False).encode()
+
+
+def risks_as_text(frame: pd.DataFrame, columns: tuple[str, ...] = ("risk", "study_risk")) -> pd.DataFrame:
+    """``frame`` for display, its risk ``columns`` (those present) as ``triage.present.format_risk`` text."""
+    return frame.assign(**{c: frame[c].map(format_risk) for c in columns if c in frame.columns})
+
+
 # -- active learning ------------------------------------------------------------------------
 
 def active_learning_queue(decisions: pd.DataFrame, reviews: pd.DataFrame, finding: str, size: int = 200) -> pd.DataFrame:
@@ -337,25 +354,67 @@ def labelled_only(queue: pd.DataFrame, finding: str) -> pd.DataFrame:
     return queue[queue[finding] != ""].reset_index(drop=True)
 
 
+# -- what a person sees of a study: the audited file's own image, and no server path -----------
+
+class FileChangedError(TriageError, ValueError):
+    """The study file's bytes are not the ones its decision was made on (sha256 differs), so its image is not shown."""
+
+
+def read_study(path: str, sha256: str) -> Radiograph:
+    """The image decision ``sha256`` was made on, for a person to look at.
+
+    The bytes are hashed before any decoding: ``FileChangedError`` when they are not the
+    recorded ones (the file was replaced, e.g. its SOP Instance UID (0008,0018) sent again
+    with other pixels). Then read as ``triage.ingest.read_radiograph`` reads it, with its
+    size limits and pixel checks, but without the model's scope checks (Modality
+    (0008,0060), Body Part Examined (0018,0015), View Position (0018,5101), the minimum
+    size): a study the model refused is still one a clinician must be able to view.
+    Raises ``BadInputError`` for a file no one can view (damaged, colour, multi-frame, too large).
+    """
+    data = ingest.read_bytes(path)
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        recorded = f"the recorded {sha256[:12]}…" if sha256 else "none recorded (the file could not be read when scored)"
+        raise FileChangedError(f"{path}: the file's sha256 is {found[:12]}…, not {recorded}: it was replaced after the "
+                               "decision was made, so its image is not the one decided on and is not shown")
+    if data.startswith((ingest.PNG_MAGIC, ingest.JPEG_MAGIC)):
+        return ingest.read_image(path, data, found, min_side_px=1)
+    ds = ingest.parse_dicom(path, data)
+    ingest.check_pixel_data_present(ds, path)
+    check_image(ds, path, min_side_px=1)  # monochrome, one frame, within the decoded-size limit
+    ingest.check_pixel_attributes(ds, path)
+    ingest.check_display_attributes(ds, path)
+    ingest.ensure_transfer_syntax(ds, path)
+    ingest.check_codestream_size(ds, path)
+    pixels = ingest.decode_pixels(ds, path)
+    del ds.PixelData
+    photometric = str(ds.PhotometricInterpretation).strip().upper()
+    return Radiograph(path, found, pixels, photometric, ingest.dicom_meta(ds, found), ds)
+
+
+def shown_text(text: str, path: str) -> str:
+    """``text`` (a decision's detail, an error message) with the study's server path replaced by its file name."""
+    return text.replace(path, Path(path).name) if path else text
+
+
 # -- heatmaps (class activation maps from the bundle's ONNX graph; numpy + PIL, no torch) -----
 
 HEAT_ANCHORS = np.array([[0, 0, 0], [120, 28, 109], [237, 105, 37], [252, 255, 164]], dtype=np.float32) / 255
 HEATMAP_ALPHA = 0.5
 
 
-def study_cam(model: Any, path: str | Path) -> np.ndarray:
-    """The triage finding's class activation map (h, w) float32 in logit units for one file, from ONNX Runtime.
+def study_cam(model: Any, radiograph: Radiograph) -> np.ndarray:
+    """The triage finding's class activation map (h, w) float32 in logit units for one image, from ONNX Runtime.
 
-    ``model`` is a ``triage.inference.Model`` whose bundle has a CAM output; decode and
-    preprocessing are triage's, exactly as when the study was scored.
+    ``model`` is a ``triage.inference.Model`` whose bundle has a CAM output; preprocessing
+    is triage's, exactly as when the study was scored.
     """
-    from triage.ingest import read_radiograph
     from triage.preprocess import preprocess
 
     bundle = model.bundle
     if bundle.cam_output is None:
         raise ValueError(f"{bundle.path}: the bundle has no CAM output. Fix: re-export it with 'cxr-triage export'")
-    x = preprocess(read_radiograph(path), bundle.preprocessing)[None]
+    x = preprocess(radiograph, bundle.preprocessing)[None]
     return model.run(x, features=False).cams[0, bundle.findings.index(bundle.triage_finding)]
 
 

@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import io
+import logging
 import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("streamlit", reason="the dashboard extra is not installed: pip install -e '.[dashboard]'")
+st = pytest.importorskip("streamlit", reason="the dashboard extra is not installed: pip install -e '.[dashboard]'")
+import pydicom  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from dashboards import auth, data  # noqa: E402
 from tests.pg import pg_server, pg_url  # noqa: E402,F401 (fixtures)
 from tests.tiny_bundle import build_tiny_bundle  # noqa: E402
 from triage.audit import AuditStore, Decision  # noqa: E402
+from triage.errors import OutOfScopeError  # noqa: E402
+from triage.ingest import read_radiograph  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboards" / "app.py")
@@ -25,10 +38,20 @@ SAMPLE = REPO / "samples" / "kermany"
 PASSWORD = "correct horse battery staple"
 
 
+@functools.cache
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def sample(i: int) -> str:
+    return str(SAMPLE / f"kermany-{(i % 12) + 1:02d}.dcm")
+
+
 def decision(i: int, risk: float | None, flagged: bool = False, **kwargs) -> Decision:
     """A scored decision on sample image ``kermany-NN.dcm`` (or a human-review one when risk is None)."""
     status = "scored" if risk is not None else "human_review"
-    values = dict(path=str(SAMPLE / f"kermany-{(i % 12) + 1:02d}.dcm"), sha256=f"{i:064x}", status=status,
+    path = kwargs.pop("path", sample(i))
+    values = dict(path=path, sha256=file_sha256(path) if os.path.isfile(path) else "", status=status,
                   reason="" if risk is not None else "not_dicom", study_uid=f"1.2.3.{i}", patient_pseudo_id=f"p{i:04d}",
                   patient_sex="F" if i % 2 else "M", patient_age=f"{20 + i:03d}Y", view_position="AP",
                   manufacturer="Acme", bundle_name="cxr-pneumonia-demo", bundle_version="0.1.0",
@@ -55,12 +78,43 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return db
 
 
-def logged_in(app: AppTest) -> AppTest:
+@pytest.fixture(autouse=True)
+def fresh_login_limits() -> None:
+    """Each test starts with no failed logins: the limits live in st.cache_resource, shared by the whole process."""
+    st.cache_resource.clear()
+
+
+def logged_in(app: AppTest, password: str = PASSWORD) -> AppTest:
     app.run()
     app.text_input[0].input("alice")
-    app.text_input[1].input(PASSWORD)
+    app.text_input[1].input(password)
     app.button[0].click().run()
     return app
+
+
+def open_page(folder: Path, monkeypatch: pytest.MonkeyPatch, decisions: list[Decision], page: str) -> AppTest:
+    """The app logged in as alice on ``page``, over a new store of ``decisions`` and a tiny bundle."""
+    db = folder / "audit.sqlite"
+    with AuditStore(db) as store:
+        store.append_decisions(decisions)
+    auth.add_user(folder / auth.CONFIG_FILENAME, "alice", PASSWORD)
+    monkeypatch.setenv("CXR_DASHBOARD_AUDIT_DB", str(db))
+    monkeypatch.setenv("CXR_DASHBOARD_BUNDLE", str(build_tiny_bundle(folder / "bundle")))
+    monkeypatch.delenv(auth.CONFIG_ENV, raising=False)
+    app = logged_in(AppTest.from_file(APP, default_timeout=30))
+    app.sidebar.radio(key="page").set_value(page).run()
+    assert not app.exception
+    return app
+
+
+PLAIN_TEXT_ELEMENTS = ("dataframe", "text", "code")
+
+
+def page_text(app: AppTest, markdown_only: bool = False) -> str:
+    """Every element of the page as protobuf text; ``markdown_only``: only those Streamlit may render as Markdown
+    (all but dataframes, st.text and st.code: markdown, captions, alerts, labels, help, image captions)."""
+    nodes = [*app.main, *app.sidebar]
+    return "\n".join(str(n.proto) for n in nodes if not (markdown_only and n.type in PLAIN_TEXT_ELEMENTS))
 
 
 # -- auth ---------------------------------------------------------------------------------
@@ -189,13 +243,13 @@ def test_study_cam_is_the_bundles_map_for_a_real_file(tmp_path: Path) -> None:
     from triage.preprocess import preprocess
 
     model = load_model(load_bundle(build_tiny_bundle(tmp_path / "b", with_cam=True)), device="cpu")
-    path = SAMPLE / "kermany-01.dcm"
-    cam = data.study_cam(model, path)
-    x = preprocess(read_radiograph(path), model.bundle.preprocessing)
+    radiograph = read_radiograph(SAMPLE / "kermany-01.dcm")
+    cam = data.study_cam(model, radiograph)
+    x = preprocess(radiograph, model.bundle.preprocessing)
     assert cam.shape == (8, 8)
     assert cam.mean() == pytest.approx(float(model.logits(x[None])[0, 0]), abs=1e-5)
     with pytest.raises(ValueError, match="no CAM output"):
-        data.study_cam(load_model(load_bundle(build_tiny_bundle(tmp_path / "old")), device="cpu"), path)
+        data.study_cam(load_model(load_bundle(build_tiny_bundle(tmp_path / "old")), device="cpu"), radiograph)
 
 
 def test_audit_and_active_learning_pages_render(store: Path) -> None:
@@ -263,14 +317,14 @@ def test_agreement_and_active_learning_labels(store: Path, tmp_path: Path) -> No
     assert queue.loc[queue["decision_id"] == 5, "pneumonia"].item() == "0"
     assert set(queue.columns) >= {"path", "pneumonia", "patient_id", "md5"}
     rows = list(csv.DictReader(io.StringIO(data.labelled_only(queue, "pneumonia").to_csv(index=False))))
-    assert [(r["md5"], int(r["pneumonia"])) for r in rows] == [(f"{3:064x}", 1), (f"{4:064x}", 0)]
+    assert [(r["md5"], int(r["pneumonia"])) for r in rows] == [(file_sha256(sample(3)), 1), (file_sha256(sample(4)), 0)]
     labels_csv = tmp_path / "labels.csv"  # the site format reads the labelled export as is
     data.labelled_only(queue, "pneumonia").to_csv(labels_csv, index=False)
     from training.datasets import read_generic_csv
 
     records = read_generic_csv(labels_csv)
     assert [(r.md5, r.label("pneumonia"), r.extra["why"]) for r in records] == [
-        (f"{3:064x}", 1.0, "clinician disagreed"), (f"{4:064x}", 0.0, "clinician disagreed")]
+        (file_sha256(sample(3)), 1.0, "clinician disagreed"), (file_sha256(sample(4)), 0.0, "clinician disagreed")]
     curve = data.reliability(decisions, reviews)  # 0.995 agreed -> 1, 0.9995 disagreed -> 0, 0.80 disagreed -> 1
     assert curve["n"].sum() == 3 and curve.set_index("bin").loc[9, "observed_rate"] == pytest.approx(0.5)
     assert curve.set_index("bin").loc[8, "observed_rate"] == 1.0
@@ -355,3 +409,199 @@ def test_users_helper_with_a_postgresql_store_and_no_config_says_what_to_pass(mo
     assert users.main(["list"]) == 1
     error = capsys.readouterr().err
     assert "postgresql" in error.lower() and auth.CONFIG_ENV in error
+
+
+# -- hardening (issue 14) -----------------------------------------------------------------
+
+IMG_TAG, LINK_PATH = "<img src=http://x/>", "[re-login](http://evil)"
+
+
+def test_values_from_a_study_never_reach_markdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 16: a Manufacturer (0008,0070) ``<img src=...>`` and a path written as a Markdown link are drawn as plain
+    text on every page, never as Markdown (where the browser would fetch the image or show the link)."""
+    rigged = decision(0, 0.7, manufacturer=IMG_TAG, path=LINK_PATH, study_uid="[uid](http://evil)",
+                      detail=f"{LINK_PATH}: View Position (0018,5101) is 'AP' and the header wins")
+    app = open_page(tmp_path, monkeypatch, [rigged], "Study")
+    assert IMG_TAG in app.dataframe[0].value["value"].tolist()  # shown, as text
+    for page in ("Study", "Worklist", "Audit", "Active learning"):
+        app.sidebar.radio(key="page").set_value(page).run()
+        assert not app.exception
+        shown = page_text(app, markdown_only=True)
+        for value in (IMG_TAG, LINK_PATH, "[uid](http://evil)"):
+            assert value not in shown, f"{value} reached a Markdown element on the {page} page"
+
+
+def test_out_of_scope_study_is_viewable_and_shows_no_server_path(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 25: a lateral view the model refused is drawn for the clinician; the page names its file, not the
+    server folder it lies in."""
+    folder = tmp_path / "srv" / "pacs-inbox"
+    folder.mkdir(parents=True)
+    lateral = pydicom.dcmread(sample(0))
+    lateral.ViewPosition = "LL"
+    path = folder / "lateral.dcm"
+    lateral.save_as(path)
+    with pytest.raises(OutOfScopeError) as refused:
+        read_radiograph(path)
+    assert refused.value.reason == "view_out_of_scope"
+    app = open_page(tmp_path, monkeypatch, [decision(0, None, path=str(path), reason="view_out_of_scope",
+                                                     detail=str(refused.value))], "Study")
+    assert len(app.get("image")) == 1 and not app.warning
+    shown = page_text(app)
+    assert str(folder) not in shown and "lateral.dcm" in shown and "View Position (0018,5101)" in shown
+
+
+def test_a_replaced_file_is_not_shown_for_the_decision_made_on_the_old_one(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 13 (display): the file of decision 1 is overwritten by other pixels under the same name (a resent SOP
+    Instance UID): its image is not shown, and the page says why; the original bytes back, it is shown again."""
+    path = tmp_path / "1.2.3.4.5.dcm"
+    shutil.copy(sample(0), path)
+    scored = decision(0, 0.7, path=str(path))
+    shutil.copy(sample(1), path)
+    app = open_page(tmp_path, monkeypatch, [scored], "Study")
+    assert not app.get("image")
+    assert "has changed since it was decided" in app.warning[0].value
+    assert "sha256" in app.code[0].value and str(tmp_path) not in page_text(app)
+    shutil.copy(sample(0), path)
+    app.run()
+    assert len(app.get("image")) == 1 and not app.warning
+
+
+def test_a_risk_near_one_never_reads_as_certainty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 23 (dashboard): risks go through triage.present.format_risk on the worklist, the study and the queue."""
+    app = open_page(tmp_path, monkeypatch, [decision(0, 0.99997, True, threshold=0.99992)], "Worklist")
+    row = app.dataframe[0].value.iloc[0]
+    assert (row["study_risk"], row["risk"]) == (">0.9999", ">0.9999")
+    app.sidebar.radio(key="page").set_value("Study").run()
+    assert app.metric[0].value == ">0.9999"
+    assert dict(app.dataframe[0].value.values)["Threshold"] == ">0.9999"
+    app.sidebar.radio(key="page").set_value("Active learning").run()
+    queue = app.dataframe[0].value
+    assert queue["risk"].tolist() == [">0.9999"] and queue["file"].tolist() == ["kermany-01.dcm"]  # no server path
+
+
+def test_csv_downloads_neutralize_spreadsheet_formulas(tmp_path: Path) -> None:
+    """Item 17 (dashboard): a tag or a path that a spreadsheet would run as a formula reaches the CSV as text."""
+    db = tmp_path / "audit.sqlite"
+    with AuditStore(db) as store:
+        store.append_decisions([decision(0, 0.5, manufacturer='=HYPERLINK("http://evil","x")', path="@SUM(A1).dcm",
+                                         patient_age="-1+1")])
+    decisions, reviews = data.read_decisions(db), data.read_reviews(db)
+    export = next(csv.DictReader(io.StringIO(data.csv_bytes(data.pseudonymized_export(decisions, b"k" * 32)).decode())))
+    assert export["manufacturer"] == "\'=HYPERLINK(\"http://evil\",\"x\")" and export["patient_age"] == "\'-1+1"
+    assert export["risk"] == "0.5" and export["flagged"] == "0"  # numbers stay numbers
+    queue = data.active_learning_queue(decisions, reviews, "pneumonia")
+    [row] = csv.DictReader(io.StringIO(data.csv_bytes(queue).decode()))
+    assert row["path"] == "\'@SUM(A1).dcm" and row["risk"] == "0.5"
+
+
+# -- login rate limit (item 20) ---------------------------------------------------------------
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failure_limiter_locks_a_key_and_doubles_the_lockout() -> None:
+    clock = FakeClock()
+    limiter = auth.FailureLimiter(3, window_s=600, lockout_s=60, max_lockout_s=100, clock=clock)
+    assert [limiter.fail("alice") for _ in range(3)] == [0, 0, 60]
+    assert limiter.wait_s("alice") == 60 and limiter.wait_s("bob") == 0
+    clock.now += 60
+    assert limiter.wait_s("alice") == 0
+    assert [limiter.fail("alice") for _ in range(3)] == [0, 0, 100]  # doubled, capped at max_lockout_s
+    limiter.clear("alice")
+    assert limiter.wait_s("alice") == 0
+    limiter.fail("carol")
+    clock.now += 601  # outside the window: that failure no longer counts
+    assert [limiter.fail("carol") for _ in range(3)] == [0, 0, 60]
+
+
+def test_login_guard_refuses_a_locked_user_and_logs_failures_without_the_password(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    auth.add_user(tmp_path / "u.json", "alice", PASSWORD)
+    accounts = auth.load_users(tmp_path / "u.json")
+    guard = auth.LoginGuard()
+    caplog.set_level(logging.INFO, logger="dashboards.auth")
+    outcomes = [guard.attempt(accounts, "alice", f"guess-{i}", "10.0.0.9") for i in range(auth.MAX_FAILURES_PER_USER)]
+    assert [o.wait_s > 0 for o in outcomes] == [False] * (auth.MAX_FAILURES_PER_USER - 1) + [True]
+    assert guard.attempt(accounts, "alice", PASSWORD, "10.0.0.7") == auth.LoginOutcome(False, pytest.approx(
+        auth.LOCKOUT_S, abs=1))  # locked from any address, however right the password
+    assert guard.attempt(accounts, "bob", "x", "10.0.0.7").wait_s == 0  # another user from another address: not
+    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(failures) == auth.MAX_FAILURES_PER_USER + 1 and "'alice' from 10.0.0.9" in failures[0]
+    assert not any("guess-" in r.getMessage() or PASSWORD in r.getMessage() for r in caplog.records)
+    guard = auth.LoginGuard()
+    for i in range(auth.MAX_FAILURES_PER_ADDRESS):  # one address trying many names
+        guard.attempt(accounts, f"user{i}", "x", "10.0.0.66")
+    assert guard.attempt(accounts, "alice", PASSWORD, "10.0.0.66").wait_s > 0
+    assert guard.attempt(accounts, "alice", PASSWORD, "10.0.0.67").ok
+
+
+def test_failed_logins_lock_the_user_across_sessions(store: Path) -> None:
+    """50 wrong passwords in 16 s were possible: now the fifth locks the name, for every session of the server."""
+    for _ in range(auth.MAX_FAILURES_PER_USER):
+        attacker = logged_in(AppTest.from_file(APP, default_timeout=30), password="wrong")
+    assert attacker.error[0].value.startswith("Too many failed logins")
+    clinician = logged_in(AppTest.from_file(APP, default_timeout=30))  # another session, the right password
+    assert clinician.error[0].value.startswith("Too many failed logins") and not clinician.dataframe
+
+
+# -- the process (item 22) --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_dashboard(db: Path, port: int, log: Path) -> tuple[subprocess.Popen, int]:
+    """``cxr-triage dashboard`` serving on ``port``, and the pid of its Streamlit child."""
+    command = [sys.executable, "-c", "import sys; from deploy.cli import main; sys.exit(main())", "dashboard",
+               "--audit-db", str(db), "--port", str(port)]
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "HOME": str(log.parent)}
+    parent = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not is_listening(port):
+        assert parent.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    [child] = [int(p) for p in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()]
+    return parent, child
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_the_streamlit_child_dies_with_the_dashboard_command(store: Path, tmp_path: Path, signum: int) -> None:
+    """``kill PID`` (or ``kill -9 PID``) of ``cxr-triage dashboard`` left Streamlit serving on the port."""
+    port = free_port()
+    parent, child = start_dashboard(store, port, tmp_path / "dashboard.log")
+    try:
+        os.kill(parent.pid, signum)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (is_alive(child) or is_listening(port)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not is_alive(child) and not is_listening(port)
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)  # what is left of the group we started, if the test failed
+        except ProcessLookupError:
+            pass
+        parent.wait()
