@@ -33,9 +33,9 @@ from triage.errors import AuditError, TriageError
 from triage.inference import Model, load_model
 from triage.pipeline import (SCORED, Prepared, draft, finalize, prepare, score_prepared, scored_study_risks,
                              sha256_or_empty)
-from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate, flag_top_k
+from triage.policy import BATCH_TOP_K, DEFAULT_FLAG_RATE, check_flag_rate, check_min_risk, flag_top_k
 from triage.preprocess import PreprocessSpec
-from triage.present import csv_row
+from triage.present import csv_row, format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 from .isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder, check_timeout
@@ -45,7 +45,7 @@ from .paths import default_bundle_dir
 IGNORED_NAMES = {"DICOMDIR"}
 IGNORED_SUFFIXES = {".md", ".txt", ".csv", ".json", ".html", ".sqlite", ".key", ".log"}
 WORKLIST_COLUMNS = ("path", "study_uid", "status", "risk", "study_risk", "flagged", "reason",
-                    "finding", "threshold", "policy", "sha256", "detail")
+                    "finding", "threshold", "policy", "sha256", "detail", "flag_rule")
 BATCH_SIZE = 16
 
 
@@ -195,8 +195,19 @@ def sort_worklist(decisions: Iterable[Decision]) -> list[Decision]:
     return sorted(decisions, key=key)
 
 
+def flag_rule(decision: Decision) -> str:
+    """How a batch run flagged studies, in words, from its record: relative to the batch ("" for other policies)."""
+    if not decision.policy.startswith(BATCH_TOP_K) or decision.threshold is None or decision.flag_rate is None:
+        return ""
+    top = f"top {decision.flag_rate * 100:g}% of this batch"
+    needed = f"(study risk threshold {format_risk(decision.threshold)})"
+    if decision.policy == BATCH_TOP_K:
+        return f"{top} {needed}: relative to the batch, flagged however low the risk (see --min-risk)"
+    return f"{top} and at least --min-risk {needed}"
+
+
 def write_worklist(decisions: Sequence[Decision], out: Path) -> None:
-    """Write the worklist CSV atomically: one row per input file."""
+    """Write the worklist CSV atomically: one row per input file; risks as ``format_risk`` shows them."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", newline="", dir=out.parent, delete=False, suffix=".tmp") as handle:
         writer = csv.DictWriter(handle, fieldnames=WORKLIST_COLUMNS, extrasaction="ignore")
@@ -204,8 +215,9 @@ def write_worklist(decisions: Sequence[Decision], out: Path) -> None:
         for d in sort_worklist(decisions):
             row = csv_row(dataclasses.asdict(d))  # tags, paths and details come from files: no formulas
             row["flagged"] = int(d.flagged)
+            row["flag_rule"] = flag_rule(d)
             for name in ("risk", "study_risk", "threshold"):
-                row[name] = "" if row[name] is None else f"{row[name]:.6f}"
+                row[name] = format_risk(row[name])
             writer.writerow(row)
     os.replace(handle.name, out)
 
@@ -233,15 +245,14 @@ class RunSummary:
         flagged = {d.study_uid for d in self.decisions if d.flagged}
         new = self.files - self.skipped
         rate = new / self.seconds if self.seconds > 0 else 0.0
-        threshold = next((d.threshold for d in self.decisions if d.threshold is not None), None)
+        rule = next(filter(None, map(flag_rule, self.decisions)), "")
         lines = [
             f"files: {self.files} ({self.skipped} already audited with this bundle, skipped)",
             *([f"not scorable where found: {self.unscorable} (folders this account cannot list, FIFOs, devices, "
                "sockets, broken or folder links), each recorded for human review as file_unreadable"]
               if self.unscorable else []),
             f"scored: {len(scored)} files in {len(studies)} studies",
-            f"flagged: {len(flagged)} of {len(studies)} studies"
-            + (f" (study risk >= {threshold:.4f})" if threshold is not None else ""),
+            f"flagged: {len(flagged)} of {len(studies)} studies" + (f": {rule}" if rule else ""),
             f"human review: {sum(review.values())} files"
             + "".join(f"\n  {reason}: {count}" for reason, count in sorted(review.items())),
             f"provider: {self.provider}",
@@ -273,13 +284,15 @@ def run_lock(audit_db: Path | str) -> Iterator[None]:
 
 def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path, flag_rate: float = DEFAULT_FLAG_RATE,
               workers: int = 1, device: str = "auto", progress: bool | None = None,
-              decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> RunSummary:
+              decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S, min_risk: float = 0.0) -> RunSummary:
     """Score every file under ``paths``; returns the run summary. Raises on operational failure only.
 
-    ``decode_timeout_s`` bounds each file's decode in a worker process (``workers`` >= 2).
+    ``decode_timeout_s`` bounds each file's decode in a worker process (``workers`` >= 2); a study is flagged when
+    it is in the top ``flag_rate`` of the run and its risk is >= ``min_risk``.
     """
     start = time.perf_counter()
     check_flag_rate(flag_rate)
+    check_min_risk(min_risk)
     check_timeout(decode_timeout_s)
     check_writable(out)
     inputs = walk_inputs(paths)
@@ -293,7 +306,7 @@ def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: P
             lambda pid: pseudonymize(pid, secret), run_id, progress, decode_timeout_s)
         walked, walked_known = unscorable_drafts(inputs.unscorable, state.known, bundle, run_id)
         final_new, final_previous = record_run(store, bundle, state, fresh + walked, seen_known + walked_known,
-                                               flag_rate, run_id)
+                                               flag_rate, run_id, min_risk)
     write_worklist(final_new + final_previous, out)
     return RunSummary(len(inputs.files) + len(inputs.unscorable), len(final_previous), final_new + final_previous,
                       model.provider, time.perf_counter() - start, len(inputs.unscorable))
@@ -334,14 +347,15 @@ def resume_state(store: AuditStore, bundle: Bundle) -> ResumeState:
 
 
 def record_run(store: AuditStore, bundle: Bundle, state: ResumeState, fresh: Sequence[Decision],
-               seen_known: Sequence[tuple[str, str]], flag_rate: float,
-               run_id: str) -> tuple[list[Decision], list[Decision]]:
-    """Flag the top ``flag_rate`` of all the run's studies (new drafts, pending and earlier decisions),
-    append the new decisions and the earlier ones whose flag changed, clear pending; (new, earlier) finalized."""
+               seen_known: Sequence[tuple[str, str]], flag_rate: float, run_id: str,
+               min_risk: float = 0.0) -> tuple[list[Decision], list[Decision]]:
+    """Flag the top ``flag_rate`` of all the run's studies (new drafts, pending and earlier decisions) whose risk is
+    >= ``min_risk``, append the new decisions and the earlier ones whose flag changed, clear pending; (new, earlier)
+    finalized."""
     new = list(fresh) + [state.pending[k] for k in seen_known if k in state.pending]
     previous = [state.decided[k] for k in seen_known if k in state.decided]
     risks = scored_study_risks(new + previous)
-    flags = flag_top_k(risks, flag_rate)
+    flags = flag_top_k(risks, flag_rate, min_risk)
     final_new, final_previous = finalize(new, flags, risks), finalize(previous, flags, risks)
     superseding = [
         dataclasses.replace(now, supersedes=state.rows[(before.path, before.sha256)]["id"], run_id=run_id)
@@ -378,7 +392,7 @@ def score_command(args: argparse.Namespace) -> int:
         bundle = load_bundle(args.bundle)
         audit_db = args.audit_db if is_url(args.audit_db) else Path(args.audit_db)
         summary = run_score(args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.workers, args.device,
-                            decode_timeout_s=args.decode_timeout)
+                            decode_timeout_s=args.decode_timeout, min_risk=args.min_risk)
     except (TriageError, OSError, ValueError) as error:
         print(f"cxr-triage score: error: {error}", file=sys.stderr)
         return 1
@@ -397,7 +411,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to score")
     parser.add_argument("--bundle", default=str(default_bundle_dir()), help="model bundle folder (default: the bundled demo model)")
-    parser.add_argument("--flag-rate", type=float, default=DEFAULT_FLAG_RATE, help="fraction of studies to flag (default 0.05)")
+    parser.add_argument("--flag-rate", type=float, default=DEFAULT_FLAG_RATE,
+                        help="fraction of the run's studies to flag, the riskiest: relative to the batch (default 0.05)")
+    parser.add_argument("--min-risk", type=float, default=0.0, metavar="RISK",
+                        help="flag a study of that top fraction only if its risk is at least RISK, so a batch of low "
+                             "risks can flag none (default 0: always flag the top fraction)")
     parser.add_argument("--out", default="worklist.csv", help="worklist CSV to write (default worklist.csv)")
     parser.add_argument("--audit-db", default=str(default_audit_db()), help="audit store: a SQLite file or a postgresql:// URL (default: $CXR_TRIAGE_AUDIT_DB or ./cxr-triage-audit.sqlite)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decode worker processes (default: CPU count, at most 4)")

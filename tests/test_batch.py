@@ -93,6 +93,8 @@ def test_scores_a_folder_flags_the_riskiest_5_percent_and_audits_every_file(stud
     assert {d["path"] for d in decisions} == {r["path"] for r in rows}
     summary = capsys.readouterr().out
     assert "flagged: 2 of 39 studies" in summary and "not_dicom: 1" in summary and "CPUExecutionProvider" in summary
+    assert "flagged: 2 of 39 studies: top 5% of this batch (study risk threshold " in summary
+    assert all("relative to the batch" in r["flag_rule"] for r in rows) and "relative to the batch" in summary
 
 
 def test_rerun_skips_audited_files_and_scores_only_new_ones(studies, tiny, tmp_path, capsys):
@@ -399,3 +401,38 @@ def test_worklist_cells_from_files_never_run_as_spreadsheet_formulas(tmp_path):
     [row] = read_worklist(tmp_path / "w.csv")
     assert row["study_uid"] == "'" + crafted.study_uid and row["detail"] == "'@SUM(A1:A9)"
     assert row["finding"] == "'-2+3" and row["path"] == crafted.path and float(row["risk"]) == 0.25
+
+
+def test_a_risk_near_one_is_shown_as_over_0_9999_never_as_certainty(tmp_path, capsys):
+    hot = build_tiny_bundle(tmp_path / "hot", temperature=0.92)  # a white image's risk is 0.99997...
+    folder, out = tmp_path / "in", tmp_path / "w.csv"
+    folder.mkdir()
+    for value in (0, 128, 255):
+        Image.fromarray(np.full((96, 96), value, np.uint8), mode="L").save(folder / f"{value:03d}.png")
+    assert score(folder, "--bundle", hot, "--out", out, "--audit-db", tmp_path / "a.sqlite", "--workers", 1) == 0
+    summary = capsys.readouterr().out
+    assert "(study risk threshold >0.9999)" in summary and "1.0000" not in summary
+    white = next(r for r in read_worklist(out) if r["path"].endswith("255.png"))
+    assert (white["risk"], white["study_risk"], white["threshold"]) == (">0.9999",) * 3
+    with AuditStore(tmp_path / "a.sqlite") as store:
+        assert 0.99997 < max(d["risk"] for d in store.decisions()) < 1  # the store keeps the exact value
+
+
+def test_min_risk_lets_a_batch_of_low_risks_flag_nothing_and_is_recorded(tmp_path, tiny, capsys):
+    folder, out, db = tmp_path / "in", tmp_path / "w.csv", tmp_path / "a.sqlite"
+    write_pngs(folder, 20)  # risks up to about 0.7 with the tiny model
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1, "--min-risk", 0.9) == 0
+    assert ("flagged: 0 of 20 studies: top 5% of this batch and at least --min-risk (study risk threshold 0.9000)"
+            in capsys.readouterr().out)
+    rows = read_worklist(out)
+    assert {(r["flagged"], r["policy"], r["threshold"]) for r in rows} == {("0", "batch_top_k min_risk=0.9", "0.9000")}
+    with AuditStore(db) as store:
+        assert {(d["flagged"], d["policy"], d["threshold"]) for d in store.decisions()} == {
+            (False, "batch_top_k min_risk=0.9", 0.9)}
+
+
+def test_a_min_risk_outside_0_to_1_is_refused_before_scoring(tmp_path, tiny, capsys):
+    write_pngs(tmp_path / "in", 1)
+    assert score(tmp_path / "in", "--bundle", tiny, "--out", tmp_path / "w.csv", "--audit-db", tmp_path / "a.sqlite",
+                 "--min-risk", 1.5) == 1
+    assert "min risk 1.5 must be in [0, 1]" in capsys.readouterr().err and not (tmp_path / "a.sqlite").exists()

@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from triage.policy import BATCH_TOP_K, STREAM_THRESHOLD, flag_count, flag_threshold, flag_top_k, study_risks
+from triage.policy import (BATCH_TOP_K, STREAM_THRESHOLD, batch_policy, flag_count, flag_threshold, flag_top_k,
+                           study_risks)
 
 
 def random_risks(n: int, seed: int) -> dict[str, float]:
@@ -58,3 +59,24 @@ def test_study_risk_is_max_over_images():
 def test_bad_flag_rate_is_refused_with_a_hint(rate):
     with pytest.raises(ValueError, match="riskiest 5%"):
         flag_top_k({"a": 0.1}, rate)
+
+
+def test_min_risk_keeps_only_the_top_k_studies_that_reach_it():
+    risks = {"a": 0.9, "b": 0.6, "c": 0.4, "d": 0.1}
+    assert flag_top_k(risks, 0.5, min_risk=0.5).flagged == {"a", "b"}  # top 2, both >= 0.5
+    partly = flag_top_k(risks, 0.75, min_risk=0.5)  # top 3, of which c is below the floor
+    assert partly.flagged == {"a", "b"} and partly.threshold == 0.5 and partly.policy == batch_policy(0.5)
+    assert flag_top_k(risks, 0.5, min_risk=0.3).threshold == 0.6  # the k-th risk is higher than the floor
+
+
+def test_min_risk_lets_a_batch_of_tiny_risks_flag_nothing_and_says_so():
+    flags = flag_top_k({"a": 0.002, "b": 0.001}, 0.05, min_risk=0.2)
+    assert flags.flagged == frozenset() and flags.threshold == 0.2 and flags.policy == "batch_top_k min_risk=0.2"
+    default = flag_top_k({"a": 0.002, "b": 0.001}, 0.05)  # without a floor the batch flags its riskiest
+    assert default.flagged == {"a"} and default.policy == BATCH_TOP_K == batch_policy(0.0)
+
+
+@pytest.mark.parametrize("min_risk", [-0.1, 1.5, float("nan")])
+def test_bad_min_risk_is_refused_with_a_hint(min_risk):
+    with pytest.raises(ValueError, match=r"min risk .* must be in \[0, 1\]"):
+        flag_top_k({"a": 0.1}, 0.05, min_risk=min_risk)

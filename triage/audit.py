@@ -83,7 +83,7 @@ class Decision:
     study_risk: float | None = None  # max over the study's scored images
     threshold: float | None = None   # risk threshold in force
     flag_rate: float | None = None   # target flag rate
-    policy: str = ""                 # "batch_top_k" | "stream_threshold"
+    policy: str = ""                 # "batch_top_k" (or "batch_top_k min_risk=R") | "stream_threshold" | ...
     flagged: bool = False            # study-level flag
     run_id: str = ""
     decode_ms: float | None = None
