@@ -27,7 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from triage.audit import AuditStore, Decision, default_audit_db, is_url, open_store, os_path, path_text
+from triage.audit import (AuditStore, Decision, default_audit_db, is_url, open_store, os_path, output_file_problem,
+                          path_text)
 from triage.bundle import Bundle, load_bundle
 from triage.errors import AuditError, TriageError
 from triage.inference import Model, load_model
@@ -47,6 +48,7 @@ IGNORED_SUFFIXES = {".md", ".txt", ".csv", ".json", ".html", ".sqlite", ".key", 
 WORKLIST_COLUMNS = ("path", "study_uid", "status", "risk", "study_risk", "flagged", "reason",
                     "finding", "threshold", "policy", "sha256", "detail", "flag_rule")
 BATCH_SIZE = 16
+EXIT_NOTHING_TO_SCORE = 3
 
 
 @dataclass(frozen=True)
@@ -223,10 +225,11 @@ def write_worklist(decisions: Sequence[Decision], out: Path) -> None:
 
 
 def check_writable(path: Path) -> None:
-    """Fail before any work if the worklist cannot be written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise PermissionError(f"{path}: cannot write the worklist here. Fix: choose another --out")
+    """Fail before any work if the worklist cannot be written at ``path`` (``triage.audit.output_file_problem``)."""
+    problem = output_file_problem(path)
+    if problem:
+        raise OSError(f"{path}: cannot write the worklist here: {problem}. Fix: pass --out a file path in a folder "
+                      "this account can write")
 
 
 @dataclass
@@ -237,6 +240,11 @@ class RunSummary:
     provider: str
     seconds: float
     unscorable: int = 0  # of ``files``: entries the walk met but cannot score (unreadable folders, FIFOs...)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the walk found no file to score (only ignored names, or only unscorable entries)."""
+        return self.files == self.unscorable
 
     def lines(self) -> list[str]:
         scored = [d for d in self.decisions if d.status == SCORED]
@@ -387,7 +395,7 @@ def _score_new_files(files: Sequence[str], model: Model, store: AuditStore, know
 
 
 def score_command(args: argparse.Namespace) -> int:
-    """CLI entry for ``cxr-triage score``; exit 1 only for an operational failure."""
+    """CLI entry for ``cxr-triage score``; exit 1 for an operational failure, 3 when there was nothing to score."""
     try:
         bundle = load_bundle(args.bundle)
         audit_db = args.audit_db if is_url(args.audit_db) else Path(args.audit_db)
@@ -397,9 +405,19 @@ def score_command(args: argparse.Namespace) -> int:
         print(f"cxr-triage score: error: {error}", file=sys.stderr)
         return 1
     print(f"bundle: {bundle.name} {bundle.version} (sha256 {bundle.sha256[:12]})")
+    return report(summary, args)
+
+
+def report(summary: RunSummary, args: argparse.Namespace) -> int:
+    """Print a finished run's summary; its exit code: 0, or 3 (with a warning) when there was nothing to score."""
     print("\n".join(summary.lines()))
     print(f"worklist: {args.out}\naudit: {args.audit_db}")
-    return 0
+    if not summary.is_empty:
+        return 0
+    print(f"cxr-triage score: warning: nothing to score under {' '.join(map(path_text, args.paths))}: no file other "
+          f"than hidden ones, DICOMDIR and {' '.join(sorted(IGNORED_SUFFIXES))} files. Fix: check the PATH (the "
+          "worklist written holds only its header)", file=sys.stderr)
+    return EXIT_NOTHING_TO_SCORE
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

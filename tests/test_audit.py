@@ -364,6 +364,16 @@ def test_cli_export_neutralizes_spreadsheet_formulas_in_values_from_files(tmp_pa
     assert (row["risk"], row["flagged"], row["id"]) == ("0.03", "0", "1")  # numbers stay numbers
 
 
+@pytest.mark.parametrize("make_out", [Path.mkdir, lambda out: os.symlink(os.devnull, out)], ids=["folder", "device"])
+def test_cli_export_refuses_an_out_that_is_not_a_regular_file_before_reading(db, tmp_path, capsys, make_out):
+    out = tmp_path / "out.csv"
+    make_out(out)
+    assert run_cli("audit", "export", "--audit-db", str(db), "--out", str(out)) == 1
+    error = capsys.readouterr().err
+    assert f"{out}: cannot write the export here: it is " in error and "Fix: pass --out a file path" in error
+    assert out.is_dir() or os.readlink(out) == os.devnull  # left as it was, never renamed over
+
+
 def test_cli_head_prints_an_anchor_that_verify_checks_from_a_log(db, tmp_path, capsys):
     assert run_cli("audit", "head", "--audit-db", db) == 0
     head = capsys.readouterr().out.strip()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deploy.batch import decision_from_row, write_worklist
+from deploy.batch import WORKLIST_COLUMNS, decision_from_row, write_worklist
 from deploy.cli import main
 from tests.processes import grandchildren
 from tests.tiny_bundle import build_tiny_bundle
@@ -436,3 +436,37 @@ def test_a_min_risk_outside_0_to_1_is_refused_before_scoring(tmp_path, tiny, cap
     assert score(tmp_path / "in", "--bundle", tiny, "--out", tmp_path / "w.csv", "--audit-db", tmp_path / "a.sqlite",
                  "--min-risk", 1.5) == 1
     assert "min risk 1.5 must be in [0, 1]" in capsys.readouterr().err and not (tmp_path / "a.sqlite").exists()
+
+
+@pytest.mark.parametrize("make_out, problem", [
+    (lambda out: out.mkdir(), "it is a folder"),
+    (lambda out: os.mkfifo(out), "it is not a regular file"),
+    (lambda out: os.symlink(os.devnull, out), "it is not a regular file"),  # the rename would replace the link, not write
+], ids=["folder", "fifo", "link-to-device"])
+def test_an_out_that_cannot_take_the_worklist_is_refused_before_scoring(tmp_path, tiny, capsys, make_out, problem):
+    write_pngs(tmp_path / "in", 2)
+    out, db = tmp_path / "w.csv", tmp_path / "a.sqlite"
+    make_out(out)
+    assert score(tmp_path / "in", "--bundle", tiny, "--out", out, "--audit-db", db) == 1
+    error = capsys.readouterr().err
+    assert f"{out}: cannot write the worklist here: {problem}" in error and "Fix: pass --out" in error
+    assert ".tmp" not in error and not db.exists()  # refused before the store was opened or a file scored
+
+
+@pytest.mark.skipif(not Path("/proc/version").is_file(), reason="needs Linux /proc")
+def test_an_out_in_a_folder_where_no_file_can_be_created_is_refused_before_scoring(tmp_path, tiny, capsys):
+    write_pngs(tmp_path / "in", 2)
+    assert score(tmp_path / "in", "--bundle", tiny, "--out", "/proc/worklist.csv", "--audit-db", tmp_path / "a.sqlite") == 1
+    error = capsys.readouterr().err
+    assert "/proc/worklist.csv: cannot write the worklist here: cannot create a file in /proc" in error
+    assert not (tmp_path / "a.sqlite").exists()
+
+
+def test_an_input_with_nothing_to_score_is_a_warning_and_exit_code_3(tmp_path, tiny, capsys):
+    folder, out = tmp_path / "in", tmp_path / "w.csv"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an input")
+    out.write_text("yesterday's worklist\n")
+    assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", tmp_path / "a.sqlite") == 3
+    assert f"warning: nothing to score under {folder}" in capsys.readouterr().err
+    assert out.read_text().splitlines() == [",".join(WORKLIST_COLUMNS)]  # never yesterday's list read as today's

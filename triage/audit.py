@@ -630,8 +630,11 @@ class AuditStore:
         patient IDs or names.
         """
         out = Path(out_path)
+        problem = output_file_problem(out)
+        if problem:
+            raise AuditError(f"{out}: cannot write the export here: {problem}. Fix: pass --out a file path in a "
+                             "folder this account can write")
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
             handle = tempfile.NamedTemporaryFile("w", newline="", encoding="utf-8", dir=out.parent, delete=False,
                                                  prefix=f".{out.name}.", suffix=".tmp")
         except OSError as error:
@@ -653,6 +656,24 @@ class AuditStore:
             if os.path.exists(handle.name):
                 os.unlink(handle.name)
         return count
+
+
+def output_file_problem(path: str | Path) -> str:
+    """Why a file cannot be written at ``path`` as the CSV writers do (a temporary file beside it, renamed over it),
+    "" when it can: it must be new or a regular file, in a folder where this account can create files. Creates
+    missing folders; leaves nothing behind. Check it before long work, so a bad ``--out`` costs nothing."""
+    path = Path(path)
+    if path.is_dir():
+        return "it is a folder"
+    if path.exists() and not path.is_file():
+        return "it is not a regular file (a device, FIFO or socket, or a link to one), which the rename would replace"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        return f"cannot create a file in {path.parent} ({error.strerror or error})"
+    return ""
 
 
 def _link_problem(prev_id: int, prev_hash: str, row: dict[str, Any]) -> tuple[int, str] | None:
