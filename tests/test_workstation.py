@@ -25,6 +25,7 @@ from deploy.workstation.service import Workstation
 from deploy.workstation.status import status_lines
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import AuditStore
+from triage.bundle import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 needs_dcmtk = pytest.mark.skipif(not all(shutil.which(t) for t in ("echoscu", "storescu", "storescp", "dsrdump")),
@@ -216,7 +217,8 @@ def test_a_file_dropped_in_the_watched_folder_is_stored_under_its_uids_and_score
     ds = dcmread(path, stop_before_pixels=True)
     shutil.copy(path, station.config.incoming_dir / "weird name from modality.dcm")
     row = wait_for(lambda: decisions(station.config.audit_db, study_uid=str(ds.StudyInstanceUID)), what="decision")[0]
-    assert row["path"] == str(instance_path(station.config.studies_dir, ds.StudyInstanceUID, ds.SOPInstanceUID))
+    expected = instance_path(station.config.studies_dir, ds.StudyInstanceUID, ds.SOPInstanceUID, sha256_file(path))
+    assert row["path"] == str(expected)
     assert not list(station.config.incoming_dir.iterdir())
     lines = status_lines(station.config)
     assert lines[0].startswith("queue: 0 instance(s)") and "provider: CPUExecutionProvider" in "\n".join(lines)
@@ -313,7 +315,7 @@ def test_killed_mid_transfer_and_restarted_loses_nothing_and_decides_once(tmp_pa
     assert slow.wait(timeout=20) != 0  # the sender saw no success for the interrupted instance
     assert decisions(db) == []
     big_sop = str(dcmread(big, stop_before_pixels=True).SOPInstanceUID)
-    assert not list((tmp_path / "inbox" / "studies").rglob(f"{big_sop}.dcm"))  # never a half file under a UID name
+    assert not list((tmp_path / "inbox" / "studies").rglob(f"{big_sop}.*.dcm"))  # never a half file under a UID name
 
     processes.append(service(tmp_path, port, quiet_s=0.2))
     wait_for(lambda: listening(port), 30, "the restarted service")
@@ -370,3 +372,92 @@ def test_a_decode_past_the_configured_timeout_goes_to_human_review(tmp_path, sto
     finally:
         stop.set()
         thread.join(timeout=20)
+
+
+# -- hardening (issue 14) ---------------------------------------------------------------------------
+
+
+def watched_station(tmp_path: Path, **kwargs):
+    """An in-process workstation with the tiny bundle fed through the watched folder; yields it, stops at the end."""
+    config = Config(**{"port": 0, "allow_ae": (CALLER,), "inbox": tmp_path / "inbox", "audit_db": tmp_path / "audit.sqlite",
+                       "quiet_period_s": 0.1, "poll_s": 0.05, "device": "cpu",
+                       "bundle": build_tiny_bundle(tmp_path / "tiny"), **kwargs})
+    station, stop, thread = start_station(config)
+    try:
+        yield station, thread
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+
+
+def test_the_watched_folder_goes_on_after_an_oversized_and_a_deeply_nested_file(tmp_path, make_dicom, caplog):
+    """Item 3: a sparse file over MAX_FILE_BYTES is moved to rejected/ unread; a file whose sequences nest 400
+    deep is recorded for human review; the next file is still claimed and scored."""
+    from tests.test_batch import write_nested_sequences
+    from triage.ingest import MAX_FILE_BYTES
+
+    big, nested = tmp_path / "a-big.dcm", write_nested_sequences(tmp_path / "b-nested.dcm")
+    with open(big, "wb") as handle:
+        handle.truncate(4 * 2**30)  # sparse: no disk, but reading it would take 4 GiB of memory
+    good = make_dicom("c-good.dcm", modality="CR")
+    uid = str(dcmread(good, stop_before_pixels=True).StudyInstanceUID)
+    for station, _ in watched_station(tmp_path):
+        for path in (big, nested, good):
+            shutil.move(path, station.config.incoming_dir / path.name)
+        db = station.config.audit_db
+        wait_for(lambda: decisions(db, study_uid=uid), what="the file dropped after the bad ones")
+        [bad] = wait_for(lambda: [r for r in decisions(db) if r["reason"] == "malformed_file"], what="the nested file")
+        assert bad["status"] == "human_review" and "RecursionError" in bad["detail"]
+        assert [p.name for p in station.config.rejected_dir.iterdir()] == ["a-big.dcm"]
+        assert not list(station.config.incoming_dir.iterdir())
+    assert f"a-big.dcm: the file is 4096 MiB, over the {MAX_FILE_BYTES >> 20} MiB limit" in caplog.text
+    assert "Fix:" in caplog.text and "moved to" in caplog.text
+
+
+def test_a_locked_audit_store_keeps_the_study_queued_until_it_is_free(tmp_path, make_dicom, monkeypatch, caplog):
+    """Item 4: another program holds BEGIN EXCLUSIVE past the busy timeout; the service retries, then decides once."""
+    import sqlite3
+
+    import triage.audit
+
+    monkeypatch.setattr(triage.audit, "BUSY_TIMEOUT_MS", 200)  # the store's lock wait, 30 s in service
+    dropped = make_dicom("locked.dcm", modality="CR")
+    uid = str(dcmread(dropped, stop_before_pixels=True).StudyInstanceUID)
+    for station, thread in watched_station(tmp_path, audit_retry_base_s=0.1, audit_retry_max_s=0.4):
+        other = sqlite3.connect(station.config.audit_db, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            shutil.move(dropped, station.config.incoming_dir / dropped.name)
+            wait_for(lambda: caplog.text.count("stay queued, retry in") >= 2, what="two failed attempts")
+            assert thread.is_alive()
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        rows = wait_for(lambda: decisions(station.config.audit_db, study_uid=uid), what="the decision once free")
+        assert len(rows) == 1 and rows[0]["status"] == "scored"
+    assert "database is locked" in caplog.text and "Fix:" in caplog.text
+
+
+def test_a_report_that_never_reached_the_outbox_is_rebuilt_at_the_next_start(tmp_path, make_dicom, caplog):
+    """Item 12: the outbox cannot be written (a file where its folder goes); the service goes on, and the next
+    start queues the decided study's report once."""
+    from deploy.workstation.outbox import destination_key
+
+    nobody = Destination("NOBODY", "127.0.0.1", 9)  # nothing listens: the report stays in the outbox
+    blocker = tmp_path / "inbox" / "outbox" / destination_key(nobody)
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"")
+    dropped = make_dicom("report-me.dcm", modality="CR")
+    uid = str(dcmread(dropped, stop_before_pixels=True).StudyInstanceUID)
+    settings = {"destinations": (nobody,), "retry_base_s": 60}
+    for station, thread in watched_station(tmp_path, **settings):
+        shutil.move(dropped, station.config.incoming_dir / dropped.name)
+        wait_for(lambda: decisions(station.config.audit_db, study_uid=uid), what="the decision")
+        wait_for(lambda: "rebuilt at the next start" in caplog.text, what="the outbox error")
+        assert thread.is_alive() and not station.outbox.pending()
+    blocker.unlink()
+    for station, _ in watched_station(tmp_path, **settings):
+        [report] = station.outbox.pending()
+        assert str(dcmread(report).StudyInstanceUID) == uid
+    for station, _ in watched_station(tmp_path, **settings):  # a third start: already in the outbox
+        assert len(station.outbox.pending()) == 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -17,6 +20,7 @@ from deploy.workstation.report import NOT_FOR_DIAGNOSTIC_USE, build_report
 from deploy.workstation.service import Workstation
 from deploy.workstation.stream import STARVATION_GUARD, SiteRecalibrator, StarvationGuard
 from triage.audit import AuditStore, Decision
+from triage.bundle import sha256_file
 from tests.tiny_bundle import build_tiny_bundle
 
 
@@ -43,10 +47,11 @@ def test_bad_config_names_the_key_and_the_fix(tmp_path, text, match):
 @pytest.mark.parametrize("bad", ["", "1.2.3/../../etc", "1.02.3", "a.b", "1." + "2" * 70, "../x", "1.2.3 x", "1..2"])
 def test_only_valid_uids_name_files(tmp_path, bad):
     with pytest.raises(InvalidUIDError, match="not a valid UID"):
-        instance_path(tmp_path, bad, "1.2.3")
+        instance_path(tmp_path, bad, "1.2.3", "0" * 64)
     with pytest.raises(InvalidUIDError):
         check_uid(bad, "SOP Instance UID")
-    assert instance_path(tmp_path, "1.2.3", "1.2.3.4") == tmp_path / "1.2.3" / "1.2.3.4.dcm"
+    digest = "ab" * 32
+    assert instance_path(tmp_path, "1.2.3", "1.2.3.4", digest) == tmp_path / "1.2.3" / f"1.2.3.4.{digest}.dcm"
 
 
 def test_atomic_write_leaves_no_part_and_partials_are_removed(tmp_path):
@@ -60,9 +65,9 @@ def test_atomic_write_leaves_no_part_and_partials_are_removed(tmp_path):
 def test_dropped_files_are_claimed_by_uid_or_kept_by_hash(tmp_path, make_dicom):
     studies = tmp_path / "studies"
     dicom = make_dicom("drop me.dcm")
-    ds = dcmread(dicom, stop_before_pixels=True)
+    ds, digest = dcmread(dicom, stop_before_pixels=True), sha256_file(dicom)
     study, path = claim_dropped(dicom, studies)
-    assert (study, path) == (ds.StudyInstanceUID, instance_path(studies, ds.StudyInstanceUID, ds.SOPInstanceUID))
+    assert (study, path) == (ds.StudyInstanceUID, instance_path(studies, ds.StudyInstanceUID, ds.SOPInstanceUID, digest))
     junk = tmp_path / "notes.bin"
     junk.write_bytes(b"not dicom at all")
     study, path = claim_dropped(junk, studies)
@@ -82,10 +87,13 @@ def test_rolling_recalibration_tracks_the_target_rate_where_the_bundle_threshold
     bundle_threshold, target = 0.5, 0.05
     shifted = rng.beta(5, 3, size=3000)  # a site whose risks all run high: 0.5 flags most studies
     recalibrator = SiteRecalibrator(bundle_threshold, target, window=200, min_history=20)
-    flags = [bool(recalibrator.decide("siteA", f"s{i}", r).flagged) for i, r in enumerate(shifted)]
+    flags = []
+    for i, risk in enumerate(shifted):
+        flags.append(bool(recalibrator.flags("siteA", f"s{i}", risk).flagged))
+        recalibrator.learn("siteA", risk)
     assert np.mean(shifted >= bundle_threshold) > 0.5
     assert abs(np.mean(flags[200:]) - target) < 0.02
-    other = recalibrator.decide("siteB", "x", 0.6)  # a new site starts from the bundle threshold
+    other = recalibrator.flags("siteB", "x", 0.6)  # a new site starts from the bundle threshold
     assert other.threshold == bundle_threshold and other.policy == "stream_threshold" and other.flagged
 
 
@@ -195,3 +203,123 @@ def test_the_service_listens_with_the_configured_network_limits(tmp_path):
                     bundle=build_tiny_bundle(tmp_path / "tiny"), device="cpu", max_associations=3, max_pdu_bytes=8192)
     station = Workstation(config)
     assert (station.scp.max_associations, station.scp.max_pdu_bytes) == (3, 8192)
+
+
+# -- hardening (issue 14) ---------------------------------------------------------------------------
+
+
+def test_many_threads_writing_one_path_atomically_all_succeed(tmp_path):
+    """Item 12: each write has its own temporary name, so no writer renames or deletes another's."""
+    target, errors = tmp_path / "outbox" / "1.2.3.dcm", []
+
+    def write(value: int) -> None:
+        try:
+            for _ in range(25):
+                write_atomic(target, bytes([value]) * 4096)
+        except OSError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(value,)) for value in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and target.read_bytes() in {bytes([v]) * 4096 for v in range(6)}
+    assert not list(target.parent.glob("*.part"))
+
+
+def tiny_config(tmp_path, **kwargs) -> Config:
+    """A workstation config in ``tmp_path`` with the tiny bundle (unless ``bundle`` is given)."""
+    if "bundle" not in kwargs:
+        kwargs["bundle"] = build_tiny_bundle(tmp_path / "tiny")
+    return Config(**{"port": 0, "inbox": tmp_path / "inbox", "audit_db": tmp_path / "audit.sqlite", "device": "cpu",
+                     "quiet_period_s": 0, **kwargs})
+
+
+def test_a_resent_instance_with_other_pixels_is_kept_beside_the_audited_file_and_decided_as_new(tmp_path, make_dicom):
+    """Item 13: the file a decision names is never overwritten; identical bytes are a no-op."""
+    config = tiny_config(tmp_path)
+    station = Workstation(config)
+    station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
+    original = make_dicom("v1.dcm", modality="CR")
+    resend = tmp_path / "resend.dcm"
+    resend.write_bytes(original.read_bytes())
+    changed = dcmread(original)
+    changed.PixelData = bytes(len(changed.PixelData))  # same SOP Instance UID, other pixels
+    changed.save_as(tmp_path / "v2.dcm")
+    study, first_path = claim_dropped(original, config.studies_dir)
+    with AuditStore(config.audit_db) as store:
+        [first] = station.decide_study(store, study, "siteA")
+        assert claim_dropped(resend, config.studies_dir) == (study, first_path)
+        assert station.decide_study(store, study, "siteA") == []  # a resend of identical bytes decides nothing
+        _, second_path = claim_dropped(tmp_path / "v2.dcm", config.studies_dir)
+        again = {d.path: d for d in station.decide_study(store, study, "siteA")}
+    assert second_path != first_path and sha256_file(first_path) == first.sha256  # the audited file is unchanged
+    assert again[str(second_path)].supersedes is None and again[str(second_path)].sha256 == sha256_file(second_path)
+    assert again[str(first_path)].supersedes is not None  # the first version is re-scored with its study, superseding
+
+
+def test_the_workstation_without_allowed_callers_says_so_in_one_line(tmp_path, capsys):
+    """Item 21: no pynetdicom ValueError traceback."""
+    from deploy.cli import main
+
+    code = main(["workstation", "--inbox", str(tmp_path / "inbox"), "--audit-db", str(tmp_path / "a.sqlite"),
+                 "--bundle", str(build_tiny_bundle(tmp_path / "tiny")), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Fix: pass --allow-ae" in err
+
+
+def test_the_workstation_on_a_port_in_use_says_so_in_one_line(tmp_path, capsys):
+    """Item 21: no OSError traceback when another program holds the port."""
+    from deploy.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        code = main(["workstation", "--port", str(port), "--allow-ae", "CR1", "--inbox", str(tmp_path / "inbox"),
+                     "--audit-db", str(tmp_path / "a.sqlite"), "--bundle", str(build_tiny_bundle(tmp_path / "tiny")),
+                     "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"cannot listen for DICOM on 127.0.0.1:{port}" in err and "--port" in err
+    assert "Traceback" not in err
+
+
+def test_status_finds_the_audit_store_the_running_workstation_recorded(tmp_path, make_dicom, capsys, monkeypatch):
+    """Item 21: ``status --inbox DIR`` (the README's form) reads the store named in workstation.json."""
+    from deploy.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default ./cxr-triage-audit.sqlite does not exist here
+    config = tiny_config(tmp_path, audit_db=tmp_path / "elsewhere" / "audit.sqlite")
+    station = Workstation(config)
+    station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
+    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir)
+    with AuditStore(config.audit_db) as store:
+        station.decide_study(store, study, "siteA")  # writes workstation.json
+    assert main(["workstation", "status", "--inbox", str(config.inbox)]) == 0
+    out = capsys.readouterr().out
+    assert "has not run" not in out and f"study {study} scored" in out and str(config.audit_db) in out
+
+
+def test_a_risk_near_one_never_reads_as_certainty_in_the_log_the_hook_or_status(tmp_path, make_dicom, capsys, caplog):
+    """Item 23: triage.present.format_risk everywhere a person reads the risk; the hook also gets the raw value."""
+    from deploy.cli import main
+
+    out = tmp_path / "hook.txt"
+    hook = [sys.executable, "-c",
+            f"import os; open({str(out)!r}, 'w').write(os.environ['CXR_RISK'] + ' ' + os.environ['CXR_RISK_VALUE'])"]
+    config = tiny_config(tmp_path, bundle=build_tiny_bundle(tmp_path / "tiny", threshold=0.0, temperature=0.05),
+                         notify_command=tuple(hook))
+    station = Workstation(config)
+    station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
+    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir)
+    with caplog.at_level(logging.INFO, logger="cxr_triage.workstation"), AuditStore(config.audit_db) as store:
+        [decision] = station.decide_study(store, study, "siteA")
+    assert decision.study_risk > 0.9999 and f"{decision.study_risk:.4f}" == "1.0000"
+    assert "risk >0.9999" in caplog.text and "1.0000" not in caplog.text
+    deadline = time.monotonic() + 20
+    while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shown, raw = out.read_text().split()
+    assert shown == ">0.9999" and float(raw) == decision.study_risk
+    assert main(["workstation", "status", "--inbox", str(config.inbox), "--audit-db", str(config.audit_db)]) == 0
+    status = capsys.readouterr().out
+    assert "risk >0.9999" in status and "1.0000" not in status

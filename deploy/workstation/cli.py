@@ -10,7 +10,7 @@ import threading
 
 from triage.errors import TriageError
 
-from .config import ConfigError, load_config
+from .config import ConfigError, check_can_serve, load_config
 
 _OVERRIDES = ("port", "ae_title", "allow_ae", "inbox", "audit_db", "destinations", "flag_rate", "quiet_period_s",
               "max_wait_s", "bundle", "device", "notify_command", "max_associations", "max_pdu_bytes",
@@ -22,7 +22,8 @@ def _config(args: argparse.Namespace):
 
 
 def workstation_command(args: argparse.Namespace) -> int:
-    """Run the service (SIGTERM/SIGINT stop it cleanly), or print the status; 1 on a setup error."""
+    """Run the service (SIGTERM/SIGINT stop it cleanly), or print the status; 1, with one line naming the
+    problem and the fix, when the config, the bundle, the port or the audit store cannot be used."""
     try:
         config = _config(args)
         if args.action == "status":
@@ -33,15 +34,22 @@ def workstation_command(args: argparse.Namespace) -> int:
         from .service import Workstation
 
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-        station = Workstation(config)
+        station = Workstation(check_can_serve(config))
     except (ConfigError, TriageError, OSError, ValueError) as error:
-        print(f"cxr-triage workstation: error: {error}", file=sys.stderr)
-        return 1
+        return _fail(error)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    station.run(stop)
+    try:
+        station.run(stop)
+    except (ConfigError, TriageError, OSError) as error:  # the port, the audit store, the inbox folders
+        return _fail(error)
     return 0
+
+
+def _fail(error: Exception) -> int:
+    print(f"cxr-triage workstation: error: {error}", file=sys.stderr)
+    return 1
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -76,5 +84,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bundle", help="model bundle folder (default: the bundled demo model)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="ONNX Runtime device (default auto)")
     parser.add_argument("--notify-command", dest="notify_command", nargs="+", metavar="ARG",
-                        help="command run for each flagged study (env CXR_STUDY_UID, CXR_RISK, CXR_POLICY)")
+                        help="command run for each flagged study (env CXR_STUDY_UID, CXR_RISK as shown to people, "
+                             "CXR_RISK_VALUE full precision, CXR_POLICY)")
     parser.set_defaults(func=workstation_command)

@@ -69,6 +69,8 @@ class Config:
     poll_s: float = 0.5                     # watched-folder poll interval
     retry_base_s: float = 2.0
     retry_max_s: float = 300.0
+    audit_retry_base_s: float = 1.0         # audit store locked or failing: first wait before retrying, doubling
+    audit_retry_max_s: float = 60.0         # ... up to this (the studies stay queued meanwhile)
     notify_command: tuple[str, ...] = ()    # argv run for each flagged study (no shell)
     device: str = "auto"
     decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S  # a file still decoding after this goes to human review
@@ -84,6 +86,10 @@ class Config:
     @property
     def outbox_dir(self) -> Path:
         return self.inbox / "outbox"
+
+    @property
+    def rejected_dir(self) -> Path:
+        return self.inbox / "rejected"
 
     @property
     def state_file(self) -> Path:
@@ -118,7 +124,8 @@ def validate(config: Config) -> Config:
         check_flag_rate(config.flag_rate)
     except ValueError as error:
         raise ConfigError(f"flag_rate: {error}") from error
-    for key in ("quiet_period_s", "max_wait_s", "poll_s", "retry_base_s", "retry_max_s"):
+    for key in ("quiet_period_s", "max_wait_s", "poll_s", "retry_base_s", "retry_max_s", "audit_retry_base_s",
+                "audit_retry_max_s"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{key} is {getattr(config, key)}; it must be >= 0 seconds")
     if not config.decode_timeout_s > 0:
@@ -132,6 +139,15 @@ def validate(config: Config) -> Config:
         raise ConfigError("window and min_history must be >= 1 study")
     if config.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device {config.device!r} is not one of auto, cpu, cuda")
+    return config
+
+
+def check_can_serve(config: Config) -> Config:
+    """``config`` if the service can accept studies with it, else ConfigError with the fix (``status`` needs none of it)."""
+    if not config.allow_ae:
+        raise ConfigError("no calling AE title is allowed, so every modality would be refused. Fix: pass --allow-ae "
+                          "with the AE titles of the modalities that send (e.g. --allow-ae CR_ROOM1 DX_ROOM2), or set "
+                          "allow_ae in the config file")
     return config
 
 

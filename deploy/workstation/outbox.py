@@ -4,12 +4,16 @@
 atomically. A sender thread C-STOREs them; a file is deleted only on a success status,
 otherwise retried with exponential backoff (``retry_base_s`` doubling up to
 ``retry_max_s``). Files left by a previous run are sent after a restart.
+
+``outbox/reported.log`` (``ReportLedger``) lists the decisions whose report reached the
+outbox, so a start-up can rebuild the report of a decided study that never got there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -42,6 +46,43 @@ def send(dataset: Dataset, destination: Destination, calling_ae: str, timeout_s:
         return int(status.Status) if "Status" in status else None
     finally:
         assoc.release()
+
+
+class ReportLedger:
+    """``reported.log``: the id of the last decision of every study report already queued (or that needed none).
+
+    The first line, ``since N``, is written when the ledger is created: decisions up to N
+    predate it and count as reported. Then one decision id per line, appended and fsynced.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.since_: int = 0
+        self.ids_: set[int] = set()
+
+    def open(self, latest_decision_id: int) -> "ReportLedger":
+        """Read the ledger, creating it as ``since latest_decision_id`` when there is none; returns self."""
+        if not self.path.is_file():
+            write_atomic(self.path, f"since {latest_decision_id}\n".encode())
+        for line in self.path.read_text(encoding="ascii").splitlines():
+            word, _, value = line.partition(" ")
+            if word == "since" and value.isdigit():
+                self.since_ = int(value)
+            elif word.isdigit():
+                self.ids_.add(int(word))
+        return self
+
+    def is_reported(self, decision_id: int) -> bool:
+        return decision_id <= self.since_ or decision_id in self.ids_
+
+    def add(self, decision_id: int) -> None:
+        """Record that the report ending at ``decision_id`` is queued (durable before this returns)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="ascii") as handle:
+            handle.write(f"{decision_id}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.ids_.add(decision_id)
 
 
 class Outbox:

@@ -2,9 +2,12 @@
 
 All audit-store work happens in the thread that calls ``Workstation.run``; the SCP
 and the folder watcher only write files into the inbox and queue an ``Arrival``.
-On start, ``.part`` leftovers are removed and every inbox file that this bundle has
-not decided (by path and sha256) is queued again, so nothing received is lost and
-nothing decided is decided twice.
+On start, ``.part`` leftovers are removed, every inbox file that this bundle has
+not decided (by path and sha256) is queued again, and the report of every decided
+study that never reached the outbox is rebuilt: nothing received is lost, nothing
+decided is decided twice, no decision goes without its report. While the audit
+store cannot be written (locked by another program, disk full) the studies stay
+queued and are retried with exponential backoff; the service keeps receiving.
 """
 
 from __future__ import annotations
@@ -22,22 +25,25 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom import Dataset
 
 from triage.audit import AuditStore, Decision
 from triage.bundle import load_bundle, sha256_file
+from triage.errors import AuditError
 from triage.inference import load_model
+from triage.ingest import PARSE_ERRORS
 from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks
+from triage.present import format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 from ..batch import decision_from_row
 from ..isolation import Decoder
 from ..paths import default_bundle_dir
 from .assembler import StudyAssembler
-from .config import Config
-from .inbox import Arrival, claim_dropped, remove_partials, stored_instances, write_atomic
-from .outbox import Outbox
+from .config import Config, ConfigError
+from .inbox import (Arrival, DroppedFileError, InvalidUIDError, claim_dropped, header_uids, read_header, reject_dropped,
+                    remove_partials, stored_instances, write_atomic)
+from .outbox import Outbox, ReportLedger
 from .report import build_report
 from .scp import StorageSCP
 from .stream import STARVATION_GUARD, SiteRecalibrator, StarvationGuard
@@ -62,12 +68,15 @@ class Workstation:
                               config.host, config.port, config.max_associations, config.max_pdu_bytes)
         self.outbox = Outbox(config.outbox_dir, config.destinations, config.ae_title,
                              config.retry_base_s, config.retry_max_s)
+        self.reported = ReportLedger(config.outbox_dir / "reported.log")
         self.latencies_ms: list[tuple[str, float]] = []  # (study, last receipt -> audited), for the benchmark
         self.ready = threading.Event()
         self._received_at: dict[str, float] = {}
         self._study_sites: dict[str, str] = {}
         self._decided: dict[tuple[str, str], int] = {}
         self._latest_by_path: dict[str, int] = {}
+        self._store_failures = 0                 # audit-store writes failed in a row
+        self._store_retry_at = 0.0               # monotonic time before which no study is decided
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -82,8 +91,9 @@ class Workstation:
         try:
             with AuditStore(self.config.audit_db) as store:
                 self._load_state(store)
-                self.scp.start()
+                self._listen()
                 self.outbox.start()
+                self._rebuild_reports(store)
                 watcher = threading.Thread(target=self._watch_incoming, args=(stop,), name="incoming", daemon=True)
                 watcher.start()
                 self._save_state()
@@ -100,6 +110,15 @@ class Workstation:
             self._decoder.close()
             self._decoder = None
 
+    def _listen(self) -> None:
+        """Start the DICOM SCP; a port that cannot be bound is a ConfigError with the fix."""
+        try:
+            self.scp.start()
+        except OSError as error:
+            raise ConfigError(f"cannot listen for DICOM on {self.config.host}:{self.config.port} "
+                              f"({error.strerror or error}). Fix: stop the program using that port, or pass --port "
+                              "another port (0 picks a free one)") from error
+
     def _serve(self, store: AuditStore, stop: threading.Event) -> None:
         next_guard = 0.0
         while not stop.is_set():
@@ -110,11 +129,37 @@ class Workstation:
                     self._accept(self.arrivals.get_nowait())
             except queue.Empty:
                 pass
-            for key, site in self.assembler.ready(time.monotonic()):
+            if time.monotonic() < self._store_retry_at:
+                continue
+            try:
+                self._decide_ready(store)
+                if time.monotonic() >= next_guard:
+                    self.promote_starving(store, time.time())
+                    next_guard = time.monotonic() + 1.0
+            except AuditError as error:
+                self._back_off(error)
+            else:
+                self._store_failures = 0
+
+    def _decide_ready(self, store: AuditStore) -> None:
+        """Decide every study that is complete; when the store fails, the undecided ones go back in the queue."""
+        ready = self.assembler.ready(time.monotonic())
+        for index, (key, site) in enumerate(ready):
+            try:
                 self.decide_study(store, key, site)
-            if time.monotonic() >= next_guard:
-                self.promote_starving(store, time.time())
-                next_guard = time.monotonic() + 1.0
+            except AuditError:
+                due_now = time.monotonic() - self.config.quiet_period_s  # complete already: due once the store is back
+                for later_key, later_site in ready[index:]:
+                    self.assembler.add(later_key, later_site, due_now)
+                raise
+
+    def _back_off(self, error: AuditError) -> None:
+        """Pause deciding for ``audit_retry_base_s`` doubling up to ``audit_retry_max_s``; the studies stay queued."""
+        delay = min(self.config.audit_retry_max_s, self.config.audit_retry_base_s * 2 ** self._store_failures)
+        self._store_failures += 1
+        self._store_retry_at = time.monotonic() + delay
+        log.error("%s; %d stud(y/ies) stay queued, retry in %.1f s (attempt %d)", error, len(self.assembler), delay,
+                  self._store_failures)
 
     def _accept(self, arrival: Arrival) -> None:
         self.assembler.add(arrival.study_uid, arrival.site, arrival.received_at)
@@ -122,23 +167,56 @@ class Workstation:
         self._study_sites.setdefault(arrival.study_uid, arrival.site)
 
     def _watch_incoming(self, stop: threading.Event) -> None:
-        """Claim files dropped into ``incoming/`` once their size and mtime are stable over one poll."""
+        """Claim files dropped into ``incoming/`` once their size and mtime are stable over one poll.
+
+        A file that cannot be claimed (too large, unreadable) is moved to ``rejected/`` with an
+        ERROR line naming it, the problem and the fix; one that cannot even be moved is left
+        alone until its size or mtime changes. No file stops the watcher.
+        """
         seen: dict[Path, tuple[int, int]] = {}
+        stuck: dict[Path, tuple[int, int]] = {}
         while not stop.wait(self.config.poll_s):
+            try:
+                paths = sorted(p for p in self.config.incoming_dir.iterdir() if not p.name.startswith("."))
+            except OSError as error:
+                log.error("%s: cannot list the watched folder (%s). Fix: restore the folder and its permissions",
+                          self.config.incoming_dir, error)
+                continue
             current = {}
-            for path in sorted(self.config.incoming_dir.iterdir()):
-                if path.name.startswith(".") or not path.is_file():
+            for path in paths:
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue  # gone since the listing
+                if not path.is_file() or stuck.get(path) == (stat.st_size, stat.st_mtime_ns):
                     continue
-                stat = path.stat()
                 current[path] = (stat.st_size, stat.st_mtime_ns)
-                if seen.get(path) == current[path]:
-                    try:
-                        study, target = claim_dropped(path, self.config.studies_dir)
-                    except OSError as error:
-                        log.error("%s: cannot claim the dropped file (%s); will retry", path, error)
-                        continue
-                    self.arrivals.put(Arrival(study, target, RECOVERED_SITE))
+                if seen.get(path) == current[path] and not self._claim(path):
+                    stuck[path] = current[path]
             seen = current
+            stuck = {path: key for path, key in stuck.items() if path in current or path.exists()}
+
+    def _claim(self, path: Path) -> bool:
+        """Claim one dropped file, or move it to ``rejected/``; False when it could do neither (left in place)."""
+        try:
+            study, target = claim_dropped(path, self.config.studies_dir)
+        except DroppedFileError as error:
+            problem = str(error)
+        except Exception as error:  # noqa: BLE001 - one dropped file must never stop the watcher thread, which would
+            # stop all intake from the folder: OSError (unreadable), and anything a crafted file provokes
+            problem = (f"{path}: cannot be claimed ({type(error).__name__}: {error}). Fix: check the file and its "
+                       "permissions, then move it back into incoming/")
+        else:
+            self.arrivals.put(Arrival(study, target, RECOVERED_SITE))
+            return True
+        try:
+            moved = reject_dropped(path, self.config.rejected_dir)
+        except OSError as error:
+            log.error("%s; it could not be moved to %s either (%s): left in place until it changes", problem,
+                      self.config.rejected_dir, error)
+            return False
+        log.error("%s; moved to %s (not scored, no audit record)", problem, moved)
+        return True
 
     # -- state ------------------------------------------------------------------------------
 
@@ -166,6 +244,22 @@ class Workstation:
                 self._accept(Arrival(key, path, self._study_sites.get(key, RECOVERED_SITE)))
         if len(self.assembler):
             log.info("recovered %d undecided stud(y/ies) from the inbox", len(self.assembler))
+        self.reported.open(max(self._latest_by_path.values(), default=0))
+
+    def _rebuild_reports(self, store: AuditStore) -> None:
+        """Queue again the report of every study decided here whose latest decisions never reached the outbox
+        (the service stopped, or the outbox could not be written, between the audit record and the report)."""
+        studies: dict[str, dict[str, dict]] = {}
+        inbox = f"{self.config.studies_dir}{os.sep}"
+        for row in store.decisions(bundle_sha256=self.bundle.sha256):
+            if row["path"].startswith(inbox):
+                studies.setdefault(row["study_uid"], {})[row["path"]] = row
+        for study_uid, latest in studies.items():
+            last_id = max(row["id"] for row in latest.values())
+            if not self.reported.is_reported(last_id):
+                log.warning("study %s: its report never reached the outbox; rebuilt", study_uid)
+                final = [decision_from_row(row) for row in latest.values()]
+                self._send_report(final, [Path(d.path) for d in final], last_id)
 
     def _read_state(self) -> dict:
         try:
@@ -194,10 +288,12 @@ class Workstation:
         drafts = score_prepared(self.model, prepared, self._pseudonymize, self._run_id)
         risks = scored_study_risks(drafts)
         study_uid = next((d.study_uid for d in drafts if d.study_uid), key)
-        flags = self.recalibrator.decide(site, study_uid, max(risks.values()) if risks else None)
+        study_risk = max(risks.values()) if risks else None
+        flags = self.recalibrator.flags(site, study_uid, study_risk)
         final = [dataclasses.replace(d, supersedes=self._latest_by_path.get(d.path))
                  for d in finalize(drafts, dataclasses.replace(flags, flagged=frozenset(risks) & flags.flagged), risks)]
-        ids = store.append_decisions(final)
+        ids = store.append_decisions(final)  # AuditError: nothing learned yet, the caller queues the study again
+        self.recalibrator.learn(site, study_risk)
         for decision, record_id in zip(final, ids):
             self._decided[(decision.path, decision.sha256)] = record_id
             self._latest_by_path[decision.path] = record_id
@@ -208,7 +304,7 @@ class Workstation:
         self._study_sites.pop(key, None)
         self._save_state()
         self._log_decision(final, site)
-        self._send_report(final, files)
+        self._send_report(final, files, max(ids))
         return final
 
     def _prepare_all(self, paths: list[str]) -> list[Prepared]:
@@ -224,59 +320,90 @@ class Workstation:
         return prepared
 
     def promote_starving(self, store: AuditStore, now: float) -> list[Decision]:
-        """Starvation guard: flag unflagged, unreviewed studies decided more than ``max_wait_s`` ago."""
+        """Starvation guard: flag unflagged, unreviewed studies decided more than ``max_wait_s`` ago.
+
+        When the store fails (AuditError), the studies not yet promoted are due again at the next try."""
         promoted: list[Decision] = []
-        for study_uid in self.guard.due(now):
-            if store.reviews_for(study_uid):
-                continue
-            latest: dict[str, dict] = {}
-            for row in store.decisions(study_uid=study_uid, bundle_sha256=self.bundle.sha256):
-                latest[row["path"]] = row
-            if not latest or any(row["flagged"] for row in latest.values()):
-                continue
-            detail = f"promoted by the starvation guard: unreviewed for more than {self.config.max_wait_s:.0f} s"
-            final = [dataclasses.replace(decision_from_row(row), flagged=True, policy=STARVATION_GUARD, supersedes=row["id"],
-                                         run_id=self._run_id, detail=detail) for row in latest.values()]
-            for decision, record_id in zip(final, store.append_decisions(final)):
-                self._latest_by_path[decision.path] = record_id
-                self._decided[(decision.path, decision.sha256)] = record_id
-            self._log_decision(final, "guard")
-            self._send_report(final, [Path(d.path) for d in final])
-            promoted += final
+        due = self.guard.due(now)
+        for index, study_uid in enumerate(due):
+            try:
+                promoted += self._promote(store, study_uid)
+            except AuditError:
+                for waiting in due[index:]:
+                    self.guard.track(waiting, now - self.config.max_wait_s - 1, flagged=False)
+                raise
         return promoted
+
+    def _promote(self, store: AuditStore, study_uid: str) -> list[Decision]:
+        """Append the starvation guard's flagged records for one study (none if reviewed or already flagged)."""
+        if store.reviews_for(study_uid):
+            return []
+        latest: dict[str, dict] = {}
+        for row in store.decisions(study_uid=study_uid, bundle_sha256=self.bundle.sha256):
+            latest[row["path"]] = row
+        if not latest or any(row["flagged"] for row in latest.values()):
+            return []
+        detail = f"promoted by the starvation guard: unreviewed for more than {self.config.max_wait_s:.0f} s"
+        final = [dataclasses.replace(decision_from_row(row), flagged=True, policy=STARVATION_GUARD, supersedes=row["id"],
+                                     run_id=self._run_id, detail=detail) for row in latest.values()]
+        ids = store.append_decisions(final)
+        for decision, record_id in zip(final, ids):
+            self._latest_by_path[decision.path] = record_id
+            self._decided[(decision.path, decision.sha256)] = record_id
+        self._log_decision(final, "guard")
+        self._send_report(final, [Path(d.path) for d in final], max(ids))
+        return final
 
     def _log_decision(self, final: Sequence[Decision], site: str) -> None:
         first = final[0]
-        risk = "none" if first.study_risk is None else f"{first.study_risk:.4f}"
+        risk = format_risk(first.study_risk) or "none"
+        threshold = format_risk(first.threshold) or "none"
         reasons = ",".join(sorted({d.reason for d in final if d.reason})) or "-"
         log.info("decided study %s from %s: risk %s threshold %s policy %s flagged %s reasons %s",
-                 first.study_uid, site, risk, first.threshold, first.policy, first.flagged, reasons)
+                 first.study_uid, site, risk, threshold, first.policy, first.flagged, reasons)
         if first.flagged:
             log.warning("FLAGGED study %s (risk %s): read first", first.study_uid, risk)
-            self._notify(first, risk)
+            self._notify(first)
 
-    def _notify(self, decision: Decision, risk: str) -> None:
-        """Run ``notify_command`` (argv, no shell) with the study in its environment; never blocks scoring."""
+    def _notify(self, decision: Decision) -> None:
+        """Run ``notify_command`` (argv, no shell) with the study in its environment; never blocks scoring.
+
+        ``CXR_RISK`` is the risk as a person reads it (``triage.present.format_risk``: ``>0.9999``, never
+        ``1.0000``; empty when no image was scored); ``CXR_RISK_VALUE`` the full-precision number for programs.
+        """
         if not self.config.notify_command:
             return
-        env = {**os.environ, "CXR_STUDY_UID": decision.study_uid, "CXR_RISK": risk, "CXR_POLICY": decision.policy}
+        raw = "" if decision.study_risk is None else repr(float(decision.study_risk))
+        env = {**os.environ, "CXR_STUDY_UID": decision.study_uid, "CXR_RISK": format_risk(decision.study_risk),
+               "CXR_RISK_VALUE": raw, "CXR_POLICY": decision.policy}
         threading.Thread(target=_run_hook, args=(list(self.config.notify_command), env), daemon=True).start()
 
-    def _send_report(self, final: Sequence[Decision], files: Sequence[Path]) -> None:
-        """Queue the SR for every destination (skipped when none, or the study has no DICOM header)."""
-        if not self.config.destinations:
-            return
-        headers = []
-        for path in files:
+    def _send_report(self, final: Sequence[Decision], files: Sequence[Path], last_id: int) -> None:
+        """Queue the SR for every destination (none when there are none, or no file has a usable DICOM header),
+        then record decision ``last_id`` as reported. A report that cannot be written is logged and rebuilt at
+        the next start."""
+        try:
+            if self.config.destinations and (report := self._report(final, files)) is not None:
+                self.outbox.put(report)
+            self.reported.add(last_id)
+        except OSError as error:
+            log.error("study %s: cannot queue its report in %s (%s); it is rebuilt at the next start. Fix: free disk "
+                      "space and make the folder writable", final[0].study_uid, self.config.outbox_dir, error)
+
+    @staticmethod
+    def _report(final: Sequence[Decision], files: Sequence[Path]) -> Dataset | None:
+        """The SR for one study's decisions, from its files' headers; None when none has the UIDs it needs."""
+        instances: dict[tuple[str, str, str], Dataset] = {}  # two stored versions of one instance: referenced once
+        for header in filter(None, map(read_header, files)):
             try:
-                headers.append(dcmread(path, stop_before_pixels=True))
-            except (InvalidDicomError, OSError, ValueError):
+                key = (str(header.get("SeriesInstanceUID", "")), str(header.SOPClassUID), str(header.SOPInstanceUID))
+                header_uids(header)  # the source header's Study UID files the report
+            except (*PARSE_ERRORS, InvalidUIDError):  # a missing or damaged UID (AttributeError is in PARSE_ERRORS)
                 continue
-        headers = [h for h in headers if "StudyInstanceUID" in h and "SOPInstanceUID" in h and "SOPClassUID" in h]
-        if not headers:
-            return
-        instances = [(str(h.get("SeriesInstanceUID", "")), str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers]
-        self.outbox.put(build_report(final, headers[0], instances))
+            instances.setdefault(key, header)
+        if not instances:
+            return None
+        return build_report(final, next(iter(instances.values())), list(instances))
 
 
 def _run_hook(argv: list[str], env: dict[str, str]) -> None:

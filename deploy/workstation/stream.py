@@ -24,7 +24,7 @@ STARVATION_GUARD = "starvation_guard"
 
 @dataclass
 class SiteRecalibrator:
-    """Per-site rolling thresholds. ``decide`` returns the Flags for one study and learns its risk."""
+    """Per-site rolling thresholds. ``flags`` decides one study; ``learn`` adds its risk once the decision is recorded."""
 
     bundle_threshold: float
     flag_rate: float
@@ -45,13 +45,16 @@ class SiteRecalibrator:
     def observe(self, site: str, risk: float) -> None:
         self.risks_.setdefault(site, deque(maxlen=self.window)).append(risk)
 
-    def decide(self, site: str, study_uid: str, risk: float | None) -> Flags:
-        """Flag ``study_uid`` when its risk reaches the site's threshold (decided before this risk joins the window)."""
+    def flags(self, site: str, study_uid: str, risk: float | None) -> Flags:
+        """Flag ``study_uid`` when its risk reaches the site's threshold; learns nothing (see ``learn``)."""
         threshold, policy = self.threshold(site)
         flagged = risk is not None and math.isfinite(risk) and risk >= threshold
+        return Flags(frozenset({study_uid}) if flagged else frozenset(), threshold, policy, self.flag_rate)
+
+    def learn(self, site: str, risk: float | None) -> None:
+        """Add a decided study's risk to the site's window (once its decision is recorded)."""
         if risk is not None and math.isfinite(risk):
             self.observe(site, risk)
-        return Flags(frozenset({study_uid}) if flagged else frozenset(), threshold, policy, self.flag_rate)
 
 
 @dataclass
