@@ -289,12 +289,13 @@ def plain_warning(message: str, detail: str) -> None:
 def study_fields(row: pd.Series) -> pd.DataFrame:
     """The decision's fields as a two-column text table (no server path: the file name only)."""
     fields = {
-        "Threshold": format_risk(row["threshold"]) or "—", "Finding": row["finding"] or "—", "Status": row["status"],
-        "Reason": row["reason"] or "—", "Model": f"{row['bundle_name']} {row['bundle_version']}".strip() or "—",
-        "Policy": row["policy"] or "—",
+        "Threshold": format_risk(row["threshold"]) or "—", "Finding": row["finding"] or "—",
+        "Status": row["status"], "Reason": row["reason"] or "—",
+        "Model": f"{row['bundle_name']} {row['bundle_version']}".strip() or "—", "Policy": row["policy"] or "—",
         "View / sex / age": f"{row['view_position'] or '?'} / {row['patient_sex'] or '?'} / {row['patient_age'] or '?'}",
         "Manufacturer": row["manufacturer"] or "—", "Patient (pseudonym)": row["patient_pseudo_id"] or "—",
-        "Study UID": row["study_uid"], "File": Path(row["path"]).name or "—", "Scored at": str(row["created_at"])[:19],
+        "Study UID": row["study_uid"], "File": Path(row["path"]).name or "—",
+        "Scored at": str(row["created_at"])[:19],
     }
     return pd.DataFrame({"field": list(fields), "value": [str(v) for v in fields.values()]})
 

@@ -374,9 +374,9 @@ def read_study(path: str, sha256: str) -> Radiograph:
     data = ingest.read_bytes(path)
     found = hashlib.sha256(data).hexdigest()
     if found != sha256:
-        recorded = f"the recorded {sha256[:12]}…" if sha256 else "none recorded (the file could not be read when scored)"
-        raise FileChangedError(f"{path}: the file's sha256 is {found[:12]}…, not {recorded}: it was replaced after the "
-                               "decision was made, so its image is not the one decided on and is not shown")
+        recorded = f"the recorded {sha256[:12]}…" if sha256 else "none recorded (unreadable when scored)"
+        raise FileChangedError(f"{path}: the file's sha256 is {found[:12]}…, not {recorded}: it was replaced after "
+                               "the decision was made, so its image is not the one decided on and is not shown")
     if data.startswith((ingest.PNG_MAGIC, ingest.JPEG_MAGIC)):
         return ingest.read_image(path, data, found, min_side_px=1)
     ds = ingest.parse_dicom(path, data)

@@ -60,12 +60,13 @@ def decision(i: int, risk: float | None, flagged: bool = False, **kwargs) -> Dec
     return Decision(**{**values, **kwargs})
 
 
-def build_store(folder: Path) -> Path:
-    """An audit store with 6 decisions (2 flagged, 1 human review) and a login config with user 'alice'."""
+def build_store(folder: Path, extra: tuple[Decision, ...] = ()) -> Path:
+    """An audit store with 6 decisions (2 flagged, 1 human review), then ``extra``, and a login config with user
+    'alice'."""
     db = folder / "audit.sqlite"
     with AuditStore(db) as store:
         store.append_decisions([decision(0, 0.30), decision(1, 0.995, True), decision(2, None), decision(3, 0.80),
-                                decision(4, 0.9995, True), decision(5, 0.05)])
+                                decision(4, 0.9995, True), decision(5, 0.05), *extra])
     auth.add_user(folder / auth.CONFIG_FILENAME, "alice", PASSWORD)
     return db
 
@@ -413,22 +414,22 @@ def test_users_helper_with_a_postgresql_store_and_no_config_says_what_to_pass(mo
 
 # -- hardening (issue 14) -----------------------------------------------------------------
 
-IMG_TAG, LINK_PATH = "<img src=http://x/>", "[re-login](http://evil)"
+IMG_TAG, LINK_PATH, MD_IMAGE = "<img src=http://x/>", "[re-login](http://evil)", "![x](http://x/m.png)"
 
 
 def test_values_from_a_study_never_reach_markdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Item 16: a Manufacturer (0008,0070) ``<img src=...>`` and a path written as a Markdown link are drawn as plain
     text on every page, never as Markdown (where the browser would fetch the image or show the link)."""
     rigged = decision(0, 0.7, manufacturer=IMG_TAG, path=LINK_PATH, study_uid="[uid](http://evil)",
-                      detail=f"{LINK_PATH}: View Position (0018,5101) is 'AP' and the header wins")
-    app = open_page(tmp_path, monkeypatch, [rigged], "Study")
-    assert IMG_TAG in app.dataframe[0].value["value"].tolist()  # shown, as text
-    for page in ("Study", "Worklist", "Audit", "Active learning"):
+                      view_position=MD_IMAGE, detail=f"{LINK_PATH}: View Position (0018,5101) is 'AP', the header wins")
+    app = open_page(tmp_path, monkeypatch, [rigged], "Worklist")
+    for page in ("Worklist", "Audit", "Active learning", "Study"):
         app.sidebar.radio(key="page").set_value(page).run()
         assert not app.exception
         shown = page_text(app, markdown_only=True)
-        for value in (IMG_TAG, LINK_PATH, "[uid](http://evil)"):
+        for value in (IMG_TAG, LINK_PATH, "[uid](http://evil)", MD_IMAGE):
             assert value not in shown, f"{value} reached a Markdown element on the {page} page"
+    assert IMG_TAG in app.dataframe[0].value["value"].tolist()  # shown on the Study page, as text
 
 
 def test_out_of_scope_study_is_viewable_and_shows_no_server_path(tmp_path: Path,

@@ -1,11 +1,15 @@
 """End to end in a real browser: serve the dashboard, log in, open the first flagged study, agree.
 
+That study's tags carry HTML and Markdown pointing at a local HTTP server: the browser must
+never request it (issue 14 item 16), and its file name, a Markdown link, must not become one.
+
 Headless Debian Chromium driven by Selenium through /usr/bin/chromedriver (nothing is downloaded).
 Screenshots of each page land in ``<pytest tmp>/artifacts`` (or ``$CXR_TEST_ARTIFACTS``).
 """
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import signal
@@ -13,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +33,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from tests.test_dashboard import PASSWORD, build_store  # noqa: E402
+from tests.test_dashboard import PASSWORD, build_store, decision, sample  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -50,9 +55,39 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """(URL, audit store) of `cxr-triage dashboard` serving a small store on a free 127.0.0.1 port."""
-    db = build_store(tmp_path)
+def beacon() -> Iterator[tuple[str, list[str]]]:
+    """(URL, paths requested so far) of an HTTP server on 127.0.0.1 that records every request."""
+    requested: list[str] = []
+
+    class Record(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def served(tmp_path: Path, beacon: tuple[str, list[str]]) -> Iterator[tuple[str, Path]]:
+    """(URL, audit store) of `cxr-triage dashboard` serving a small store on a free 127.0.0.1 port; its riskiest
+    study (decision 7) has HTML and Markdown pointing at ``beacon`` in its tags, and a file name like a link."""
+    beacon_url = beacon[0]
+    rigged = tmp_path / "[re-login](http:evil).dcm"
+    shutil.copy(sample(6), rigged)
+    db = build_store(tmp_path, (decision(6, 0.99999, True, path=str(rigged),
+                                         manufacturer=f"<img src={beacon_url}/tag.png>",
+                                         view_position=f"![x]({beacon_url}/markdown.png)"),))
     port = free_port()
     log = open(tmp_path / "streamlit.log", "wb")
     command = [sys.executable, "-c", "import sys; from deploy.cli import main; sys.exit(main())", "dashboard",
@@ -110,7 +145,8 @@ def wait_text(driver, text: str) -> None:
         EC.presence_of_element_located((By.XPATH, f"//*[contains(normalize-space(text()), '{text}')]")))
 
 
-def test_login_open_first_flagged_study_and_agree(served: tuple[str, Path], browser, tmp_path: Path) -> None:
+def test_login_open_first_flagged_study_and_agree(served: tuple[str, Path], browser, tmp_path: Path,
+                                                  beacon: tuple[str, list[str]]) -> None:
     url, db = served
     artifacts = Path(os.environ.get("CXR_TEST_ARTIFACTS") or tmp_path / "artifacts")
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -128,16 +164,20 @@ def test_login_open_first_flagged_study_and_agree(served: tuple[str, Path], brow
     click_button(browser, "Open the first flagged study")
     WebDriverWait(browser, WAIT_S).until(EC.presence_of_element_located((By.XPATH, "//img[contains(@src, 'media')]")))
     wait_text(browser, "FLAGGED")
+    time.sleep(1.0)
     browser.save_screenshot(str(artifacts / "3-study.png"))
+    assert beacon[1] == []  # the tags were drawn as text: nothing fetched
+    assert not browser.find_elements(By.XPATH, "//a[contains(@href, 'evil')]")
+    wait_text(browser, ">0.9999")  # triage.present.format_risk, never 1.0000
     click_button(browser, "Agree")
     wait_text(browser, "recorded: Agree by alice")
     browser.save_screenshot(str(artifacts / "4-study-reviewed.png"))
     ActionChains(browser).send_keys("n").perform()  # keyboard shortcut: next study
-    wait_text(browser, "2 of 6")
+    wait_text(browser, "2 of 7")
 
     with sqlite3.connect(db) as con:
         rows = con.execute("SELECT decision_id, reviewer, verdict FROM reviews").fetchall()
-    assert rows == [(5, "alice", "agree")]  # decision 5 has the highest risk among the flagged
+    assert rows == [(7, "alice", "agree")]  # decision 7 has the highest risk among the flagged
 
     for number, page in ((5, "Audit"), (6, "Active learning")):
         WebDriverWait(browser, WAIT_S).until(EC.element_to_be_clickable(
@@ -147,3 +187,4 @@ def test_login_open_first_flagged_study_and_agree(served: tuple[str, Path], brow
         browser.save_screenshot(str(artifacts / f"{number}-{page.lower().replace(' ', '-')}.png"))
     print(f"screenshots in {artifacts}")
     assert len(list(artifacts.glob("*.png"))) == 6
+    assert beacon[1] == []
