@@ -88,7 +88,8 @@ def walk_inputs(paths: Iterable[str]) -> Inputs:
             problem = problem or _file_problem(path)
             if problem:
                 text = path_text(os.path.abspath(path))
-                unscorable[text] = Prepared(text, "", reason="file_unreadable", detail=f"{text}: file_unreadable: {problem}")
+                detail = f"{text}: file_unreadable: {problem}"
+                unscorable[text] = Prepared(text, "", reason="file_unreadable", detail=detail)
             else:
                 files.add(path_text(os.path.realpath(path)))
     return Inputs(sorted(files), [unscorable[p] for p in sorted(unscorable)])
@@ -128,7 +129,8 @@ def _file_problem(path: str) -> str:
     if stat.S_ISREG(mode):
         return ""
     if stat.S_ISDIR(mode):
-        return "a symbolic link to a folder, which the walk does not follow (a link can loop). Fix: pass the folder it points to as a PATH"
+        return ("a symbolic link to a folder, which the walk does not follow (a link can loop). Fix: pass the folder "
+                "it points to as a PATH")
     kind = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
             stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "not a regular file")
     return f"{kind}, not a regular file: reading it could block the run. Fix: copy the image into a regular file"
@@ -414,9 +416,10 @@ def report(summary: RunSummary, args: argparse.Namespace) -> int:
     print(f"worklist: {args.out}\naudit: {args.audit_db}")
     if not summary.is_empty:
         return 0
-    print(f"cxr-triage score: warning: nothing to score under {' '.join(map(path_text, args.paths))}: no file other "
-          f"than hidden ones, DICOMDIR and {' '.join(sorted(IGNORED_SUFFIXES))} files. Fix: check the PATH (the "
-          "worklist written holds only its header)", file=sys.stderr)
+    unscorable = f"; the {summary.unscorable} not scorable where found are in the worklist" if summary.unscorable else ""
+    print(f"cxr-triage score: warning: nothing to score under {' '.join(map(path_text, args.paths))}: no file but "
+          f"hidden ones, DICOMDIR and {' '.join(sorted(IGNORED_SUFFIXES))} files{unscorable}. Fix: check the PATH",
+          file=sys.stderr)
     return EXIT_NOTHING_TO_SCORE
 
 

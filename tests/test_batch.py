@@ -336,7 +336,8 @@ def test_fifos_devices_and_broken_links_are_recorded_never_opened(tmp_path, tiny
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
     rows = {Path(r["path"]).name: r for r in read_worklist(out)}
     assert len(rows) == 5 and sum(r["status"] == "scored" for r in rows.values()) == 2
-    for name, problem in {"pipe.dcm": "a FIFO", "device.dcm": "a character device", "dangling.dcm": "does not exist"}.items():
+    problems = {"pipe.dcm": "a FIFO", "device.dcm": "a character device", "dangling.dcm": "does not exist"}
+    for name, problem in problems.items():
         assert (rows[name]["status"], rows[name]["reason"]) == ("human_review", "file_unreadable")
         assert problem in rows[name]["detail"] and "Fix:" in rows[name]["detail"]
     assert "not scorable where found: 3" in capsys.readouterr().out
@@ -441,7 +442,7 @@ def test_a_min_risk_outside_0_to_1_is_refused_before_scoring(tmp_path, tiny, cap
 @pytest.mark.parametrize("make_out, problem", [
     (lambda out: out.mkdir(), "it is a folder"),
     (lambda out: os.mkfifo(out), "it is not a regular file"),
-    (lambda out: os.symlink(os.devnull, out), "it is not a regular file"),  # the rename would replace the link, not write
+    (lambda out: os.symlink(os.devnull, out), "it is not a regular file"),  # a rename replaces the link, writes nothing
 ], ids=["folder", "fifo", "link-to-device"])
 def test_an_out_that_cannot_take_the_worklist_is_refused_before_scoring(tmp_path, tiny, capsys, make_out, problem):
     write_pngs(tmp_path / "in", 2)
@@ -456,10 +457,11 @@ def test_an_out_that_cannot_take_the_worklist_is_refused_before_scoring(tmp_path
 @pytest.mark.skipif(not Path("/proc/version").is_file(), reason="needs Linux /proc")
 def test_an_out_in_a_folder_where_no_file_can_be_created_is_refused_before_scoring(tmp_path, tiny, capsys):
     write_pngs(tmp_path / "in", 2)
-    assert score(tmp_path / "in", "--bundle", tiny, "--out", "/proc/worklist.csv", "--audit-db", tmp_path / "a.sqlite") == 1
+    db = tmp_path / "a.sqlite"
+    assert score(tmp_path / "in", "--bundle", tiny, "--out", "/proc/worklist.csv", "--audit-db", db) == 1
     error = capsys.readouterr().err
     assert "/proc/worklist.csv: cannot write the worklist here: cannot create a file in /proc" in error
-    assert not (tmp_path / "a.sqlite").exists()
+    assert not db.exists()
 
 
 def test_an_input_with_nothing_to_score_is_a_warning_and_exit_code_3(tmp_path, tiny, capsys):

@@ -43,7 +43,8 @@ def check_min_risk(min_risk: float) -> float:
 
 
 def batch_policy(min_risk: float = 0.0) -> str:
-    """The policy an audit record names for batch top-k: ``batch_top_k``, or ``batch_top_k min_risk=0.5`` with a floor."""
+    """The policy an audit record names for batch top-k: ``batch_top_k``, or ``batch_top_k min_risk=0.5`` with a
+    floor."""
     return BATCH_TOP_K if min_risk == 0 else f"{BATCH_TOP_K} min_risk={min_risk!r}"
 
 
