@@ -6,12 +6,23 @@ in flight are retried one process each, and one that kills its process again is
 recorded as ``decode_failed``. A file whose task runs past ``timeout_s`` has its process
 killed and is recorded as ``decode_timeout``; the other files in flight are retried.
 Either way the file goes to human review, and a fresh pool takes over.
+
+The decode processes die with the program, even with a ``kill -9`` (Linux): the forkserver
+(started by the program) exits as soon as the program ends (``exit_with``, run by
+``deploy.forkserver_preload``), and every decode process (started by the forkserver) has asked
+the kernel for SIGKILL when the forkserver dies (``die_with_parent``), which works even while a
+codec holds the GIL; multiprocessing's resource tracker then reads end-of-file and exits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import select
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -29,10 +40,58 @@ QUEUED_PER_WORKER = 4
 WARM_UP_S = 60.0  # at most this long to see every worker of a new pool start (their start-up is not a file's time)
 
 
+FORKSERVER_PRELOAD = ["__main__", "deploy.forkserver_preload"]  # imported by the forkserver when it starts
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def decoder_pool(workers: int, initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> ProcessPoolExecutor:
-    """A pool of decode processes started from a clean forkserver (no inherited ONNX Runtime threads)."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                               initializer=initializer, initargs=initargs)
+    """A pool of decode processes started from a clean forkserver (no inherited ONNX Runtime threads); the
+    forkserver and the processes die with this one (see the module docstring), then ``initializer(*initargs)``."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(FORKSERVER_PRELOAD)  # takes effect when the forkserver (one per process) starts
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
+                               initargs=(os.getpid(), initializer, initargs))
+
+
+def start_worker(owner_pid: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
+    """Initializer of each decode process: die with the forkserver (its parent), or exit now if ``owner_pid`` (the
+    program, whose death takes the forkserver) died before this process could ask; then ``initializer(*initargs)``."""
+    die_with_parent()
+    try:
+        os.kill(owner_pid, 0)
+    except ProcessLookupError:
+        os._exit(1)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when the thread that started it ends (Linux ``prctl(PR_SET_PDEATHSIG)``:
+    the forkserver's only thread for a decode process; elsewhere nothing is done)."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(errno)}")
+
+
+def exit_with(pid: int) -> None:
+    """End this process as soon as process ``pid`` ends, however it ends: a daemon thread waits on a Linux pidfd
+    (the whole process, not one of its threads, so it suits a forkserver started by any thread of the program;
+    elsewhere nothing is done). Only for a process whose threads never hold the GIL for long (not a decoder)."""
+    if not hasattr(os, "pidfd_open"):
+        return
+    try:
+        process = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def wait_then_exit() -> None:
+        select.select([process], [], [])  # readable once the process has ended
+        os._exit(1)
+
+    threading.Thread(target=wait_then_exit, name=f"exit-with-{pid}", daemon=True).start()
 
 
 def ready() -> int:

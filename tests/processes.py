@@ -1,18 +1,44 @@
-"""Finding a program's worker processes from outside, as an operator (or the OOM killer) would."""
+"""Finding a program's processes from outside, as an operator (or the OOM killer) would, and a decode task that hangs."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+
+
+def table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, state letter) of every process, from /proc/<pid>/stat."""
+    processes = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited while we looked
+            continue
+        processes[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return processes
 
 
 def grandchildren(pid: int) -> list[int]:
     """PIDs two levels below ``pid`` (decode workers sit under the program's forkserver)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
+    parents = {p: parent for p, (parent, _, _) in table().items()}
     children = {p for p, parent in parents.items() if parent == pid}
     return sorted(p for p, parent in parents.items() if parent in children)
+
+
+def group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``: a program started in a session of its own and
+    everything it started (forkserver, decode workers, resource tracker), wherever they were re-parented."""
+    return sorted(p for p, (_, g, state) in table().items() if g == pgid and state != "Z")
+
+
+def gone_within(pgid: int, seconds: float) -> list[int]:
+    """Wait up to ``seconds`` for process group ``pgid`` to empty; the processes still alive then ([] when none)."""
+    deadline = time.monotonic() + seconds
+    while (left := group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def hang(path: str) -> None:
+    """A decode task that never returns, as a stuck codec would not."""
+    time.sleep(3600)

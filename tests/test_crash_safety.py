@@ -24,11 +24,13 @@ import pytest
 from pydicom import dcmread
 
 from tests.conftest import build_dataset
+from tests.processes import gone_within, grandchildren, group
 from tests.test_workstation import CALLER, free_port, listening, wait_for
 from tests.tiny_bundle import build_tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = 500
+SLOW_FILE = REPO / "tests" / "fuzz" / "slow" / "j2k-16000px-flat.dcm"  # 1.4 kB; decodes to 16000 x 16000 in ~8 s
 needs_storescu = pytest.mark.skipif(not shutil.which("storescu"), reason="needs dcmtk storescu (scripts/test.sh installs it)")
 
 
@@ -168,6 +170,27 @@ def test_batch_scorer_killed_at_random_points_then_rerun_decides_each_file_once(
     assert outcome(latest) == outcome(expected), context
     with open(out, newline="") as handle:
         assert len(list(csv.DictReader(handle))) == FILES
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SLOW_FILE.exists(), reason=f"needs the slow-decode file {SLOW_FILE}")
+def test_kill_9_of_the_batch_scorer_leaves_none_of_its_processes_behind(tmp_path, tiny, groups):
+    """``kill -9`` of ``cxr-triage score`` alone (as the OOM killer would) while its two decode processes are inside a
+    slow JPEG 2000 decode (a codec that holds the GIL): its forkserver, decode processes and resource tracker die too."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        shutil.copy(SLOW_FILE, folder / f"slow{i}.dcm")
+    argv = ["score", str(folder), "--bundle", str(tiny), "--out", str(tmp_path / "w.csv"),
+            "--audit-db", str(tmp_path / "a.sqlite"), "--workers", "2", "--decode-timeout", "600", "--device", "cpu"]
+    groups.append(start(argv, tmp_path / "score.log"))
+    scorer = groups[-1]
+    wait_for(lambda: len(grandchildren(scorer.pid)) >= 2 or scorer.poll() is not None, 60, "two decode processes")
+    time.sleep(0.5)  # into the decode
+    assert scorer.poll() is None and len(group(scorer.pid)) >= 5  # the scorer, forkserver, tracker, two decoders
+    os.kill(scorer.pid, signal.SIGKILL)
+    scorer.wait(timeout=10)
+    assert gone_within(scorer.pid, 3.0) == []
 
 
 def workstation(tmp_path: Path, port: int, bundle: Path) -> list[str]:

@@ -11,7 +11,10 @@ that score a handful of files in one go.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import stat
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -19,11 +22,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .audit import Decision
-from .bundle import Bundle, sha256_file
+from .bundle import Bundle
 from .decode import decode_size
 from .errors import BadInputError
 from .inference import InferenceError, Model, calibrated_risk
-from .ingest import read_radiograph
+from .ingest import MAX_FILE_BYTES, read_radiograph
 from .ood import VIEW_OUT
 from .policy import Flags, flag_top_k, study_risks
 from .preprocess import PreprocessSpec, preprocess
@@ -31,6 +34,7 @@ from .radiograph import ImageMeta
 from .scope import FRONTAL_VIEWS
 
 SCORED, HUMAN_REVIEW = "scored", "human_review"
+HASH_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,29 @@ def prepare(path: str, spec: PreprocessSpec, reduced_decode: Collection[str] = (
     return Prepared(str(path), radiograph.sha256, radiograph.meta, model_input, decode_ms=elapsed_ms)
 
 
-def sha256_or_empty(path: str) -> str:
-    """sha256 of a file, or "" when it cannot even be read (it is still recorded)."""
+def sha256_or_empty(path: str, limit_bytes: int | None = None) -> str:
+    """sha256 of a regular file of at most ``limit_bytes`` (default ``triage.ingest.MAX_FILE_BYTES``), or "" (the
+    file is still recorded) when it is larger, not a regular file, or cannot be read.
+
+    The size is checked before anything is read and at most ``limit_bytes`` are ever read (a file that grows past
+    the limit while it is hashed gets ""), so a 40 GB file costs a ``stat``, not minutes of reading.
+    """
+    limit = MAX_FILE_BYTES if limit_bytes is None else limit_bytes
     try:
-        return sha256_file(path)
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
     except OSError:
         return ""
+    with open(handle, "rb") as stream:
+        try:
+            status = os.fstat(handle)
+            if not stat.S_ISREG(status.st_mode) or status.st_size > limit:
+                return ""
+            digest = hashlib.sha256()
+            while chunk := stream.read(min(HASH_CHUNK_BYTES, limit + 1 - stream.tell())):
+                digest.update(chunk)
+            return "" if stream.tell() > limit else digest.hexdigest()
+        except OSError:
+            return ""
 
 
 def draft(prepared: Prepared, bundle: Bundle, pseudonymize: Callable[[str], str], risk: float | None = None,
