@@ -2,19 +2,27 @@
 
 The client (this process) lists the files, reads what earlier runs left in the audit
 store, and submits chunks of files; each Dask worker decodes and preprocesses them
-(``triage.pipeline.prepare``) and runs the model on one ONNX Runtime session per worker
-process, kept in ``_SESSIONS`` (keyed by bundle folder, sha256 and device; CUDA when the
-worker has it, see ``triage.inference.choose_providers``). Workers return drafts without
+(``triage.pipeline.prepare``) in a decode process of its own under the local engine's
+isolation (``deploy.isolation.Decoder``, one per worker thread, kept in ``_DECODERS``), and runs
+the model on one ONNX Runtime session per worker process, kept in ``_SESSIONS`` (keyed by
+bundle folder, sha256 and device; CUDA when the worker has it, see
+``triage.inference.choose_providers``). Workers return drafts without
 pixels; the client pseudonymizes patient ids (the site secret never leaves it), saves each
 chunk's drafts as pending (an upsert keyed by path, sha256 and bundle), and at the end
 flags the top ``flag_rate`` of all studies and appends the audit records with the local
 engine's own functions (``deploy.batch.resume_state`` / ``record_run`` / ``write_worklist``).
 
+So a file whose decode runs past ``--decode-timeout`` or crashes its decode process gets the
+local engine's ``decode_timeout``/``decode_failed`` record (naming its study), and the Dask worker
+goes on. The decode processes are children of the worker, which therefore must not be a daemonic
+process (``distributed.worker.daemon: False``; ``local_cluster`` sets it, ``WorkerSetupError`` names
+the fix for workers started without it).
+
 A lost worker costs nothing: Dask reruns its tasks elsewhere, and since only the client
 writes, a rerun task cannot duplicate a record. A chunk that kills ``allowed-failures``
-workers (a crashing codec) is split into single-file tasks, and a file that still kills
-its workers goes to human review as ``decode_failed``. A rerun of the same command is
-idempotent: files already audited with the same path, sha256 and bundle are skipped.
+workers (the OOM killer, a crash in the model's runtime) is split into single-file tasks, and a
+file that still kills its workers goes to human review as ``decode_failed``. A rerun of the same
+command is idempotent: files already audited with the same path, sha256 and bundle are skipped.
 
 ``distributed`` is imported only when this engine runs (the ``scale`` extra).
 """
@@ -24,8 +32,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import multiprocessing
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -43,12 +53,14 @@ from triage.errors import BundleError, TriageError
 from triage.inference import Model, load_model
 from triage.pipeline import Prepared, draft, prepare, score_prepared, sha256_or_empty
 from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate
+from triage.preprocess import PreprocessSpec
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 from . import batch
+from .isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder, check_timeout
 
 if TYPE_CHECKING:
-    from distributed import Client
+    from distributed import Client, LocalCluster
 
 MAX_CHUNK = batch.BATCH_SIZE  # files per task: one model batch
 CHUNKS_PER_WORKER = 4  # at least this many tasks per worker, so a slow or lost one is a small share
@@ -57,6 +69,11 @@ CONNECT_TIMEOUT_S = 30
 WORKER_WAIT_S = 120
 
 _SESSIONS: dict[tuple[str, str, str], Model] = {}  # per worker process
+_DECODERS: dict[tuple[int, float | None], Decoder] = {}  # per worker thread and decode timeout
+
+
+class WorkerSetupError(TriageError, RuntimeError):
+    """A Dask worker that cannot run this engine as it was started."""
 
 
 @dataclass(frozen=True)
@@ -95,19 +112,37 @@ def worker_threads() -> int:
         return 0
 
 
+def worker_decoder(timeout_s: float | None) -> Decoder:
+    """This worker thread's decode process (``deploy.isolation.Decoder``), started on first use."""
+    key = (threading.get_ident(), timeout_s)
+    if key not in _DECODERS:
+        if multiprocessing.current_process().daemon:
+            raise WorkerSetupError(
+                f"the Dask worker on {socket.gethostname()} is a daemonic process, which may not start the decode "
+                "processes that bound each file's decode (--decode-timeout) and survive a crashing codec. Fix: start "
+                "the workers with DASK_DISTRIBUTED__WORKER__DAEMON=False in their environment (see deploy/SCALE.md)")
+        _DECODERS[key] = Decoder(1, timeout_s)
+    return _DECODERS[key]
+
+
+def prepare_unless_known(path: str, spec: PreprocessSpec, reduced: frozenset[str],
+                         known: dict[str, frozenset[str]]) -> Prepared | batch.Known:
+    """Decode task: skip a file this bundle already scored (``known``: path -> sha256s), else decode and preprocess it."""
+    digest = sha256_or_empty(path)
+    if digest in known.get(path, ()):
+        return batch.Known(path, digest)
+    return prepare(path, spec, reduced)
+
+
 def score_chunk(paths: Sequence[str], bundle_dir: str, bundle_sha256: str, device: str,
-                known: dict[str, frozenset[str]], run_id: str) -> ChunkResult:
-    """Worker task: skip files this bundle already scored (``known``: path -> sha256s), decode, preprocess
-    and score the rest in one model batch."""
+                known: dict[str, frozenset[str]], run_id: str, decode_timeout_s: float | None) -> ChunkResult:
+    """Worker task: skip files this bundle already scored (``known``: path -> sha256s), decode and preprocess
+    the rest in this thread's decode process (at most ``decode_timeout_s`` each), score them in one model batch."""
     model = worker_model(bundle_dir, bundle_sha256, device)
-    prepared: list[Prepared] = []
-    seen: list[tuple[str, str]] = []
-    for path in paths:
-        digest = sha256_or_empty(path)
-        if digest in known.get(path, ()):
-            seen.append((path, digest))
-        else:
-            prepared.append(prepare(path, model.bundle.preprocessing, model.bundle.reduced_decode))
+    items = list(worker_decoder(decode_timeout_s).map(
+        prepare_unless_known, paths, model.bundle.preprocessing, model.bundle.reduced_decode, known))
+    prepared = [item for item in items if isinstance(item, Prepared)]
+    seen = [(item.path, item.sha256) for item in items if isinstance(item, batch.Known)]
     drafts = score_prepared(model, prepared, lambda _: "", run_id)  # the client pseudonymizes
     patient_ids = [None if p.meta is None else p.meta.patient_id for p in prepared]
     return ChunkResult(drafts, patient_ids, seen, model.provider)
@@ -127,16 +162,16 @@ def pseudonymized(result: ChunkResult, secret: bytes) -> list[Decision]:
 
 def killed_result(path: str, bundle: Bundle, run_id: str) -> ChunkResult:
     """A file whose task killed every worker that ran it, alone: human review, never dropped."""
-    detail = (f"{path}: decode_failed: every Dask worker that read this file died (a crashing decoder or the OOM "
-              "killer). Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
+    detail = (f"{path}: decode_failed: every Dask worker that scored this file died (the OOM killer, or a crash "
+              "while scoring it). Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
     crashed = Prepared(path, sha256_or_empty(path), reason="decode_failed", detail=detail)
     return ChunkResult([draft(crashed, bundle, lambda _: "", run_id=run_id)], [None], [], "")
 
 
 @contextmanager
 def dask_client(scheduler: str | None, workers: int) -> Iterator["Client"]:
-    """A client of the scheduler at ``scheduler``, else of a local cluster of ``workers`` single-thread processes."""
-    from distributed import Client, LocalCluster
+    """A client of the scheduler at ``scheduler``, else of a ``local_cluster`` of ``workers`` processes."""
+    from distributed import Client
 
     if scheduler:
         try:
@@ -152,22 +187,36 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator["Client"]:
                                    f"with 'dask worker {scheduler}' (see deploy/SCALE.md)") from None
             yield client
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with local_cluster(workers) as cluster, Client(cluster) as client:
         yield client
+
+
+@contextmanager
+def local_cluster(workers: int) -> Iterator["LocalCluster"]:
+    """A Dask cluster of ``workers`` single-thread worker processes on this machine that may start decode processes
+    (not daemonic), also when one is restarted after a crash: the setting holds while the cluster runs."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.worker.daemon": False}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster
 
 
 def run_dask(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path,
              flag_rate: float = DEFAULT_FLAG_RATE, scheduler: str | None = None, workers: int = 2,
              device: str = "auto", progress: bool | None = None,
-             on_chunk: Callable[["Client"], None] | None = None) -> batch.RunSummary:
+             on_chunk: Callable[["Client"], None] | None = None,
+             decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> batch.RunSummary:
     """Score every file under ``paths`` on Dask workers; same decisions, audit and worklist as ``batch.run_score``.
 
-    ``on_chunk(client)`` is called after each finished chunk is saved (progress reports, tests).
-    Raises on operational failure only (bundle, store, worklist, scheduler).
+    ``decode_timeout_s`` bounds each file's decode, as in the local engine. ``on_chunk(client)`` is called after
+    each finished chunk is saved (progress reports, tests). Raises on operational failure only (bundle, store,
+    worklist, scheduler, a worker that cannot start decode processes).
     """
     start = time.perf_counter()
     check_flag_rate(flag_rate)
+    check_timeout(decode_timeout_s)
     batch.check_writable(out)
     files = batch.list_inputs(paths)
     run_id = uuid.uuid4().hex
@@ -175,7 +224,8 @@ def run_dask(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Pa
     with batch.run_lock(audit_db), open_store(audit_db) as store, dask_client(scheduler, workers) as client:
         state = batch.resume_state(store, bundle)
         chunks = partition(files, max(1, len(client.nthreads())))
-        results = score_on_cluster(client, chunks, bundle, device, state.known, run_id, store, secret, progress, on_chunk)
+        results = score_on_cluster(client, chunks, bundle, device, state.known, run_id, store, secret, progress, on_chunk,
+                                   decode_timeout_s)
         fresh = [d for i in range(len(chunks)) for d in results[i][0]]
         seen_known = [k for i in range(len(chunks)) for k in results[i][1]]
         final_new, final_previous = batch.record_run(store, bundle, state, fresh, seen_known, flag_rate, run_id)
@@ -188,7 +238,7 @@ def run_dask(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Pa
 def score_on_cluster(client: "Client", chunks: list[list[str]], bundle: Bundle, device: str,
                      known: frozenset[tuple[str, str]], run_id: str, store: AuditStore, secret: bytes,
                      progress: bool | None, on_chunk: Callable[["Client"], None] | None,
-                     ) -> dict[int, tuple[list[Decision], list[tuple[str, str]], str]]:
+                     decode_timeout_s: float | None) -> dict[int, tuple[list[Decision], list[tuple[str, str]], str]]:
     """Chunk index -> (pseudonymized drafts, skipped keys, provider); each chunk's drafts saved as pending on arrival."""
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
@@ -201,7 +251,7 @@ def score_on_cluster(client: "Client", chunks: list[list[str]], bundle: Bundle, 
     def submit(paths: list[str], tag: str):
         chunk_known = {p: frozenset(known_by_path[p]) for p in paths if p in known_by_path}
         return client.submit(score_chunk, paths, bundle_dir, bundle.sha256, device, chunk_known, run_id,
-                             key=f"cxr-triage-score-{run_id}-{tag}", pure=False)
+                             decode_timeout_s, key=f"cxr-triage-score-{run_id}-{tag}", pure=False)
 
     futures = {submit(chunk, str(i)): i for i, chunk in enumerate(chunks)}
     results: dict[int, tuple[list[Decision], list[tuple[str, str]], str]] = {}
@@ -258,7 +308,7 @@ def score_command(args: argparse.Namespace) -> int:
         bundle = load_bundle(args.bundle)
         audit_db = args.audit_db if is_url(args.audit_db) else Path(args.audit_db)
         summary = run_dask(args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.scheduler,
-                           max(1, args.workers), args.device)
+                           max(1, args.workers), args.device, decode_timeout_s=args.decode_timeout)
     except (TriageError, OSError, ValueError) as error:  # OSError includes a scheduler that does not answer
         print(f"cxr-triage score: error: {error}", file=sys.stderr)
         return 1

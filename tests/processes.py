@@ -18,11 +18,19 @@ def table() -> dict[int, tuple[int, int, str]]:
     return processes
 
 
+def below(pid: int, levels: int) -> list[int]:
+    """PIDs exactly ``levels`` levels below ``pid`` (a Dask engine's decode processes are 3 below the program:
+    Dask worker, its forkserver, decode process)."""
+    parents = {p: parent for p, (parent, _, _) in table().items()}
+    found = {pid}
+    for _ in range(levels):
+        found = {p for p, parent in parents.items() if parent in found}
+    return sorted(found)
+
+
 def grandchildren(pid: int) -> list[int]:
     """PIDs two levels below ``pid`` (decode workers sit under the program's forkserver)."""
-    parents = {p: parent for p, (parent, _, _) in table().items()}
-    children = {p for p, parent in parents.items() if parent == pid}
-    return sorted(p for p, parent in parents.items() if parent in children)
+    return below(pid, 2)
 
 
 def group(pgid: int) -> list[int]:

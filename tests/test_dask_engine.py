@@ -1,5 +1,6 @@
 """The Dask engine on a real LocalCluster (2 worker processes): same decisions and worklist as the local
-engine, exactly one decision per file when a worker process is killed mid-run, idempotent reruns."""
+engine (a decode past --decode-timeout included), exactly one decision per file when a worker process is killed
+mid-run, idempotent reruns, and nothing left running after a ``kill -9`` of the client."""
 
 from __future__ import annotations
 
@@ -8,29 +9,38 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from deploy.batch import list_inputs
 from deploy.cli import main
-from deploy.dask_engine import partition, run_dask
+from deploy.dask_engine import WorkerSetupError, local_cluster, partition, run_dask
+from tests.conftest import build_dataset
 from tests.pg import pg_server, pg_url  # noqa: F401 (fixtures)
+from tests.processes import below, gone_within, group
 from tests.test_batch import write_pngs
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import open_store
 from triage.bundle import load_bundle
 
 distributed = pytest.importorskip("distributed", reason="the Dask engine needs the 'scale' extra (dask[distributed])")
+import dask  # noqa: E402 (installed with distributed)
 pytestmark = pytest.mark.slow  # a cluster start and several runs: about 30 s on 2 shared cores
 
 ROOT = Path(__file__).resolve().parents[1]
+SLOW_FILE = ROOT / "tests" / "fuzz" / "slow" / "j2k-16000px-flat.dcm"  # 1.4 kB; decodes to 16000 x 16000 in ~8 s
+needs_slow_file = pytest.mark.skipif(not SLOW_FILE.exists(), reason=f"needs the slow-decode file {SLOW_FILE}")
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
+    with local_cluster(2) as local:
         yield local
 
 
@@ -168,3 +178,66 @@ def test_dask_engine_into_a_postgresql_store(cluster, studies, tiny, local_run, 
     assert main(argv) == 0
     per_file = decisions_per_file(pg_url)
     assert len(per_file) == 52 and set(per_file.values()) == {1}
+
+
+@pytest.fixture(scope="module")
+def slow_folder(tmp_path_factory):
+    """A file whose decode takes ~8 s (a real 1.4 kB JPEG 2000) among three quick ones."""
+    folder = tmp_path_factory.mktemp("slow")
+    shutil.copy(SLOW_FILE, folder / "slow.dcm")
+    for i in range(3):
+        build_dataset(rows=96, cols=96, patient_id=f"P{i}").save_as(folder / f"quick{i}.dcm", enforce_file_format=True)
+    return folder
+
+
+@needs_slow_file
+def test_a_decode_past_the_timeout_gets_the_local_engines_decode_timeout_record(cluster, slow_folder, tiny, tmp_path):
+    """--decode-timeout was ignored by the Dask engine: a stuck decoder stalled the run."""
+    worklists = {}
+    for engine in ("local", "dask"):
+        out, db = tmp_path / f"{engine}.csv", tmp_path / f"{engine}.sqlite"
+        argv = ["score", str(slow_folder), "--bundle", str(tiny), "--out", str(out), "--audit-db", str(db),
+                "--decode-timeout", "2", "--device", "cpu", "--engine", engine]
+        start = time.monotonic()
+        assert main(argv + (["--scheduler", cluster.scheduler_address] if engine == "dask" else ["--workers", "1"])) == 0
+        assert time.monotonic() - start < 30, engine
+        worklists[engine] = read_worklist(out)
+    same_worklist(worklists["dask"], worklists["local"])
+    slow = next(row for row in worklists["dask"] if row["path"].endswith("slow.dcm"))
+    assert (slow["status"], slow["reason"]) == ("human_review", "decode_timeout") and "within 2 s" in slow["detail"]
+    assert slow["study_uid"] == str(dcmread(SLOW_FILE, stop_before_pixels=True).StudyInstanceUID)
+    assert sum(row["status"] == "scored" for row in worklists["dask"]) == 3
+
+
+def test_a_daemonic_worker_is_refused_with_the_fix(slow_folder, tiny, tmp_path):
+    """Workers started the default way are daemonic processes, which may not start the decode processes."""
+    with dask.config.set({"distributed.worker.daemon": True}), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as daemonic:
+        with pytest.raises(WorkerSetupError, match="DASK_DISTRIBUTED__WORKER__DAEMON=False"):
+            run_dask([str(slow_folder / "quick0.dcm")], load_bundle(tiny), tmp_path / "a.sqlite", tmp_path / "w.csv",
+                     scheduler=daemonic.scheduler_address, device="cpu", progress=False)
+
+
+@needs_slow_file
+def test_kill_9_of_a_dask_run_leaves_none_of_its_processes_behind(slow_folder, tiny, tmp_path):
+    """``kill -9`` of ``cxr-triage score --engine dask`` (its own local cluster) while both workers' decode processes
+    are inside a slow decode: the Dask workers, their forkservers and decode processes and the resource tracker die."""
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        shutil.copy(SLOW_FILE, tmp_path / "in" / f"slow{i}.dcm")
+    argv = ["score", str(tmp_path / "in"), "--bundle", str(tiny), "--out", str(tmp_path / "w.csv"), "--audit-db",
+            str(tmp_path / "a.sqlite"), "--engine", "dask", "--workers", "2", "--decode-timeout", "600", "--device", "cpu"]
+    client = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(below(client.pid, 3)) < 2 and client.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # a decode process under each worker's forkserver
+        assert len(below(client.pid, 3)) == 2, "the decode processes did not start"
+        time.sleep(0.5)  # into the decode
+        os.kill(client.pid, signal.SIGKILL)
+        client.wait(timeout=10)
+        assert gone_within(client.pid, 5.0) == []
+    finally:
+        for pid in group(client.pid):
+            os.kill(pid, signal.SIGKILL)
