@@ -169,7 +169,8 @@ def test_real_chest_and_non_chest_studies_are_audited_and_the_sr_comes_back(stat
     assert f"{row['study_risk']:.6f}" in chest_dump and "Flag threshold" in chest_dump
     assert str(dcmread(chest, stop_before_pixels=True).SOPInstanceUID) in chest_dump
     assert "body_part_out_of_scope" in dumps[hip_uid]
-    assert not list(station.config.outbox_dir.glob("*/*.dcm"))  # delivered, so removed
+    # a delivered report leaves the outbox once its success status is in and the association is released
+    wait_for(lambda: not list(station.config.outbox_dir.glob("*/*.dcm")), 10, "the delivered reports to leave")
 
 
 def test_unsupported_sop_class_is_refused_and_bad_uids_get_cannot_understand(station, make_dicom):
@@ -461,3 +462,49 @@ def test_a_report_that_never_reached_the_outbox_is_rebuilt_at_the_next_start(tmp
         assert str(dcmread(report).StudyInstanceUID) == uid
     for station, _ in watched_station(tmp_path, **settings):  # a third start: already in the outbox
         assert len(station.outbox.pending()) == 1
+
+
+@needs_dcmtk
+def test_a_c_store_resend_with_other_pixels_is_decided_as_new_beside_the_audited_file(tiny_station, make_dicom, tmp_path):
+    """Item 13 over C-STORE: the audited file stays as it was; the other version is a new instance of the study."""
+    original = make_dicom("v1.dcm", modality="CR")
+    changed = dcmread(original)
+    changed.PixelData = bytes(len(changed.PixelData))  # same SOP Instance UID, other pixels
+    changed.save_as(tmp_path / "v2.dcm")
+    study, db, port = str(changed.StudyInstanceUID), tiny_station.config.audit_db, tiny_station.scp.port
+    assert storescu(port, original).returncode == 0
+    [first] = wait_for(lambda: decisions(db, study_uid=study), what="the first decision")
+    assert storescu(port, original, tmp_path / "v2.dcm").returncode == 0  # identical bytes, then other pixels
+    rows = wait_for(lambda: len(decisions(db, study_uid=study)) == 3 and decisions(db, study_uid=study), what="rescore")
+    again = {row["path"]: row for row in rows[1:]}
+    assert again.pop(first["path"])["supersedes"] == first["id"] and sha256_file(Path(first["path"])) == first["sha256"]
+    [new] = again.values()
+    assert new["supersedes"] is None and new["sha256"] == sha256_file(Path(new["path"])) != first["sha256"]
+    assert new["study_risk"] == max(rows[1]["risk"], rows[2]["risk"])  # the study risk covers every stored version
+
+
+def test_a_dropped_file_of_another_patient_is_rejected_and_no_report_mixes_identities(tmp_path, make_dicom, caplog):
+    """Item 11, watched folder: the same one-patient check as the SCP (assembler.check_patient); the file is moved
+    to rejected/ with an ERROR line naming UIDs and tags, never values, and is neither stored nor decided."""
+    from tests.conftest import SYNTHETIC_PATIENT_ID
+    from tests.test_workstation_intake import OTHER_ID, OTHER_NAME
+
+    first = make_dicom("first.dcm", modality="CR")
+    study = str(dcmread(first, stop_before_pixels=True).StudyInstanceUID)
+    other = dcmread(make_dicom("other.dcm", modality="CR", patient_name=OTHER_NAME, patient_id=OTHER_ID))
+    other.StudyInstanceUID = study
+    other.save_as(tmp_path / "other.dcm")
+    settings = {"destinations": (Destination("NOBODY", "127.0.0.1", 9),), "retry_base_s": 60}  # reports stay queued
+    for station, thread in watched_station(tmp_path, **settings):
+        db = station.config.audit_db
+        shutil.move(first, station.config.incoming_dir / first.name)
+        [decided] = wait_for(lambda: decisions(db, study_uid=study), what="the first patient's decision")
+        shutil.move(tmp_path / "other.dcm", station.config.incoming_dir / "other.dcm")
+        [rejected] = wait_for(lambda: list(station.config.rejected_dir.glob("*")), what="the rejection")
+        assert rejected.name == "other.dcm" and thread.is_alive() and not list(station.config.incoming_dir.iterdir())
+        assert decisions(db, study_uid=study) == [decided]
+        assert [p.name for p in (station.config.studies_dir / study).glob("*.dcm")] == [Path(decided["path"]).name]
+        reports = [dcmread(path) for path in station.outbox.pending()]
+    assert [report.PatientID for report in reports] == [SYNTHETIC_PATIENT_ID]
+    assert "other.dcm: instance " in caplog.text and "(0010,0020) Patient ID" in caplog.text and "moved to" in caplog.text
+    assert OTHER_ID not in caplog.text and OTHER_NAME not in caplog.text

@@ -1,5 +1,6 @@
 """The workstation's intake against real peers: size limit during receipt, pre-association timeout,
-one patient per study (SCP refusal, report guard). Peers: dcmtk storescu/echoscu, a pynetdicom SCU, raw sockets."""
+one patient per study (SCP refusal, report guard), content-addressed storage.
+Peers: dcmtk storescu/echoscu, a pynetdicom SCU, raw sockets."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from deploy.workstation.report import build_study_report
 from deploy.workstation.scp import STATUS_PATIENT_MISMATCH, StorageSCP, message_bytes
 from tests.conftest import SYNTHETIC_PATIENT_ID, SYNTHETIC_PATIENT_NAME
 from triage.audit import Decision
+from triage.bundle import sha256_file
 
 needs_dcmtk = pytest.mark.skipif(not all(shutil.which(t) for t in ("echoscu", "storescu")),
                                  reason="needs dcmtk (apt-get install dcmtk; scripts/test.sh installs it)")
@@ -85,7 +87,7 @@ def test_an_instance_over_the_limit_is_aborted_in_receipt_and_the_scp_keeps_serv
         assert not list(scp_temp.iterdir()), "the aborted transfer left its temporary file"
         accepted = storescu(scp.port, small)
         assert accepted.returncode == 0, accepted.stderr
-        assert [a.path.name for a in arrivals] == [f"{dcmread(small).SOPInstanceUID}.dcm"]
+        assert [dcmread(a.path).SOPInstanceUID for a in arrivals] == [dcmread(small).SOPInstanceUID]
         assert arrivals[0].path.read_bytes()[128:132] == b"DICM"
     finally:
         scp.stop()
@@ -137,7 +139,7 @@ def test_an_instance_of_another_patient_is_refused_with_its_tags_and_never_store
     assert ok.Status == 0 and ok_too.Status == 0
     assert refused.Status == STATUS_PATIENT_MISMATCH
     assert sorted(refused.OffendingElement) == [0x00100010, 0x00100020]
-    assert [a.path.name for a in arrivals] == [f"{dcmread(p).SOPInstanceUID}.dcm" for p in (first, same)]
+    assert [dcmread(a.path).SOPInstanceUID for a in arrivals] == [dcmread(p).SOPInstanceUID for p in (first, same)]
     assert sorted(p.name for p in (tmp_path / "studies" / study_uid).glob("*.dcm")) == sorted(a.path.name for a in arrivals)
     logged = caplog.text
     assert "(0010,0020) Patient ID" in logged and str(dcmread(other).SOPInstanceUID) in logged
@@ -168,3 +170,27 @@ def test_a_report_over_instances_of_two_patients_is_refused(make_dicom):
     with pytest.raises(PatientMismatchError, match=str(two.SOPInstanceUID)) as refused:
         build_study_report([decision], [one, two])
     assert OTHER_ID not in str(refused.value) and OTHER_NAME not in str(refused.value)
+
+
+# -- item 13: every version of an instance is kept -------------------------------------------------------
+
+
+def test_a_c_store_resend_of_identical_bytes_is_a_no_op_and_one_with_other_pixels_is_kept_beside(tmp_path, make_dicom,
+                                                                                                 scp_temp):
+    original = make_dicom("v1.dcm", rows=128, cols=128)
+    changed = dcmread(original)
+    changed.PixelData = bytes(len(changed.PixelData))  # same SOP Instance UID, other pixels
+    changed.save_as(tmp_path / "v2.dcm")
+    scp, arrivals = start_scp(tmp_path)
+    try:
+        statuses = send(scp.port, original)
+        first_inode = arrivals[0].path.stat().st_ino
+        statuses += send(scp.port, original, tmp_path / "v2.dcm")
+    finally:
+        scp.stop()
+    assert [status.Status for status in statuses] == [0, 0, 0]
+    first, again, other = (arrival.path for arrival in arrivals)
+    assert again == first and first.stat().st_ino == first_inode  # identical bytes: the file was not written again
+    assert other != first and sorted(first.parent.glob("*.dcm")) == sorted([first, other])
+    assert all(path.name == f"{changed.SOPInstanceUID}.{sha256_file(path)}.dcm" for path in (first, other))
+    assert dcmread(first).PixelData == dcmread(original).PixelData and dcmread(other).PixelData == changed.PixelData

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
@@ -12,15 +13,18 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from deploy.workstation.assembler import StudyAssembler
+from deploy.workstation.assembler import StudyAssembler, check_patient
 from deploy.workstation.config import Config, ConfigError, Destination, load_config
-from deploy.workstation.inbox import InvalidUIDError, check_uid, claim_dropped, instance_path, remove_partials, write_atomic
+from deploy.workstation.inbox import (InvalidUIDError, check_uid, claim_dropped, instance_path, remove_partials,
+                                      store_instance, write_atomic)
 from deploy.workstation.outbox import Outbox
 from deploy.workstation.report import NOT_FOR_DIAGNOSTIC_USE, build_report
 from deploy.workstation.service import Workstation
 from deploy.workstation.stream import STARVATION_GUARD, SiteRecalibrator, StarvationGuard
 from triage.audit import AuditStore, Decision
 from triage.bundle import sha256_file
+from triage.ingest import MAX_FILE_BYTES
+from tests.conftest import SYNTHETIC_PATIENT_ID, SYNTHETIC_PATIENT_NAME
 from tests.tiny_bundle import build_tiny_bundle
 
 
@@ -35,7 +39,8 @@ def test_config_file_then_flags_on_top(tmp_path):
 @pytest.mark.parametrize("text, match", [
     ("prot = 1\n", "unknown key"), ("flag_rate = 1.5\n", "flag_rate"), ('allow_ae = ["A\\\\B"]\n', "AE title"),
     ('destinations = ["PACS:104"]\n', "AE@HOST:PORT"), ("quiet_period_s = -1\n", "quiet_period_s"),
-    ("decode_timeout_s = 0\n", "decode_timeout_s"),
+    ("decode_timeout_s = 0\n", "decode_timeout_s"), ("max_instance_bytes = 0\n", "max_instance_bytes"),
+    (f"max_instance_bytes = {MAX_FILE_BYTES + 1}\n", "max_instance_bytes"), ("acse_timeout_s = 0\n", "acse_timeout_s"),
 ])
 def test_bad_config_names_the_key_and_the_fix(tmp_path, text, match):
     path = tmp_path / "ws.toml"
@@ -66,11 +71,11 @@ def test_dropped_files_are_claimed_by_uid_or_kept_by_hash(tmp_path, make_dicom):
     studies = tmp_path / "studies"
     dicom = make_dicom("drop me.dcm")
     ds, digest = dcmread(dicom, stop_before_pixels=True), sha256_file(dicom)
-    study, path = claim_dropped(dicom, studies)
+    study, path = claim_dropped(dicom, studies, check_patient)
     assert (study, path) == (ds.StudyInstanceUID, instance_path(studies, ds.StudyInstanceUID, ds.SOPInstanceUID, digest))
     junk = tmp_path / "notes.bin"
     junk.write_bytes(b"not dicom at all")
-    study, path = claim_dropped(junk, studies)
+    study, path = claim_dropped(junk, studies, check_patient)
     assert study.startswith("no-uid-") and path.read_bytes() == b"not dicom at all" and not junk.exists()
 
 
@@ -142,7 +147,7 @@ def test_starvation_guard_appends_a_superseding_flagged_record(tmp_path, make_di
     station = Workstation(config)
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
     dicom = make_dicom(modality="CR", unit=np.zeros((256, 224)))  # a dark image: low risk, not flagged
-    study, path = claim_dropped(dicom, config.studies_dir)
+    study, path = claim_dropped(dicom, config.studies_dir, check_patient)
     with AuditStore(config.audit_db) as store:
         [first] = station.decide_study(store, study, "siteA")
         assert not first.flagged
@@ -160,7 +165,7 @@ def test_a_flagged_study_runs_the_notify_command(tmp_path, make_dicom):
                     bundle=build_tiny_bundle(tmp_path / "tiny", threshold=0.0), notify_command=tuple(hook))
     station = Workstation(config)
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
-    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir)  # threshold 0: flagged
+    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir, check_patient)  # threshold 0: flagged
     with AuditStore(config.audit_db) as store:
         [decision] = station.decide_study(store, study, "siteA")
     assert decision.flagged
@@ -179,7 +184,7 @@ def test_status_command_before_and_after_a_decision(tmp_path, make_dicom, capsys
                     bundle=build_tiny_bundle(tmp_path / "tiny", threshold=0.0))
     station = Workstation(config)
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
-    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir)
+    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir, check_patient)
     with AuditStore(config.audit_db) as store:
         station.decide_study(store, study, "siteA")
     (config.studies_dir / "1.2.3").mkdir()
@@ -200,9 +205,10 @@ def test_bad_flag_is_an_error_with_the_fix(tmp_path, capsys):
 
 def test_the_service_listens_with_the_configured_network_limits(tmp_path):
     config = Config(port=0, inbox=tmp_path / "inbox", audit_db=tmp_path / "audit.sqlite",
-                    bundle=build_tiny_bundle(tmp_path / "tiny"), device="cpu", max_associations=3, max_pdu_bytes=8192)
-    station = Workstation(config)
-    assert (station.scp.max_associations, station.scp.max_pdu_bytes) == (3, 8192)
+                    bundle=build_tiny_bundle(tmp_path / "tiny"), device="cpu", max_associations=3, max_pdu_bytes=8192,
+                    max_instance_bytes=2**20, acse_timeout_s=1.5)
+    scp = Workstation(config).scp
+    assert (scp.max_associations, scp.max_pdu_bytes, scp.max_instance_bytes, scp.acse_timeout_s) == (3, 8192, 2**20, 1.5)
 
 
 # -- hardening (issue 14) ---------------------------------------------------------------------------
@@ -247,12 +253,12 @@ def test_a_resent_instance_with_other_pixels_is_kept_beside_the_audited_file_and
     changed = dcmread(original)
     changed.PixelData = bytes(len(changed.PixelData))  # same SOP Instance UID, other pixels
     changed.save_as(tmp_path / "v2.dcm")
-    study, first_path = claim_dropped(original, config.studies_dir)
+    study, first_path = claim_dropped(original, config.studies_dir, check_patient)
     with AuditStore(config.audit_db) as store:
         [first] = station.decide_study(store, study, "siteA")
-        assert claim_dropped(resend, config.studies_dir) == (study, first_path)
+        assert claim_dropped(resend, config.studies_dir, check_patient) == (study, first_path)
         assert station.decide_study(store, study, "siteA") == []  # a resend of identical bytes decides nothing
-        _, second_path = claim_dropped(tmp_path / "v2.dcm", config.studies_dir)
+        _, second_path = claim_dropped(tmp_path / "v2.dcm", config.studies_dir, check_patient)
         again = {d.path: d for d in station.decide_study(store, study, "siteA")}
     assert second_path != first_path and sha256_file(first_path) == first.sha256  # the audited file is unchanged
     assert again[str(second_path)].supersedes is None and again[str(second_path)].sha256 == sha256_file(second_path)
@@ -291,7 +297,7 @@ def test_status_finds_the_audit_store_the_running_workstation_recorded(tmp_path,
     config = tiny_config(tmp_path, audit_db=tmp_path / "elsewhere" / "audit.sqlite")
     station = Workstation(config)
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
-    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir)
+    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir, check_patient)
     with AuditStore(config.audit_db) as store:
         station.decide_study(store, study, "siteA")  # writes workstation.json
     assert main(["workstation", "status", "--inbox", str(config.inbox)]) == 0
@@ -310,7 +316,7 @@ def test_a_risk_near_one_never_reads_as_certainty_in_the_log_the_hook_or_status(
                          notify_command=tuple(hook))
     station = Workstation(config)
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
-    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir)
+    study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir, check_patient)
     with caplog.at_level(logging.INFO, logger="cxr_triage.workstation"), AuditStore(config.audit_db) as store:
         [decision] = station.decide_study(store, study, "siteA")
     assert decision.study_risk > 0.9999 and f"{decision.study_risk:.4f}" == "1.0000"
@@ -323,3 +329,50 @@ def test_a_risk_near_one_never_reads_as_certainty_in_the_log_the_hook_or_status(
     assert main(["workstation", "status", "--inbox", str(config.inbox), "--audit-db", str(config.audit_db)]) == 0
     status = capsys.readouterr().out
     assert "risk >0.9999" in status and "1.0000" not in status
+
+
+def test_a_study_of_two_patients_is_decided_but_gets_no_report(tmp_path, make_dicom, caplog):
+    """Item 11: an inbox holding two patients under one Study UID (stored before the one-patient check existed, or
+    copied in by hand) is still decided, but no report is built under either identity; the log names no patient."""
+    config = tiny_config(tmp_path, destinations=(Destination("PACS", "127.0.0.1", 104),))
+    station = Workstation(config)
+    station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
+    one = dcmread(make_dicom("one.dcm", modality="CR"))
+    two = dcmread(make_dicom("two.dcm", modality="CR", patient_name="OTHER^PATIENT", patient_id="OTHER-ID-4711"))
+    two.StudyInstanceUID = study = str(one.StudyInstanceUID)
+    two.save_as(tmp_path / "two.dcm")
+    for ds, name in ((one, "one.dcm"), (two, "two.dcm")):  # bypasses check_patient, as an old inbox did
+        store_instance(config.studies_dir, study, str(ds.SOPInstanceUID), (tmp_path / name).read_bytes())
+    with caplog.at_level(logging.INFO, logger="cxr_triage.workstation"), AuditStore(config.audit_db) as store:
+        decided = station.decide_study(store, study, "siteA")
+    assert len(decided) == 2 and not station.outbox.pending()
+    assert f"study {study}: no report sent: instance " in caplog.text and "(0010,0020) Patient ID" in caplog.text
+    assert not any(value in caplog.text for value in ("OTHER^PATIENT", "OTHER-ID-4711", SYNTHETIC_PATIENT_NAME,
+                                                      SYNTHETIC_PATIENT_ID))
+
+
+def test_a_bundle_that_is_not_the_pinned_one_refuses_to_start_in_one_line(tmp_path, capsys):
+    """Item 19, workstation part: ``--expect-bundle-sha256`` / ``expect_bundle_sha256`` pin the bundle's identity."""
+    from deploy.cli import main
+
+    bundle = build_tiny_bundle(tmp_path / "tiny")
+    code = main(["workstation", "--allow-ae", "CR1", "--port", "0", "--inbox", str(tmp_path / "inbox"), "--audit-db",
+                 str(tmp_path / "a.sqlite"), "--bundle", str(bundle), "--device", "cpu",
+                 "--expect-bundle-sha256", "0" * 64])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and f"is not the pinned {'0' * 64}" in err and "Fix:" in err
+    assert not (tmp_path / "inbox").exists()
+    pinned = tmp_path / "ws.toml"
+    pinned.write_text(f'expect_bundle_sha256 = "{sha256_file(bundle / "manifest.json")}"\n')
+    assert Workstation(load_config(pinned, {"bundle": str(bundle), "device": "cpu"})).bundle.sha256 == \
+        sha256_file(bundle / "manifest.json")
+
+
+def test_workstation_json_records_a_postgresql_url_without_its_password(tmp_path):
+    """``status`` reads the store from workstation.json; the file must not hold the store's password."""
+    url = "postgresql://triage:s3cret@db.example:5432/audit?password=s3cret&sslmode=require"
+    config = tiny_config(tmp_path, audit_db=url)
+    Workstation(config)._save_state()
+    recorded = config.state_file.read_text(encoding="utf-8")
+    assert "s3cret" not in recorded
+    assert json.loads(recorded)["audit_db"] == "postgresql://triage@db.example:5432/audit?sslmode=require"

@@ -13,8 +13,8 @@ from triage.errors import TriageError
 from .config import ConfigError, check_can_serve, load_config
 
 _OVERRIDES = ("port", "ae_title", "allow_ae", "inbox", "audit_db", "destinations", "flag_rate", "quiet_period_s",
-              "max_wait_s", "bundle", "device", "notify_command", "max_associations", "max_pdu_bytes",
-              "decode_timeout_s")
+              "max_wait_s", "bundle", "expect_bundle_sha256", "device", "notify_command", "max_associations",
+              "max_pdu_bytes", "decode_timeout_s")
 
 
 def _config(args: argparse.Namespace):
@@ -82,6 +82,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-wait", dest="max_wait_s", type=float, metavar="SECONDS",
                         help="starvation guard: flag an unreviewed study after this long (default 14400)")
     parser.add_argument("--bundle", help="model bundle folder (default: the bundled demo model)")
+    parser.add_argument("--expect-bundle-sha256", dest="expect_bundle_sha256", metavar="SHA256",
+                        help="refuse to start unless the bundle's identity (sha256 of its manifest.json) is this one")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="ONNX Runtime device (default auto)")
     parser.add_argument("--notify-command", dest="notify_command", nargs="+", metavar="ARG",
                         help="command run for each flagged study (env CXR_STUDY_UID, CXR_RISK as shown to people, "

@@ -11,14 +11,17 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from triage.audit import is_url
+from triage.ingest import MAX_FILE_BYTES
+from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate
 
 from ..isolation import DEFAULT_DECODE_TIMEOUT_S
-from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate
 
 MAX_ASSOCIATIONS = 10            # pynetdicom's default; a clinic's modalities rarely send at once
 MAX_PDU_BYTES = 16382            # pynetdicom's default maximum PDU length
+ACSE_TIMEOUT_S = 5.0             # connect -> A-ASSOCIATE-RQ received; modalities send it at once
 PDU_BYTES_RANGE = (4096, 1 << 24)
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash/control
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-:\[\]]+):(?P<port>\d{1,5})$")
@@ -57,9 +60,12 @@ class Config:
     allow_ae: tuple[str, ...] = ()          # empty: refuse every caller (safe default)
     max_associations: int = MAX_ASSOCIATIONS  # concurrent associations; the next caller gets A-ASSOCIATE-RJ
     max_pdu_bytes: int = MAX_PDU_BYTES      # largest P-DATA PDU we accept (sent to callers in A-ASSOCIATE-AC)
+    max_instance_bytes: int = MAX_FILE_BYTES  # largest command or data set one C-STORE may carry (aborted past it)
+    acse_timeout_s: float = ACSE_TIMEOUT_S  # connect -> association request, and any pause inside a PDU before it
     inbox: Path = Path("cxr-triage-inbox")
     audit_db: Path | str = Path("cxr-triage-audit.sqlite")  # a postgresql:// URL stays text
     bundle: Path | None = None              # None: the bundled demo model
+    expect_bundle_sha256: str | None = None  # the bundle's identity a site approved; another one refuses to start
     destinations: tuple[Destination, ...] = ()
     flag_rate: float = DEFAULT_FLAG_RATE
     quiet_period_s: float = 5.0
@@ -113,6 +119,18 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+def recordable_audit_db(audit_db: Path | str) -> str:
+    """``audit_db`` as text safe to write in ``workstation.json``: a ``postgresql://`` URL without its password (in
+    the user part or a ``password=`` parameter), so that whoever reads the file, and ``status``, connect with their
+    own (libpq reads ``PGPASSWORD`` or ``~/.pgpass``)."""
+    if not is_url(audit_db):
+        return str(audit_db)
+    parts = urlsplit(str(audit_db))
+    user, at, host = parts.netloc.rpartition("@")
+    query = "&".join(q for q in parts.query.split("&") if q and not q.lower().startswith("password="))
+    return urlunsplit(parts._replace(netloc=f"{user.split(':', 1)[0]}{at}{host}", query=query))
+
+
 def validate(config: Config) -> Config:
     """Return ``config`` if every value is usable, else raise ConfigError naming the key."""
     for ae in (config.ae_title, *config.allow_ae):
@@ -135,6 +153,12 @@ def validate(config: Config) -> Config:
     if not PDU_BYTES_RANGE[0] <= config.max_pdu_bytes <= PDU_BYTES_RANGE[1]:
         raise ConfigError(f"max_pdu_bytes is {config.max_pdu_bytes}; it must be in {PDU_BYTES_RANGE[0]}.."
                           f"{PDU_BYTES_RANGE[1]}. Fix: e.g. {MAX_PDU_BYTES} (the default)")
+    if not 0 < config.max_instance_bytes <= MAX_FILE_BYTES:
+        raise ConfigError(f"max_instance_bytes is {config.max_instance_bytes}; it must be in 1..{MAX_FILE_BYTES} (the "
+                          f"largest file triage.ingest reads). Fix: e.g. {MAX_FILE_BYTES} (the default)")
+    if not config.acse_timeout_s > 0:
+        raise ConfigError(f"acse_timeout_s is {config.acse_timeout_s}; it must be > 0 seconds. Fix: e.g. "
+                          f"{ACSE_TIMEOUT_S} (the default)")
     if config.window < 1 or config.min_history < 1:
         raise ConfigError("window and min_history must be >= 1 study")
     if config.device not in ("auto", "cpu", "cuda"):

@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,14 +60,10 @@ class Arrival:
     received_at: float = field(default_factory=time.monotonic)  # when it became durable (monotonic s)
 
 
-def instance_path(studies_dir: Path, study_uid: str, sop_uid: str, sha256: str | None = None) -> Path:
-    """Where the instance whose bytes hash to ``sha256`` lives; both UIDs must pass ``check_uid``.
-
-    ``sha256=None`` gives the name before content addressing, ``<SOP UID>.dcm``: only until the
-    SCP stores through ``store_instance`` (then the argument becomes required).
-    """
+def instance_path(studies_dir: Path, study_uid: str, sop_uid: str, sha256: str) -> Path:
+    """Where the instance whose bytes hash to ``sha256`` lives; both UIDs must pass ``check_uid``."""
     sop = check_uid(sop_uid, "SOP Instance UID")
-    return studies_dir / check_uid(study_uid, "Study Instance UID") / (f"{sop}.dcm" if sha256 is None else f"{sop}.{sha256}.dcm")
+    return studies_dir / check_uid(study_uid, "Study Instance UID") / f"{sop}.{sha256}.dcm"
 
 
 def store_instance(studies_dir: Path, study_uid: str, sop_uid: str, data: bytes | mmap.mmap) -> Path:
@@ -140,21 +136,24 @@ def header_uids(header: Dataset | None) -> tuple[str, str]:
     return check_uid(study_uid, "Study Instance UID (0020,000D)"), check_uid(sop_uid, "SOP Instance UID (0008,0018)")
 
 
-def claim_dropped(path: Path, studies_dir: Path) -> tuple[str, Path]:
+def claim_dropped(path: Path, studies_dir: Path, admit: Callable[[Path, Dataset], None]) -> tuple[str, Path]:
     """Move a file dropped in ``incoming/`` into the inbox under its UIDs; returns (study key, new path).
 
     A file over ``triage.ingest.MAX_FILE_BYTES`` is refused (``DroppedFileError``) before it is
-    read. A file whose header gives no valid Study/SOP Instance UID (not DICOM, damaged, bad
-    UIDs) is kept under ``no-uid-<sha256 prefix>/<sha256>.dcm`` so it is still scored and
-    recorded. The original is removed only after the copy is durable.
+    read. ``admit(study folder, header)`` raises ValueError when the file may not join its study
+    (the service passes ``assembler.check_patient``: another patient); the file is then refused
+    (``DroppedFileError``) and nothing is stored. A file whose header gives no valid Study/SOP
+    Instance UID (not DICOM, damaged, bad UIDs) is kept under ``no-uid-<sha256 prefix>/<sha256>.dcm``
+    so it is still scored and recorded. The original is removed only after the copy is durable.
     """
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise DroppedFileError(f"{path}: the file is {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB "
                                "limit for one image. Fix: check what this file is; a chest radiograph is well under 100 MiB")
     data = path.read_bytes()
+    header = read_header(path)
     try:
-        study_uid, sop_uid = header_uids(read_header(path))
+        study_uid, sop_uid = header_uids(header)
     except InvalidUIDError as error:
         log.warning("%s: no valid UIDs (%s); kept as its own study", path.name, error)
         digest = hashlib.sha256(data).hexdigest()
@@ -162,6 +161,10 @@ def claim_dropped(path: Path, studies_dir: Path) -> tuple[str, Path]:
         target = studies_dir / study_uid / f"{digest}.dcm"
         write_atomic(target, data)
     else:
+        try:
+            admit(studies_dir / study_uid, header)
+        except ValueError as error:
+            raise DroppedFileError(f"{path}: {error}") from error
         target = store_instance(studies_dir, study_uid, sop_uid, data)
     path.unlink()
     return study_uid, target

@@ -45,8 +45,8 @@ from pynetdicom.sop_class import (
 from triage.ingest import MAX_FILE_BYTES, PARSE_ERRORS
 
 from .assembler import PATIENT_TAGS, PatientMismatchError, check_patient
-from .config import MAX_ASSOCIATIONS, MAX_PDU_BYTES
-from .inbox import Arrival, check_uid, instance_path, write_atomic
+from .config import ACSE_TIMEOUT_S, MAX_ASSOCIATIONS, MAX_PDU_BYTES
+from .inbox import Arrival, check_uid, store_instance
 
 STORAGE_CLASSES = (
     ComputedRadiographyImageStorage,
@@ -56,7 +56,6 @@ STORAGE_CLASSES = (
 )
 STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_MISMATCH, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
 STATUS_PATIENT_MISMATCH = 0xC010
-ACSE_TIMEOUT_S = 5.0      # connect -> A-ASSOCIATE-RQ received; modalities send it at once
 NETWORK_TIMEOUT_S = 60.0  # silence within an association (pynetdicom's default)
 HEADER_DEFER_BYTES = 1 << 16  # header values larger than this are not read when checking an instance
 log = logging.getLogger("cxr_triage.workstation")
@@ -163,8 +162,8 @@ class StorageSCP:
     # -- the instance ---------------------------------------------------------------------------
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
-        """EVT_C_STORE: check the header (UIDs, request, patient), copy the file into the inbox atomically,
-        then report the arrival."""
+        """EVT_C_STORE: check the header (UIDs, request, patient), store the file in the inbox (atomically,
+        named by its UIDs and sha256), then report the arrival."""
         caller = event.assoc.requestor.ae_title.strip()
         received = Path(event.dataset_path)
         try:
@@ -178,16 +177,15 @@ class StorageSCP:
         if sop_uid != str(event.request.AffectedSOPInstanceUID):
             log.warning("C-STORE from %s refused: data set SOP Instance UID differs from the request's", caller)
             return STATUS_MISMATCH
-        path = instance_path(self.studies_dir, study_uid, sop_uid)
         try:
-            check_patient(path.parent, header)
+            check_patient(self.studies_dir / study_uid, header)
         except PatientMismatchError as error:
             log.warning("C-STORE from %s refused: %s", caller, error)
             return patient_mismatch_status(error)
         try:
-            store_copy(received, path)
+            path = store_received(received, self.studies_dir, study_uid, sop_uid)
         except OSError as error:
-            log.error("C-STORE from %s: cannot write %s (%s)", caller, path, error)
+            log.error("C-STORE from %s: cannot store instance %s of study %s (%s)", caller, sop_uid, study_uid, error)
             return STATUS_OUT_OF_RESOURCES
         self.on_arrival(Arrival(study_uid, path, caller))
         return STATUS_SUCCESS
@@ -202,8 +200,8 @@ def patient_mismatch_status(error: PatientMismatchError) -> Dataset:
     return status
 
 
-def store_copy(source: Path, path: Path) -> None:
-    """Copy ``source`` to ``path`` with ``inbox.write_atomic``, through a read-only memory map (page cache,
-    not a copy in this process's memory)."""
+def store_received(source: Path, studies_dir: Path, study_uid: str, sop_uid: str) -> Path:
+    """Store the received file ``source`` with ``inbox.store_instance`` (named by its UIDs and sha256; identical
+    bytes already there are a no-op) through a read-only memory map: page cache, not a copy in this process's memory."""
     with open(source, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        write_atomic(path, view)
+        return store_instance(studies_dir, study_uid, sop_uid, view)

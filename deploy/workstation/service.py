@@ -39,12 +39,12 @@ from triage.pseudonym import default_secret_path, load_or_create_secret, pseudon
 from ..batch import decision_from_row
 from ..isolation import Decoder
 from ..paths import default_bundle_dir
-from .assembler import StudyAssembler
-from .config import Config, ConfigError
+from .assembler import PatientMismatchError, StudyAssembler, check_patient
+from .config import Config, ConfigError, recordable_audit_db
 from .inbox import (Arrival, DroppedFileError, InvalidUIDError, claim_dropped, header_uids, read_header, reject_dropped,
                     remove_partials, stored_instances, write_atomic)
 from .outbox import Outbox, ReportLedger
-from .report import build_report
+from .report import build_study_report
 from .scp import StorageSCP
 from .stream import STARVATION_GUARD, SiteRecalibrator, StarvationGuard
 
@@ -57,7 +57,7 @@ class Workstation:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.bundle = load_bundle(config.bundle or default_bundle_dir())
+        self.bundle = load_bundle(config.bundle or default_bundle_dir(), expected_sha256=config.expect_bundle_sha256)
         self.model = load_model(self.bundle, config.device)
         self._decoder: Decoder | None = None  # run() starts it; without it, decode in this thread
         self.arrivals: queue.Queue[Arrival] = queue.Queue()
@@ -65,7 +65,8 @@ class Workstation:
         self.recalibrator = SiteRecalibrator(self.bundle.threshold, config.flag_rate, config.window, config.min_history)
         self.guard = StarvationGuard(config.max_wait_s)
         self.scp = StorageSCP(config.ae_title, config.allow_ae, config.studies_dir, self.arrivals.put,
-                              config.host, config.port, config.max_associations, config.max_pdu_bytes)
+                              config.host, config.port, config.max_associations, config.max_pdu_bytes,
+                              config.max_instance_bytes, config.acse_timeout_s)
         self.outbox = Outbox(config.outbox_dir, config.destinations, config.ae_title,
                              config.retry_base_s, config.retry_max_s)
         self.reported = ReportLedger(config.outbox_dir / "reported.log")
@@ -169,9 +170,9 @@ class Workstation:
     def _watch_incoming(self, stop: threading.Event) -> None:
         """Claim files dropped into ``incoming/`` once their size and mtime are stable over one poll.
 
-        A file that cannot be claimed (too large, unreadable) is moved to ``rejected/`` with an
-        ERROR line naming it, the problem and the fix; one that cannot even be moved is left
-        alone until its size or mtime changes. No file stops the watcher.
+        A file that cannot be claimed (too large, unreadable, of another patient than its study) is
+        moved to ``rejected/`` with an ERROR line naming it, the problem and the fix; one that cannot
+        even be moved is left alone until its size or mtime changes. No file stops the watcher.
         """
         seen: dict[Path, tuple[int, int]] = {}
         stuck: dict[Path, tuple[int, int]] = {}
@@ -199,7 +200,7 @@ class Workstation:
     def _claim(self, path: Path) -> bool:
         """Claim one dropped file, or move it to ``rejected/``; False when it could do neither (left in place)."""
         try:
-            study, target = claim_dropped(path, self.config.studies_dir)
+            study, target = claim_dropped(path, self.config.studies_dir, check_patient)
         except DroppedFileError as error:
             problem = str(error)
         except Exception as error:  # noqa: BLE001 - one dropped file must never stop the watcher thread, which would
@@ -271,7 +272,7 @@ class Workstation:
         state = {
             "pid": os.getpid(), "port": self.scp.port, "ae_title": self.config.ae_title,
             "provider": self.model.provider, "bundle": f"{self.bundle.name} {self.bundle.version}",
-            "bundle_sha256": self.bundle.sha256, "audit_db": str(self.config.audit_db),
+            "bundle_sha256": self.bundle.sha256, "audit_db": recordable_audit_db(self.config.audit_db),
             "sites": {site: list(risks) for site, risks in self.recalibrator.risks_.items()},
             "study_sites": self._study_sites,
         }
@@ -386,24 +387,29 @@ class Workstation:
             if self.config.destinations and (report := self._report(final, files)) is not None:
                 self.outbox.put(report)
             self.reported.add(last_id)
+        except PatientMismatchError as error:  # not recorded as reported: logged again at every start until fixed
+            log.error("study %s: no report sent: %s", final[0].study_uid, error)
         except OSError as error:
             log.error("study %s: cannot queue its report in %s (%s); it is rebuilt at the next start. Fix: free disk "
                       "space and make the folder writable", final[0].study_uid, self.config.outbox_dir, error)
 
     @staticmethod
     def _report(final: Sequence[Decision], files: Sequence[Path]) -> Dataset | None:
-        """The SR for one study's decisions, from its files' headers; None when none has the UIDs it needs."""
-        instances: dict[tuple[str, str, str], Dataset] = {}  # two stored versions of one instance: referenced once
-        for header in filter(None, map(read_header, files)):
-            try:
-                key = (str(header.get("SeriesInstanceUID", "")), str(header.SOPClassUID), str(header.SOPInstanceUID))
-                header_uids(header)  # the source header's Study UID files the report
-            except (*PARSE_ERRORS, InvalidUIDError):  # a missing or damaged UID (AttributeError is in PARSE_ERRORS)
-                continue
-            instances.setdefault(key, header)
-        if not instances:
-            return None
-        return build_report(final, next(iter(instances.values())), list(instances))
+        """The SR for one study's decisions, from its files' headers; None when none has the UIDs it needs;
+        PatientMismatchError when the headers are of more than one patient (``report.build_study_report``)."""
+        headers = [header for header in filter(None, map(read_header, files)) if _can_be_referenced(header)]
+        return build_study_report(final, headers) if headers else None
+
+
+def _can_be_referenced(header: Dataset) -> bool:
+    """True when a report can reference ``header``: valid (0020,000D) Study and (0008,0018) SOP Instance UIDs (the
+    Study UID files the report), and readable (0008,0016) SOP Class UID and (0020,000E) Series Instance UID."""
+    try:
+        header_uids(header)
+        header.get("SeriesInstanceUID")  # converted now: a damaged value fails here, not while building the report
+        return bool(header.SOPClassUID)
+    except (*PARSE_ERRORS, InvalidUIDError):  # a missing or damaged UID (AttributeError is in PARSE_ERRORS)
+        return False
 
 
 def _run_hook(argv: list[str], env: dict[str, str]) -> None:
