@@ -31,6 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from typing import Any
 
+from triage.audit import os_path
 from triage.ingest import header_meta
 from triage.pipeline import Prepared, sha256_or_empty
 
@@ -136,9 +137,12 @@ def timed_out(path: str, timeout_s: float) -> Prepared:
 
 
 def unscored(path: str, reason: str, detail: str) -> Prepared:
-    """A human-review ``Prepared`` that still names the study: the tags are read from the header alone."""
-    digest = sha256_or_empty(path)
-    return Prepared(path, digest, header_meta(path, digest) if digest else None, reason=reason, detail=detail)
+    """A human-review ``Prepared`` that still names the study: the tags are read from the header alone. ``path`` is
+    the text the file is listed and recorded by (``triage.audit.path_text``), so a name that is not UTF-8 is opened
+    by its bytes (``os_path``) and still hashed."""
+    real = os_path(path)
+    digest = sha256_or_empty(real)
+    return Prepared(path, digest, header_meta(real, digest) if digest else None, reason=reason, detail=detail)
 
 
 def kill(pool: ProcessPoolExecutor) -> None:

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from deploy.cli import main
-from deploy.isolation import timed_out
+from deploy.isolation import crashed, timed_out
 from tests.conftest import build_dataset
 from tests.processes import gone_within, grandchildren, group
 from tests.tiny_bundle import build_tiny_bundle
+from triage.audit import path_text
 from triage.ingest import MAX_FILE_BYTES
 from triage.pipeline import sha256_or_empty
 
@@ -64,6 +65,18 @@ def test_a_fifo_is_not_waited_on(tmp_path):
     reader.join(timeout=2)
     assert result == [""], "sha256_or_empty blocked on a FIFO with no writer"
 
+
+
+def test_a_file_name_that_is_not_utf8_is_still_hashed_and_named_when_its_decode_fails(tmp_path):
+    """The record of a timed-out or crashed decode opened the listed text (``\\xfc``), not the file: no sha256, no study."""
+    latin1 = os.fsdecode(os.fsencode(tmp_path) + b"/M\xfcller.dcm")  # Latin-1 from a legacy share: byte 0xfc
+    dataset = build_dataset(rows=96, cols=96)
+    dataset.save_as(latin1, enforce_file_format=True)
+    listed = path_text(latin1)
+    for record in (timed_out(listed, 3.0), crashed(listed)):
+        assert record.path == listed and record.detail.startswith(f"{listed}: ")
+        assert record.sha256 == hashlib.sha256(Path(latin1).read_bytes()).hexdigest()
+        assert record.meta is not None and record.meta.study_uid == dataset.StudyInstanceUID
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
