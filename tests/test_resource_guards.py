@@ -7,9 +7,11 @@ import io
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.encaps import encapsulate, generate_frames
@@ -18,6 +20,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBa
 from tests.conftest import build_dataset, encode
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import AuditStore
+from triage.decode import JP2_SIGNATURE
 from triage.errors import BadInputError
 from triage.ingest import MAX_FILE_BYTES, check_inflated_size, read_radiograph
 from triage.scope import MAX_DECODED_BYTES
@@ -112,6 +115,93 @@ def test_a_jpeg_bomb_is_refused_from_its_sof_header(tmp_path):
     with pytest.raises(BadInputError) as caught:
         read_radiograph(save(with_codestream_header(ds, 72, 72, jpeg_size(65000, 65000)), tmp_path / "jpeg-bomb.dcm"))
     assert caught.value.reason == "too_large" and "65000 x 65000" in caught.value.detail
+
+
+def jp2_box(kind: bytes, payload: bytes, form: str = "lbox") -> bytes:
+    """One JP2 box (ISO/IEC 15444-1 I.4): LBox + TBox, or LBox 1 + TBox + XLBox, or LBox 0 (to the end of the file)."""
+    if form == "xlbox":
+        return struct.pack(">I4sQ", 1, kind, 16 + len(payload)) + payload
+    return struct.pack(">I4s", 0 if form == "to_end" else 8 + len(payload), kind) + payload
+
+
+def in_jp2(codestream: bytes, padding_bytes: int = 4096, form: str = "lbox") -> bytes:
+    """A JP2 file around ``codestream``: signature, file type, header (ihdr, greyscale colr), a padding
+    ('free') box, then the Contiguous Codestream box; the padding puts SIZ far past the first 256 bytes."""
+    cols, rows = struct.unpack(">2I", codestream[8:16])  # SIZ Xsiz, Ysiz
+    header = jp2_box(b"ihdr", struct.pack(">2IHBBBB", rows, cols, 1, 15, 7, 0, 0)) + jp2_box(b"colr", struct.pack(">BBBI", 1, 0, 0, 17))
+    return (JP2_SIGNATURE + jp2_box(b"ftyp", b"jp2 " + bytes(4) + b"jp2 ") + jp2_box(b"jp2h", header)
+            + jp2_box(b"free", bytes(padding_bytes)) + jp2_box(b"jp2c", codestream, form))
+
+
+def real_j2k(rows: int = 72, cols: int = 72) -> Dataset:
+    """A real JPEG 2000 lossless encode (pylibjpeg-openjpeg) of a synthetic 16-bit chest radiograph."""
+    return encode(build_dataset(rows=rows, cols=cols, bits_stored=16), JPEG2000Lossless)
+
+
+@pytest.mark.parametrize("form", ["lbox", "xlbox", "to_end"])
+def test_a_jp2_bomb_behind_a_padding_box_is_refused_from_the_siz_of_its_codestream_box(tmp_path, form):
+    # The real encode wrapped in JP2 boxes, SIZ claiming 24000 x 24000 (1.1 GiB at 16 bits; openjpeg took 3.4 GB)
+    # under a 72 x 72 DICOM header: the old search of the first 256 bytes missed SIZ and let the codec allocate.
+    path = save(with_codestream_header(real_j2k(), 72, 72, lambda frame: in_jp2(j2k_size(24000, 24000)(frame), form=form)),
+                tmp_path / "jp2-bomb.dcm")
+    assert path.stat().st_size < 30_000
+    start = time.perf_counter()
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(path)
+    assert caught.value.reason == "too_large" and "24000 x 24000 x 1 samples" in caught.value.detail
+    assert time.perf_counter() - start < 2.0
+
+
+def test_a_jp2_bomb_costs_no_memory(tmp_path):
+    path = save(with_codestream_header(real_j2k(), 72, 72, lambda frame: in_jp2(j2k_size(24000, 24000)(frame))),
+                tmp_path / "jp2-bomb.dcm")
+    grown_mib, output = peak_rss_growth_mib(f"""
+from triage.errors import BadInputError
+try:
+    read_radiograph({str(path)!r})
+except BadInputError as error:
+    print(error.reason)
+""")
+    assert output.strip() == "too_large" and grown_mib < 64
+
+
+def test_a_real_jp2_wrapped_frame_with_padding_still_decodes(tmp_path):
+    ds = real_j2k()
+    expected = read_radiograph(save(ds, tmp_path / "raw.dcm")).pixels
+    ds = with_codestream_header(ds, 72, 72, in_jp2)
+    np.testing.assert_array_equal(read_radiograph(save(ds, tmp_path / "jp2.dcm")).pixels, expected)
+
+
+@pytest.mark.parametrize("frame, found", [
+    (lambda codestream: in_jp2(codestream)[:-len(codestream) - 8], "without a Contiguous Codestream box"),
+    (lambda codestream: JP2_SIGNATURE + struct.pack(">I4s", 900_000, b"free") + codestream, "declares 900000 bytes"),
+    (lambda codestream: bytes(300) + codestream, "neither a JPEG 2000 codestream"),
+    (lambda codestream: codestream[:2] + codestream[45:], "no SIZ marker segment"),
+], ids=["jp2-without-jp2c", "jp2-box-overruns", "garbage-before-soc", "no-siz"])
+def test_a_j2k_frame_whose_codestream_header_cannot_be_found_is_refused_not_decoded(tmp_path, frame, found):
+    path = save(with_codestream_header(real_j2k(), 72, 72, frame), tmp_path / "hidden.dcm")
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(path)
+    assert caught.value.reason == "decode_failed" and found in caught.value.detail
+    assert "own header could not be read" in caught.value.detail and "(0002,0010)" in caught.value.detail
+
+
+def peak_rss_growth_mib(code: str) -> tuple[float, str]:
+    """Run ``code`` (``read_radiograph``, ``preprocess`` and ``PreprocessSpec`` imported) in a fresh child
+    process: how far its peak resident memory (``ru_maxrss``) rose above what the imports took (MiB), and
+    what it printed."""
+    script = f"""
+import resource, sys
+from triage.ingest import read_radiograph
+from triage.preprocess import PreprocessSpec, preprocess
+baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+{code}
+print("rss_kib", baseline_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    baseline_kib, peak_kib = (int(n) for n in result.stderr.split("rss_kib")[-1].split())
+    return (peak_kib - baseline_kib) / 1024, result.stdout
 
 
 def deflated_file(path: Path, inflated_bytes: int) -> Path:

@@ -22,6 +22,10 @@ When it returns pixels it rewrites the data set's geometry to match them: Rows
 Imager Pixel Spacing (0018,1164), Nominal Scanned Pixel Spacing (0018,2010)) scaled
 by the reduction, so no downstream code measures the reduced image in full-size pixels.
 The decoders are Pillow's (openjpeg 2.5 and libjpeg-turbo, both in its wheels).
+
+The JPEG 2000 header readers here (``j2k_codestream``, ``j2k_siz``) also serve the size check
+of ``triage.ingest.check_codestream_size``: a frame may be a raw codestream or, though PS3.5
+A.4.4 forbids it, a JP2 file whose boxes (ISO/IEC 15444-1 Annex I) are walked to its 'jp2c'.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 import io
 import math
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -53,7 +57,11 @@ RISK_TOLERANCE = 0.01
 """A bundle enables a family only when its reduced decode moved no checked file's risk by more than this."""
 JPEG_SCALES = (8, 4, 2)  # DCT scaling denominators libjpeg offers, largest first
 SPACING_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
-J2K_SOC, J2K_SIZ, J2K_COD, J2K_COC, J2K_SOT = 0xFF4F, 0xFF51, 0xFF52, 0xFF53, 0xFF90
+J2K_SIZ, J2K_COD, J2K_COC, J2K_SOT = 0xFF51, 0xFF52, 0xFF53, 0xFF90
+J2K_SOC_BYTES = b"\xff\x4f"
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"  # the JP2 Signature box (ISO/IEC 15444-1 I.5.1)
+MAX_JP2_BOXES = 64  # a JP2 file has about 5 top-level boxes; more is a crafted file
+MAX_J2K_SEGMENTS = 4096  # main-header marker segments (a few per component at most in real files)
 # Errors a decoder or a malformed codestream raises; any of them means "decode at full size instead".
 REDUCED_ERRORS = (OSError, ValueError, SyntaxError, struct.error, IndexError, KeyError, TypeError,
                   AttributeError, Image.DecompressionBombError)
@@ -99,33 +107,96 @@ def decode_reduced(ds: Dataset, at_least: tuple[int, int], codecs: Collection[st
 # --- JPEG 2000 -------------------------------------------------------------------------------
 
 
-def j2k_header(codestream: bytes) -> dict[str, int]:
-    """Size, offsets, components, precision, signedness and decomposition levels from SIZ/COD.
+def jp2_boxes(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, content start, content end) of each top-level box of a JP2 file (ISO/IEC 15444-1 I.4).
 
-    Raises ``ValueError`` for a codestream this module does not reduce (a COC marker that may
-    give the component other levels, or a missing SIZ/COD).
+    A box is LBox (4 bytes) and TBox (4 bytes), then XLBox (8 bytes) when LBox is 1;
+    LBox 0 means the box runs to the end of the file. Raises ``ValueError`` for a length
+    that does not fit the data, and after ``MAX_JP2_BOXES`` boxes.
     """
-    if struct.unpack(">H", codestream[:2])[0] != J2K_SOC:
+    offset = 0
+    for _ in range(MAX_JP2_BOXES):
+        if len(data) - offset < 8:  # the end, or the byte that pads a DICOM fragment to an even length
+            return
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        start = offset + 8
+        if length == 1:
+            if start + 8 > len(data):
+                raise ValueError(f"a JP2 box XLBox at byte {start} runs past the end of the data")
+            length, start = struct.unpack(">Q", data[start:start + 8])[0], start + 8
+        end = len(data) if length == 0 else offset + length
+        if end < start or end > len(data):
+            raise ValueError(f"the JP2 box {kind!r} at byte {offset} declares {length} bytes; {len(data) - offset} remain")
+        yield kind, start, end
+        offset = end
+    raise ValueError(f"more than {MAX_JP2_BOXES} JP2 boxes")
+
+
+def j2k_codestream(frame: bytes) -> bytes:
+    """The JPEG 2000 codestream of a frame: the frame itself (SOC first), or the content of the first
+    Contiguous Codestream box ('jp2c') of a JP2 file (ISO/IEC 15444-1 I.5.4).
+
+    Raises ``ValueError`` when the frame is neither.
+    """
+    if frame.startswith(JP2_SIGNATURE):
+        box = next(((start, end) for kind, start, end in jp2_boxes(frame) if kind == b"jp2c"), None)
+        if box is None:
+            raise ValueError("a JP2 file without a Contiguous Codestream box ('jp2c')")
+        return frame[box[0]:box[1]]
+    if frame[:2] != J2K_SOC_BYTES:
+        raise ValueError("neither a JPEG 2000 codestream (SOC marker FF4F) nor a JP2 file (signature box)")
+    return frame
+
+
+def j2k_marker_segments(codestream: bytes) -> Iterator[tuple[int, bytes]]:
+    """(marker, segment body) of the main header, SOC to the first tile (SOT) (ISO/IEC 15444-1 A.4).
+
+    Raises ``ValueError`` without SOC, for a segment that runs past the data, and after
+    ``MAX_J2K_SEGMENTS`` segments.
+    """
+    if codestream[:2] != J2K_SOC_BYTES:
         raise ValueError("not a JPEG 2000 codestream (no SOC marker)")
-    header: dict[str, int] = {}
     offset = 2
-    while offset + 4 <= len(codestream):
+    for _ in range(MAX_J2K_SEGMENTS):
+        if offset + 4 > len(codestream):
+            return
         marker, length = struct.unpack(">HH", codestream[offset:offset + 4])
-        body = codestream[offset + 4:offset + 2 + length]
-        if marker == J2K_SIZ:
-            _, cols, rows, x0, y0, _, _, _, _, components = struct.unpack(">HIIIIIIIIH", body[:36])
-            ssiz = body[36]
-            header.update(rows=rows - y0, cols=cols - x0, x0=x0, y0=y0, components=components,
-                          precision=(ssiz & 0x7F) + 1, signed=ssiz >> 7)
-        elif marker == J2K_COD:
-            header["levels"] = body[5]
-        elif marker == J2K_COC:
-            raise ValueError("a COC marker: per-component coding style")
-        elif marker == J2K_SOT:
-            break
+        if marker == J2K_SOT:
+            return
+        if length < 2 or offset + 2 + length > len(codestream):
+            raise ValueError(f"the marker segment {marker:04X} at byte {offset} declares {length} bytes; "
+                             f"{len(codestream) - offset - 2} remain")
+        yield marker, codestream[offset + 4:offset + 2 + length]
         offset += 2 + length
-    if not {"rows", "levels"} <= set(header):
-        raise ValueError("no SIZ or COD marker before the first tile")
+    raise ValueError(f"more than {MAX_J2K_SEGMENTS} marker segments in the main header")
+
+
+def j2k_siz(codestream: bytes) -> dict[str, int]:
+    """Size, offsets, components, precision and signedness from SIZ (ISO/IEC 15444-1 A.5.1).
+
+    Marker segments are walked from SOC up to SIZ only (the standard puts it first), so a
+    later damaged segment is left to the decoder. Raises ``ValueError`` when there is no SIZ.
+    """
+    for marker, body in j2k_marker_segments(codestream):
+        if marker == J2K_SIZ:
+            if len(body) < 37:
+                raise ValueError(f"the SIZ marker segment holds {len(body)} bytes, fewer than 37")
+            _, cols, rows, x0, y0, _, _, _, _, components = struct.unpack(">HIIIIIIIIH", body[:36])
+            return dict(rows=max(0, rows - y0), cols=max(0, cols - x0), x0=x0, y0=y0, components=components,
+                        precision=(body[36] & 0x7F) + 1, signed=body[36] >> 7)
+    raise ValueError("no SIZ marker segment in the main header")
+
+
+def j2k_header(codestream: bytes) -> dict[str, int]:
+    """``j2k_siz`` and the decomposition levels from COD (ISO/IEC 15444-1 A.6.1).
+
+    ``levels`` is absent when COD is missing or a COC marker may give a component other levels
+    (this module then does not reduce). Raises ``ValueError`` for a main header it cannot walk.
+    """
+    header = j2k_siz(codestream)
+    segments = dict(j2k_marker_segments(codestream))  # marker -> its last body: COD is unique, COC's presence is enough
+    if J2K_COD in segments and J2K_COC not in segments and len(segments[J2K_COD]) >= 6:
+        header["levels"] = segments[J2K_COD][5]
     return header
 
 
@@ -137,11 +208,12 @@ def reduction_level(rows: int, cols: int, at_least: tuple[int, int], max_level: 
     return level
 
 
-def j2k_reduced(codestream: bytes, ds: Dataset, at_least: tuple[int, int]) -> np.ndarray | None:
-    """Decode a J2K codestream at its reduction level for ``at_least``; None when that level is 0."""
+def j2k_reduced(frame: bytes, ds: Dataset, at_least: tuple[int, int]) -> np.ndarray | None:
+    """Decode a J2K frame (codestream or JP2) at its reduction level for ``at_least``; None when that level is 0."""
+    codestream = j2k_codestream(frame)
     header = j2k_header(codestream)
-    if (header["components"] != 1 or header["signed"] or header["precision"] > 16 or header["x0"] or header["y0"]
-            or (header["rows"], header["cols"]) != (int(ds.Rows), int(ds.Columns))
+    if ("levels" not in header or header["components"] != 1 or header["signed"] or header["precision"] > 16
+            or header["x0"] or header["y0"] or (header["rows"], header["cols"]) != (int(ds.Rows), int(ds.Columns))
             or header["precision"] != integer(ds, "BitsStored") or integer(ds, "PixelRepresentation") != 0):
         return None  # what pydicom would make of a mismatch is left to pydicom
     level = reduction_level(header["rows"], header["cols"], at_least, header["levels"])

@@ -33,13 +33,14 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.encaps import generate_fragments
+from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.pixels.utils import _get_jpg_parameters
 from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, RLELossless, generate_uid)
+                         ImplicitVRLittleEndian, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes,
+                         JPEGTransferSyntaxes, generate_uid)
 
-from .decode import CODECS, decode_reduced
+from .decode import CODECS, decode_reduced, j2k_codestream, j2k_siz
 from .errors import BadInputError, OutOfScopeError
 from .logs import quiet_libraries
 from .radiograph import ImageMeta, Radiograph
@@ -60,6 +61,8 @@ PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, stru
                 IndexError, NotImplementedError, TypeError, AttributeError, OverflowError, zlib.error)
 DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError, IndexError,
                  EOFError, struct.error, TypeError, OverflowError)
+CODESTREAM_SYNTAXES = frozenset(JPEG2000TransferSyntaxes + JPEGTransferSyntaxes + JPEGLSTransferSyntaxes)
+"""Compressed syntaxes whose frames state their own size (checked before decoding)."""
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
@@ -355,37 +358,40 @@ def ensure_transfer_syntax(ds: Dataset, path: str) -> None:
         ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def codestream_shape(fragment: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from a JPEG 2000 SIZ (ISO/IEC 15444-1 A.5.1) or JPEG/JPEG-LS SOF header; None if neither."""
-    start = fragment.find(b"\xff\x4f\xff\x51", 0, 256)  # SOC then SIZ (after a JP2 header, if any)
-    if start >= 0 and len(fragment) >= start + 42:
-        width, height, x_origin, y_origin = struct.unpack(">4I", fragment[start + 8:start + 24])
-        return max(0, height - y_origin), max(0, width - x_origin), struct.unpack(">H", fragment[start + 40:start + 42])[0]
-    info = _get_jpg_parameters(fragment)  # pydicom's own JPEG/JPEG-LS header reader
-    if info.get("width"):
-        return info["height"], info["width"], info["components"]
-    return None
+def codestream_shape(frame: bytes, syntax: UID) -> tuple[int, int, int]:
+    """(rows, columns, components) from a compressed frame's own header.
+
+    JPEG 2000 / HTJ2K syntaxes: SIZ (ISO/IEC 15444-1 A.5.1) of the raw codestream, or of the
+    codestream inside a JP2 file's 'jp2c' box (Annex I), found by walking boxes and marker
+    segments. JPEG and JPEG-LS syntaxes: the SOF header (pydicom's own reader). Raises
+    ``ValueError`` when the header cannot be found.
+    """
+    if syntax in JPEG2000TransferSyntaxes:
+        header = j2k_siz(j2k_codestream(frame))
+        return header["rows"], header["cols"], header["components"]
+    info = _get_jpg_parameters(frame)
+    if not info.get("width"):
+        raise ValueError("no JPEG SOF or JPEG-LS SOF55 marker segment after SOI")
+    return info["height"], info["width"], info["components"]
 
 
 def check_codestream_size(ds: Dataset, path: str, limit_bytes: int = MAX_DECODED_BYTES) -> None:
     """Before decoding: the compressed frame's own header must match Rows x Columns (0028,0010)/(0028,0011).
 
     A codec allocates what its codestream header says, not what the DICOM header says, so a
-    1 kB JPEG 2000 frame claiming 60000 x 60000 pixels would bypass the decoded-size limit.
+    1 kB JPEG 2000 frame claiming 60000 x 60000 pixels would bypass the decoded-size limit;
+    a frame whose header cannot be found is refused for the same reason. RLE frames carry
+    no size of their own (pydicom's decoder allocates from Rows x Columns).
     """
     syntax = UID(str(ds.file_meta.TransferSyntaxUID))
-    if not ds["PixelData"].is_undefined_length or syntax == RLELossless:
+    if not ds["PixelData"].is_undefined_length or syntax not in CODESTREAM_SYNTAXES:
         return
     try:
-        items = generate_fragments(ds.PixelData)
-        next(items, b"")  # the Basic Offset Table item comes first
-        fragment = next(items, b"")
-    except (ValueError, struct.error, EOFError):  # malformed encapsulation: the decoder reports it
-        return
-    shape = codestream_shape(fragment)
-    if shape is None:
-        return
-    rows, cols, components = shape
+        rows, cols, components = codestream_shape(get_frame(ds.PixelData, 0, number_of_frames=1), syntax)
+    except (ValueError, struct.error, EOFError) as error:
+        raise BadInputError(
+            path, "decode_failed", f"the compressed frame's own header could not be read (Transfer Syntax UID (0002,0010) "
+            f"{syntax.name}), so its decoded size cannot be checked: {error}", f"{REEXPORT}; the compressed data may be corrupt") from None
     size = rows * cols * components * max(1, (integer(ds, "BitsAllocated") or 16) // 8)
     if size > limit_bytes:
         raise BadInputError(
