@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,7 @@ WORKLIST_COLUMNS = ("path", "study_uid", "status", "risk", "study_risk", "flagge
                     "finding", "threshold", "policy", "sha256", "detail", "flag_rule")
 BATCH_SIZE = 16
 EXIT_NOTHING_TO_SCORE = 3
+BUNDLE_SHA256_ENV = "CXR_TRIAGE_BUNDLE_SHA256"  # a site's pinned bundle identity, the default of --expect-bundle-sha256
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,6 @@ def walk_inputs(paths: Iterable[str]) -> Inputs:
     return Inputs(sorted(files), [unscorable[p] for p in sorted(unscorable)])
 
 
-def list_inputs(paths: Iterable[str]) -> list[str]:
-    """The regular files of ``walk_inputs(paths)``."""
-    return walk_inputs(paths).files
-
-
 def _is_ignored(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_NAMES or os.path.splitext(name)[1].lower() in IGNORED_SUFFIXES
 
@@ -144,15 +140,22 @@ def _init_worker(spec: PreprocessSpec, reduced: frozenset[str], known: frozenset
 
 
 def _prepare_unless_known(path: str) -> Prepared | Known:
-    """Worker task: skip a file this bundle already scored, else decode and preprocess it."""
+    """Decode task of the local engine: ``prepare_unless_known`` with the settings ``_init_worker`` stored."""
+    return prepare_unless_known(path, _WORKER["spec"], _WORKER["reduced"], _WORKER["known"])
+
+
+def prepare_unless_known(path: str, spec: PreprocessSpec, reduced: frozenset[str],
+                         known: Container[tuple[str, str]]) -> Prepared | Known:
+    """Decode task of both engines: skip a file this bundle already scored (its (path, sha256) in ``known``), else
+    decode and preprocess it (``prepare_listed``). ``path`` is ``path_text``, as ``walk_inputs`` lists it."""
     digest = sha256_or_empty(os_path(path))
-    if (path, digest) in _WORKER["known"]:
+    if (path, digest) in known:
         return Known(path, digest)
-    return prepare_listed(path, _WORKER["spec"], _WORKER["reduced"])
+    return prepare_listed(path, spec, reduced)
 
 
 def prepare_listed(path: str, spec: PreprocessSpec, reduced: frozenset[str]) -> Prepared:
-    """``prepare`` the file that ``path`` (as ``list_inputs`` gives it: ``path_text``) names; the result, its detail
+    """``prepare`` the file that ``path`` (as ``walk_inputs`` lists it: ``path_text``) names; the result, its detail
     included, names the file by that text, so a name that is not UTF-8 reaches the audit store and worklist intact."""
     real = os_path(path)
     prepared = prepare(real, spec, reduced)
@@ -292,34 +295,61 @@ def run_lock(audit_db: Path | str) -> Iterator[None]:
         yield
 
 
-def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path, flag_rate: float = DEFAULT_FLAG_RATE,
-              workers: int = 1, device: str = "auto", progress: bool | None = None,
-              decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S, min_risk: float = 0.0) -> RunSummary:
-    """Score every file under ``paths``; returns the run summary. Raises on operational failure only.
+@dataclass(frozen=True)
+class Scored:
+    """What an engine made of a run's files: drafts (each saved as pending when made), the (path, sha256) keys of the
+    files it skipped as already scored by this bundle, and the ONNX Runtime provider(s) that ran the model."""
 
-    ``decode_timeout_s`` bounds each file's decode in a worker process (``workers`` >= 2); a study is flagged when
-    it is in the top ``flag_rate`` of the run and its risk is >= ``min_risk``.
-    """
+    fresh: list[Decision]
+    known: list[tuple[str, str]]
+    provider: str
+
+
+ScoreFiles = Callable[[Sequence[str], AuditStore, frozenset[tuple[str, str]], str, Callable[[str], str]], Scored]
+"""An engine: ``(files, store, known, run_id, pseudonymize_id) -> Scored`` for the regular files of a walk."""
+
+
+def run_engine(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path, score_files: ScoreFiles,
+               flag_rate: float = DEFAULT_FLAG_RATE, min_risk: float = 0.0) -> RunSummary:
+    """A run of either engine: check the settings and ``out``, walk ``paths``, lock and open the store, let
+    ``score_files`` score the regular files, record the entries the walk cannot score, flag the top ``flag_rate``
+    of the run's studies whose risk is >= ``min_risk``, append the decisions, write the worklist."""
     start = time.perf_counter()
     check_flag_rate(flag_rate)
     check_min_risk(min_risk)
-    check_timeout(decode_timeout_s)
     check_writable(out)
     inputs = walk_inputs(paths)
     run_id = uuid.uuid4().hex
     secret = load_or_create_secret(default_secret_path(audit_db))
     with run_lock(audit_db), open_store(audit_db) as store:
         state = resume_state(store, bundle)
-        model = load_model(bundle, device)
-        fresh, seen_known = _score_new_files(
-            inputs.files, model, store, state.known, workers,
-            lambda pid: pseudonymize(pid, secret), run_id, progress, decode_timeout_s)
+        scored = score_files(inputs.files, store, state.known, run_id, lambda pid: pseudonymize(pid, secret))
         walked, walked_known = unscorable_drafts(inputs.unscorable, state.known, bundle, run_id)
-        final_new, final_previous = record_run(store, bundle, state, fresh + walked, seen_known + walked_known,
-                                               flag_rate, run_id, min_risk)
+        final_new, final_previous = record_run(store, bundle, state, scored.fresh + walked,
+                                               scored.known + walked_known, flag_rate, run_id, min_risk)
     write_worklist(final_new + final_previous, out)
     return RunSummary(len(inputs.files) + len(inputs.unscorable), len(final_previous), final_new + final_previous,
-                      model.provider, time.perf_counter() - start, len(inputs.unscorable))
+                      scored.provider, time.perf_counter() - start, len(inputs.unscorable))
+
+
+def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path,
+              flag_rate: float = DEFAULT_FLAG_RATE, workers: int = 1, device: str = "auto", progress: bool | None = None,
+              decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S, min_risk: float = 0.0) -> RunSummary:
+    """Score every file under ``paths`` on this machine (``run_engine``); returns the run summary. Raises on
+    operational failure only.
+
+    ``decode_timeout_s`` bounds each file's decode in one of ``workers`` decode processes; the model runs here.
+    """
+    check_timeout(decode_timeout_s)
+
+    def score_files(files: Sequence[str], store: AuditStore, known: frozenset[tuple[str, str]], run_id: str,
+                    pseudonymize_id: Callable[[str], str]) -> Scored:
+        model = load_model(bundle, device)
+        fresh, seen_known = _score_new_files(files, model, store, known, workers, pseudonymize_id, run_id, progress,
+                                             decode_timeout_s)
+        return Scored(fresh, seen_known, model.provider)
+
+    return run_engine(paths, bundle, audit_db, out, score_files, flag_rate, min_risk)
 
 
 def unscorable_drafts(unscorable: Sequence[Prepared], known: frozenset[tuple[str, str]], bundle: Bundle,
@@ -388,25 +418,43 @@ def _score_new_files(files: Sequence[str], model: Model, store: AuditStore, know
                               decode_timeout_s)
     with tqdm(total=len(files), unit="file", disable=None if progress is None else not progress, file=sys.stderr) as bar:
         for batch in _batches(stream, BATCH_SIZE):
-            seen_known += [(item.path, item.sha256) for item in batch if isinstance(item, Known)]
-            drafts = score_prepared(model, [item for item in batch if isinstance(item, Prepared)], pseudonymize_id, run_id)
+            drafts, skipped = score_batch(model, batch, pseudonymize_id, run_id)
+            seen_known += skipped
             store.save_pending([(d.path, d.sha256, model.bundle.sha256, dataclasses.asdict(d)) for d in drafts])
             fresh += drafts
             bar.update(len(batch))
     return fresh, seen_known
 
 
+def score_batch(model: Model, items: Sequence[Prepared | Known], pseudonymize_id: Callable[[str], str],
+                run_id: str) -> tuple[list[Decision], list[tuple[str, str]]]:
+    """One model batch of either engine's decode stream: drafts for the prepared files (in order), and the
+    (path, sha256) keys of the files skipped as already scored."""
+    skipped = [(item.path, item.sha256) for item in items if isinstance(item, Known)]
+    drafts = score_prepared(model, [item for item in items if isinstance(item, Prepared)], pseudonymize_id, run_id)
+    return drafts, skipped
+
+
 def score_command(args: argparse.Namespace) -> int:
-    """CLI entry for ``cxr-triage score``; exit 1 for an operational failure, 3 when there was nothing to score."""
+    """CLI entry for ``cxr-triage score`` (the local engine); see ``run_command``."""
+    return run_command(args, lambda bundle, audit_db: run_score(
+        args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.workers, args.device,
+        decode_timeout_s=args.decode_timeout, min_risk=args.min_risk))
+
+
+def run_command(args: argparse.Namespace, run: Callable[[Bundle, Path | str], RunSummary], engine: str = "") -> int:
+    """``cxr-triage score`` with either engine's ``run(bundle, audit_db)``: the bundle is loaded first (refused unless
+    its identity is ``--expect-bundle-sha256`` when a site pinned one); exit 1 for an operational failure, 3 when
+    there was nothing to score."""
     try:
-        bundle = load_bundle(args.bundle)
-        audit_db = args.audit_db if is_url(args.audit_db) else Path(args.audit_db)
-        summary = run_score(args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.workers, args.device,
-                            decode_timeout_s=args.decode_timeout, min_risk=args.min_risk)
+        bundle = load_bundle(args.bundle, expected_sha256=args.expect_bundle_sha256)
+        summary = run(bundle, args.audit_db if is_url(args.audit_db) else Path(args.audit_db))
     except (TriageError, OSError, ValueError) as error:
         print(f"cxr-triage score: error: {error}", file=sys.stderr)
         return 1
-    print(f"bundle: {bundle.name} {bundle.version} (sha256 {bundle.sha256[:12]})")
+    print(f"bundle: {bundle.name} {bundle.version} (sha256 {bundle.sha256})")
+    if engine:
+        print(f"engine: {engine}")
     return report(summary, args)
 
 
@@ -432,6 +480,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to score")
     parser.add_argument("--bundle", default=str(default_bundle_dir()), help="model bundle folder (default: the bundled demo model)")
+    parser.add_argument("--expect-bundle-sha256", metavar="SHA256", default=os.environ.get(BUNDLE_SHA256_ENV) or None,
+                        help="refuse to score unless the bundle's identity (sha256 of its manifest.json, as 'bundle:' "
+                             f"prints it) is this one, the bundle the site approved (default: ${BUNDLE_SHA256_ENV})")
     parser.add_argument("--flag-rate", type=float, default=DEFAULT_FLAG_RATE,
                         help="fraction of the run's studies to flag, the riskiest: relative to the batch (default 0.05)")
     parser.add_argument("--min-risk", type=float, default=0.0, metavar="RISK",

@@ -1,16 +1,17 @@
 """``cxr-triage score --engine dask``: the batch scorer with decode and inference on Dask workers.
 
-The client (this process) lists the files, reads what earlier runs left in the audit
-store, and submits chunks of files; each Dask worker decodes and preprocesses them
-(``triage.pipeline.prepare``) in a decode process of its own under the local engine's
+The client (this process) runs ``deploy.batch.run_engine``, the local engine's run (walk, resume,
+unscorable entries, flags, audit, worklist), with the Dask cluster as its engine: it submits chunks of
+files; each Dask worker decodes and preprocesses them (``deploy.batch.prepare_unless_known``, the local
+engine's decode task) in a decode process of its own under the local engine's
 isolation (``deploy.isolation.Decoder``, one per worker thread, kept in ``_DECODERS``), and runs
 the model on one ONNX Runtime session per worker process, kept in ``_SESSIONS`` (keyed by
 bundle folder, sha256 and device; CUDA when the worker has it, see
-``triage.inference.choose_providers``). Workers return drafts without
-pixels; the client pseudonymizes patient ids (the site secret never leaves it), saves each
-chunk's drafts as pending (an upsert keyed by path, sha256 and bundle), and at the end
-flags the top ``flag_rate`` of all studies and appends the audit records with the local
-engine's own functions (``deploy.batch.resume_state`` / ``record_run`` / ``write_worklist``).
+``triage.inference.choose_providers``); each worker refuses a bundle whose identity is not the client's,
+which passed the site's pin (``--expect-bundle-sha256``). Workers return drafts without
+pixels; the client pseudonymizes patient ids (the site secret never leaves it) and saves each
+chunk's drafts as pending (an upsert keyed by path, sha256 and bundle); ``run_engine`` then
+flags the top ``flag_rate`` of all studies and appends the audit records.
 
 So a file whose decode runs past ``--decode-timeout`` or crashes its decode process gets the
 local engine's ``decode_timeout``/``decode_failed`` record (naming its study), and the Dask worker
@@ -36,8 +37,6 @@ import multiprocessing
 import socket
 import sys
 import threading
-import time
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,17 +46,15 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from triage.audit import AuditStore, Decision, is_url, open_store
+from triage.audit import AuditStore, Decision
 from triage.bundle import Bundle, load_bundle
 from triage.errors import BundleError, TriageError
 from triage.inference import Model, load_model
-from triage.pipeline import Prepared, draft, prepare, score_prepared, sha256_or_empty
-from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate
-from triage.preprocess import PreprocessSpec
-from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
+from triage.pipeline import Prepared, draft
+from triage.policy import DEFAULT_FLAG_RATE
 
 from . import batch
-from .isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder, check_timeout
+from .isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder, check_timeout, unscored
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
@@ -89,15 +86,16 @@ class ChunkResult:
 
 
 def worker_model(bundle_dir: str, bundle_sha256: str, device: str) -> Model:
-    """This worker process's session on the bundle, loaded and verified on first use."""
+    """This worker process's session on the bundle, loaded and verified on first use, pinned to the client's bundle
+    identity ``bundle_sha256`` (which passed the site's ``--expect-bundle-sha256``) as the client's was pinned."""
     key = (bundle_dir, bundle_sha256, device)
     if key not in _SESSIONS:
-        bundle = load_bundle(bundle_dir)
-        if bundle.sha256 != bundle_sha256:
-            raise BundleError(
-                f"{bundle_dir}: on worker host {socket.gethostname()} the bundle's manifest sha256 is "
-                f"{bundle.sha256[:12]}..., the client's is {bundle_sha256[:12]}.... Fix: give every worker the same "
-                "bundle at the same path (a shared read-only folder, or the same release copied to each machine)")
+        try:
+            bundle = load_bundle(bundle_dir, expected_sha256=bundle_sha256)
+        except BundleError as error:
+            raise BundleError(f"Dask worker on {socket.gethostname()}: {error}; every worker must load the client's "
+                              "bundle at the same path (a shared read-only folder, or the same release copied to each "
+                              "machine)") from None
         _SESSIONS[key] = load_model(bundle, device, threads=worker_threads())
     return _SESSIONS[key]
 
@@ -125,26 +123,16 @@ def worker_decoder(timeout_s: float | None) -> Decoder:
     return _DECODERS[key]
 
 
-def prepare_unless_known(path: str, spec: PreprocessSpec, reduced: frozenset[str],
-                         known: dict[str, frozenset[str]]) -> Prepared | batch.Known:
-    """Decode task: skip a file this bundle already scored (``known``: path -> sha256s), else decode and preprocess it."""
-    digest = sha256_or_empty(path)
-    if digest in known.get(path, ()):
-        return batch.Known(path, digest)
-    return prepare(path, spec, reduced)
-
-
 def score_chunk(paths: Sequence[str], bundle_dir: str, bundle_sha256: str, device: str,
-                known: dict[str, frozenset[str]], run_id: str, decode_timeout_s: float | None) -> ChunkResult:
-    """Worker task: skip files this bundle already scored (``known``: path -> sha256s), decode and preprocess
-    the rest in this thread's decode process (at most ``decode_timeout_s`` each), score them in one model batch."""
+                known: frozenset[tuple[str, str]], run_id: str, decode_timeout_s: float | None) -> ChunkResult:
+    """Worker task: the local engine's decode task (``deploy.batch.prepare_unless_known``: skip the files whose
+    (path, sha256) is in ``known``) in this thread's decode process (at most ``decode_timeout_s`` each), then the
+    local engine's model batch (``deploy.batch.score_batch``)."""
     model = worker_model(bundle_dir, bundle_sha256, device)
     items = list(worker_decoder(decode_timeout_s).map(
-        prepare_unless_known, paths, model.bundle.preprocessing, model.bundle.reduced_decode, known))
-    prepared = [item for item in items if isinstance(item, Prepared)]
-    seen = [(item.path, item.sha256) for item in items if isinstance(item, batch.Known)]
-    drafts = score_prepared(model, prepared, lambda _: "", run_id)  # the client pseudonymizes
-    patient_ids = [None if p.meta is None else p.meta.patient_id for p in prepared]
+        batch.prepare_unless_known, paths, model.bundle.preprocessing, model.bundle.reduced_decode, known))
+    drafts, seen = batch.score_batch(model, items, lambda _: "", run_id)  # the client pseudonymizes
+    patient_ids = [item.meta.patient_id if item.meta else None for item in items if isinstance(item, Prepared)]
     return ChunkResult(drafts, patient_ids, seen, model.provider)
 
 
@@ -154,9 +142,9 @@ def partition(files: Sequence[str], workers: int) -> list[list[str]]:
     return [list(files[i:i + size]) for i in range(0, len(files), size)]
 
 
-def pseudonymized(result: ChunkResult, secret: bytes) -> list[Decision]:
+def pseudonymized(result: ChunkResult, pseudonymize_id: Callable[[str], str]) -> list[Decision]:
     """The chunk's drafts with the keyed pseudonym of each patient id, as the local engine writes them."""
-    return [d if pid is None else dataclasses.replace(d, patient_pseudo_id=pseudonymize(pid, secret))
+    return [d if pid is None else dataclasses.replace(d, patient_pseudo_id=pseudonymize_id(pid))
             for d, pid in zip(result.drafts, result.patient_ids)]
 
 
@@ -164,8 +152,9 @@ def killed_result(path: str, bundle: Bundle, run_id: str) -> ChunkResult:
     """A file whose task killed every worker that ran it, alone: human review, never dropped."""
     detail = (f"{path}: decode_failed: every Dask worker that scored this file died (the OOM killer, or a crash "
               "while scoring it). Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
-    crashed = Prepared(path, sha256_or_empty(path), reason="decode_failed", detail=detail)
-    return ChunkResult([draft(crashed, bundle, lambda _: "", run_id=run_id)], [None], [], "")
+    crashed = unscored(path, "decode_failed", detail)
+    patient_id = crashed.meta.patient_id if crashed.meta else None
+    return ChunkResult([draft(crashed, bundle, lambda _: "", run_id=run_id)], [patient_id], [], "")
 
 
 @contextmanager
@@ -207,49 +196,46 @@ def run_dask(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Pa
              flag_rate: float = DEFAULT_FLAG_RATE, scheduler: str | None = None, workers: int = 2,
              device: str = "auto", progress: bool | None = None,
              on_chunk: Callable[["Client"], None] | None = None,
-             decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> batch.RunSummary:
-    """Score every file under ``paths`` on Dask workers; same decisions, audit and worklist as ``batch.run_score``.
+             decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S, min_risk: float = 0.0) -> batch.RunSummary:
+    """Score every file under ``paths`` on Dask workers: ``deploy.batch.run_engine``, as ``batch.run_score``, with
+    the cluster scoring the files; the same decisions, audit and worklist.
 
     ``decode_timeout_s`` bounds each file's decode, as in the local engine. ``on_chunk(client)`` is called after
     each finished chunk is saved (progress reports, tests). Raises on operational failure only (bundle, store,
     worklist, scheduler, a worker that cannot start decode processes).
     """
-    start = time.perf_counter()
-    check_flag_rate(flag_rate)
     check_timeout(decode_timeout_s)
-    batch.check_writable(out)
-    files = batch.list_inputs(paths)
-    run_id = uuid.uuid4().hex
-    secret = load_or_create_secret(default_secret_path(audit_db))
-    with batch.run_lock(audit_db), open_store(audit_db) as store, dask_client(scheduler, workers) as client:
-        state = batch.resume_state(store, bundle)
-        chunks = partition(files, max(1, len(client.nthreads())))
-        results = score_on_cluster(client, chunks, bundle, device, state.known, run_id, store, secret, progress, on_chunk,
-                                   decode_timeout_s)
+
+    def score_files(files: Sequence[str], store: AuditStore, known: frozenset[tuple[str, str]], run_id: str,
+                    pseudonymize_id: Callable[[str], str]) -> batch.Scored:
+        with dask_client(scheduler, workers) as client:
+            chunks = partition(files, max(1, len(client.nthreads())))
+            results = score_on_cluster(client, chunks, bundle, device, known, run_id, store, pseudonymize_id,
+                                       progress, on_chunk, decode_timeout_s)
         fresh = [d for i in range(len(chunks)) for d in results[i][0]]
         seen_known = [k for i in range(len(chunks)) for k in results[i][1]]
-        final_new, final_previous = batch.record_run(store, bundle, state, fresh, seen_known, flag_rate, run_id)
-    batch.write_worklist(final_new + final_previous, out)
-    providers = ", ".join(sorted({p for _, _, p in results.values() if p})) or "none (no file was scored)"
-    return batch.RunSummary(len(files), len(final_previous), final_new + final_previous, providers,
-                            time.perf_counter() - start)
+        providers = ", ".join(sorted({p for _, _, p in results.values() if p})) or "none (no file was scored)"
+        return batch.Scored(fresh, seen_known, providers)
+
+    return batch.run_engine(paths, bundle, audit_db, out, score_files, flag_rate, min_risk)
 
 
 def score_on_cluster(client: "Client", chunks: list[list[str]], bundle: Bundle, device: str,
-                     known: frozenset[tuple[str, str]], run_id: str, store: AuditStore, secret: bytes,
+                     known: frozenset[tuple[str, str]], run_id: str, store: AuditStore,
+                     pseudonymize_id: Callable[[str], str],
                      progress: bool | None, on_chunk: Callable[["Client"], None] | None,
                      decode_timeout_s: float | None) -> dict[int, tuple[list[Decision], list[tuple[str, str]], str]]:
     """Chunk index -> (pseudonymized drafts, skipped keys, provider); each chunk's drafts saved as pending on arrival."""
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
 
-    known_by_path: dict[str, set[str]] = defaultdict(set)
-    for path, digest in known:
-        known_by_path[path].add(digest)
+    known_by_path: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for key in known:
+        known_by_path[key[0]].add(key)
     bundle_dir = str(Path(bundle.path).resolve())
 
     def submit(paths: list[str], tag: str):
-        chunk_known = {p: frozenset(known_by_path[p]) for p in paths if p in known_by_path}
+        chunk_known = frozenset(key for p in paths for key in known_by_path.get(p, ()))
         return client.submit(score_chunk, paths, bundle_dir, bundle.sha256, device, chunk_known, run_id,
                              decode_timeout_s, key=f"cxr-triage-score-{run_id}-{tag}", pure=False)
 
@@ -264,7 +250,7 @@ def score_on_cluster(client: "Client", chunks: list[list[str]], bundle: Bundle, 
             except KilledWorker:
                 parts = [alone_or_killed(submit([p], f"{index}-{j}"), p, bundle, run_id, KilledWorker)
                          for j, p in enumerate(chunks[index])]
-            drafts = [d for part in parts for d in pseudonymized(part, secret)]
+            drafts = [d for part in parts for d in pseudonymized(part, pseudonymize_id)]
             store.save_pending([(d.path, d.sha256, bundle.sha256, dataclasses.asdict(d)) for d in drafts])
             results[index] = (drafts, [k for part in parts for k in part.known],
                               next((part.provider for part in parts if part.provider), ""))
@@ -304,16 +290,9 @@ def score_command(args: argparse.Namespace) -> int:
             print("cxr-triage score: error: --scheduler needs --engine dask", file=sys.stderr)
             return 1
         return batch.score_command(args)
-    try:
-        bundle = load_bundle(args.bundle)
-        audit_db = args.audit_db if is_url(args.audit_db) else Path(args.audit_db)
-        summary = run_dask(args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.scheduler,
-                           max(1, args.workers), args.device, decode_timeout_s=args.decode_timeout)
-    except (TriageError, OSError, ValueError) as error:  # OSError includes a scheduler that does not answer
-        print(f"cxr-triage score: error: {error}", file=sys.stderr)
-        return 1
-    print(f"bundle: {bundle.name} {bundle.version} (sha256 {bundle.sha256[:12]})")
-    print("engine: dask" + (f" (scheduler {args.scheduler})" if args.scheduler else f" (local cluster of {max(1, args.workers)} worker processes)"))
-    print("\n".join(summary.lines()))
-    print(f"worklist: {args.out}\naudit: {args.audit_db}")
-    return 0
+    workers = max(1, args.workers)
+    where = f"scheduler {args.scheduler}" if args.scheduler else f"local cluster of {workers} worker processes"
+    engine = f"dask ({where})"
+    return batch.run_command(args, lambda bundle, audit_db: run_dask(  # OSError: also a scheduler that does not answer
+        args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.scheduler, workers, args.device,
+        decode_timeout_s=args.decode_timeout, min_risk=args.min_risk), engine)

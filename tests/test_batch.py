@@ -472,3 +472,18 @@ def test_an_input_with_nothing_to_score_is_a_warning_and_exit_code_3(tmp_path, t
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", tmp_path / "a.sqlite") == 3
     assert f"warning: nothing to score under {folder}" in capsys.readouterr().err
     assert out.read_text().splitlines() == [",".join(WORKLIST_COLUMNS)]  # never yesterday's list read as today's
+
+
+def test_a_bundle_other_than_the_pinned_one_is_refused_before_scoring(tmp_path, tiny, capsys, monkeypatch):
+    """Item 19: ``--expect-bundle-sha256`` (default ``$CXR_TRIAGE_BUNDLE_SHA256``) pins the bundle a site approved."""
+    write_pngs(tmp_path / "in", 2)
+    out, db = tmp_path / "w.csv", tmp_path / "a.sqlite"
+    pinned = load_bundle(tiny).sha256
+    assert score(tmp_path / "in", "--bundle", tiny, "--out", out, "--audit-db", db, "--expect-bundle-sha256",
+                 "f" * 64) == 1
+    [error] = capsys.readouterr().err.splitlines()
+    assert f"bundle sha256 {pinned} is not the pinned {'f' * 64}" in error and "Fix:" in error
+    assert not db.exists() and not out.exists()
+    monkeypatch.setenv("CXR_TRIAGE_BUNDLE_SHA256", pinned)
+    assert score(tmp_path / "in", "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
+    assert f"(sha256 {pinned})" in capsys.readouterr().out and len(read_worklist(out)) == 2

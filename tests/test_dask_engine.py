@@ -1,10 +1,12 @@
 """The Dask engine on a real LocalCluster (2 worker processes): same decisions and worklist as the local
-engine (a decode past --decode-timeout included), exactly one decision per file when a worker process is killed
-mid-run, idempotent reruns, and nothing left running after a ``kill -9`` of the client."""
+engine (a decode past --decode-timeout, a name that is not UTF-8, FIFOs and dangling links, --min-risk, an empty
+input and a pinned bundle included), exactly one decision per file when a worker process is killed mid-run,
+idempotent reruns, and nothing left running after a ``kill -9`` of the client."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from deploy.batch import list_inputs
+from deploy.batch import WORKLIST_COLUMNS, walk_inputs
 from deploy.cli import main
 from deploy.dask_engine import WorkerSetupError, local_cluster, partition, run_dask
 from tests.conftest import build_dataset
@@ -28,6 +30,7 @@ from tests.test_batch import write_pngs
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import open_store
 from triage.bundle import load_bundle
+from triage.errors import BundleError
 
 distributed = pytest.importorskip("distributed", reason="the Dask engine needs the 'scale' extra (dask[distributed])")
 import dask  # noqa: E402 (installed with distributed)
@@ -69,12 +72,26 @@ def same_worklist(dask_rows: list[dict], local_rows: list[dict]) -> None:
     """Row for row: same order, files, studies, status, reasons, flags; risks equal to float precision."""
     assert len(dask_rows) == len(local_rows)
     for ours, theirs in zip(dask_rows, local_rows):
-        for column in ("path", "study_uid", "status", "flagged", "reason", "finding", "policy", "sha256"):
+        for column in ("path", "study_uid", "status", "flagged", "reason", "finding", "policy", "sha256", "detail",
+                       "flag_rule"):
             assert ours[column] == theirs[column], column
         for column in ("risk", "study_risk", "threshold"):
             assert (ours[column] == "") == (theirs[column] == "")
             if ours[column]:
                 assert float(ours[column]) == pytest.approx(float(theirs[column]), abs=1e-6)
+
+
+def both_engines(cluster, folder: Path, tiny: Path, tmp_path: Path, *options: str,
+                 ) -> dict[str, tuple[int, list[dict] | None]]:
+    """Engine -> (exit code, worklist or None) of ``cxr-triage score folder`` with the local and the Dask engine."""
+    runs = {}
+    for engine in ("local", "dask"):
+        out, db = tmp_path / f"{engine}.csv", tmp_path / f"{engine}.sqlite"
+        argv = ["score", str(folder), "--bundle", str(tiny), "--out", str(out), "--audit-db", str(db),
+                "--device", "cpu", "--engine", engine, *options]
+        code = main(argv + (["--scheduler", cluster.scheduler_address] if engine == "dask" else ["--workers", "1"]))
+        runs[engine] = (code, read_worklist(out) if out.exists() else None)
+    return runs
 
 
 def decisions_per_file(db: Path) -> Counter:
@@ -103,7 +120,7 @@ def test_dask_engine_gives_the_local_engines_decisions_and_worklist(cluster, stu
     flagged_studies = {r["study_uid"] for r in rows if r["flagged"] == "1"}
     assert len(flagged_studies) == math.ceil(0.05 * len(scored_studies)) >= 2  # top 5% of ALL studies
     per_file = decisions_per_file(db)
-    assert len(per_file) == len(list_inputs([studies])) == 52 and set(per_file.values()) == {1}
+    assert len(per_file) == len(walk_inputs([studies]).files) == 52 and set(per_file.values()) == {1}
 
 
 def test_a_rerun_is_idempotent(cluster, studies, tiny, local_run, tmp_path):
@@ -193,21 +210,90 @@ def slow_folder(tmp_path_factory):
 @needs_slow_file
 def test_a_decode_past_the_timeout_gets_the_local_engines_decode_timeout_record(cluster, slow_folder, tiny, tmp_path):
     """--decode-timeout was ignored by the Dask engine: a stuck decoder stalled the run."""
-    worklists = {}
-    for engine in ("local", "dask"):
-        out, db = tmp_path / f"{engine}.csv", tmp_path / f"{engine}.sqlite"
-        argv = ["score", str(slow_folder), "--bundle", str(tiny), "--out", str(out), "--audit-db", str(db),
-                "--decode-timeout", "2", "--device", "cpu", "--engine", engine]
-        start = time.monotonic()
-        assert main(argv + (["--scheduler", cluster.scheduler_address] if engine == "dask" else ["--workers", "1"])) == 0
-        assert time.monotonic() - start < 30, engine
-        worklists[engine] = read_worklist(out)
+    start = time.monotonic()
+    runs = both_engines(cluster, slow_folder, tiny, tmp_path, "--decode-timeout", "2")
+    assert time.monotonic() - start < 60 and {code for code, _ in runs.values()} == {0}
+    worklists = {engine: rows for engine, (_, rows) in runs.items()}
     same_worklist(worklists["dask"], worklists["local"])
     slow = next(row for row in worklists["dask"] if row["path"].endswith("slow.dcm"))
     assert (slow["status"], slow["reason"]) == ("human_review", "decode_timeout") and "within 2 s" in slow["detail"]
     assert slow["study_uid"] == str(dcmread(SLOW_FILE, stop_before_pixels=True).StudyInstanceUID)
     assert sum(row["status"] == "scored" for row in worklists["dask"]) == 3
 
+
+def test_a_file_name_that_is_not_utf8_is_scored_as_the_local_engine_scores_it(cluster, tiny, tmp_path):
+    """The Dask workers opened the listed text (``M\\xfcller.png``), not the file: file_unreadable, no sha256."""
+    folder = tmp_path / "in"
+    write_pngs(folder, 3)
+    os.rename(folder / "img002.png", os.fsdecode(os.fsencode(folder) + b"/M\xfcller.png"))  # Latin-1: byte 0xfc
+    runs = both_engines(cluster, folder, tiny, tmp_path)
+    assert runs["dask"][0] == runs["local"][0] == 0
+    same_worklist(runs["dask"][1], runs["local"][1])
+    latin1 = next(row for row in runs["dask"][1] if row["path"] == f"{folder}/M\\xfcller.png")
+    assert latin1["status"] == "scored" and len(latin1["sha256"]) == 64
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
+def test_fifos_and_dangling_links_are_recorded_as_the_local_engine_records_them(cluster, tiny, tmp_path, capsys):
+    """The Dask engine listed only regular files: a FIFO or a dangling link had no record at all."""
+    folder = tmp_path / "in"
+    write_pngs(folder, 2)
+    os.mkfifo(folder / "pipe.dcm")
+    os.symlink(tmp_path / "gone.dcm", folder / "dangling.dcm")
+    runs = both_engines(cluster, folder, tiny, tmp_path)
+    assert runs["dask"][0] == runs["local"][0] == 0
+    same_worklist(runs["dask"][1], runs["local"][1])
+    unreadable = {Path(row["path"]).name for row in runs["dask"][1] if row["reason"] == "file_unreadable"}
+    assert unreadable == {"pipe.dcm", "dangling.dcm"}
+    assert capsys.readouterr().out.count("not scorable where found: 2") == 2
+
+
+def test_min_risk_lets_a_dask_run_flag_nothing_as_a_local_run(cluster, tiny, tmp_path, capsys):
+    write_pngs(tmp_path / "in", 20)  # risks up to about 0.7 with the tiny model
+    runs = both_engines(cluster, tmp_path / "in", tiny, tmp_path, "--min-risk", "0.9")
+    assert runs["dask"][0] == runs["local"][0] == 0
+    same_worklist(runs["dask"][1], runs["local"][1])
+    assert {(row["flagged"], row["policy"]) for row in runs["dask"][1]} == {("0", "batch_top_k min_risk=0.9")}
+    assert capsys.readouterr().out.count("flagged: 0 of 20 studies: top 5% of this batch and at least --min-risk") == 2
+
+
+def test_an_input_with_nothing_to_score_exits_3_with_either_engine(cluster, tiny, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not an input")
+    runs = both_engines(cluster, tmp_path / "in", tiny, tmp_path)
+    assert runs["dask"] == runs["local"] == (3, [])
+    assert (tmp_path / "dask.csv").read_text().splitlines() == [",".join(WORKLIST_COLUMNS)]
+    assert capsys.readouterr().err.count(f"warning: nothing to score under {tmp_path / 'in'}") == 2
+
+
+def test_a_bundle_other_than_the_pinned_one_is_refused_before_any_scoring(cluster, tiny, tmp_path, capsys,
+                                                                       monkeypatch):
+    write_pngs(tmp_path / "in", 2)
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "right").mkdir()
+    pinned = load_bundle(tiny).sha256
+    wrong = both_engines(cluster, tmp_path / "in", tiny, tmp_path / "wrong", "--expect-bundle-sha256", "0" * 64)
+    assert wrong["dask"] == wrong["local"] == (1, None)
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(f"is not the pinned {'0' * 64}" in e and pinned in e for e in errors)
+    assert not list((tmp_path / "wrong").glob("*.sqlite"))  # refused before the store was opened
+    monkeypatch.setenv("CXR_TRIAGE_BUNDLE_SHA256", pinned)  # a site's pin, read by both engines
+    right = both_engines(cluster, tmp_path / "in", tiny, tmp_path / "right")
+    assert right["dask"][0] == right["local"][0] == 0 and len(right["dask"][1]) == 2
+
+
+def test_a_dask_worker_refuses_a_bundle_other_than_the_clients(cluster, tiny, tmp_path):
+    """Each worker loads the bundle itself: it is pinned to the identity the client checked."""
+    copy = Path(shutil.copytree(tiny, tmp_path / "bundle"))
+    approved = load_bundle(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["version"] += "-changed"  # after the client's check
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_pngs(tmp_path / "in", 1)
+    with pytest.raises(BundleError, match=f"Dask worker on .*: {copy}: bundle sha256 .* is not the pinned "
+                                          f"{approved.sha256}"):
+        run_dask([str(tmp_path / "in")], approved, tmp_path / "a.sqlite", tmp_path / "w.csv",
+                 scheduler=cluster.scheduler_address, device="cpu", progress=False)
 
 def test_a_daemonic_worker_is_refused_with_the_fix(slow_folder, tiny, tmp_path):
     """Workers started the default way are daemonic processes, which may not start the decode processes."""
