@@ -26,9 +26,10 @@ from pydicom.uid import (
 
 from tests.conftest import SYNTHETIC_PATIENT_ID, SYNTHETIC_PATIENT_NAME, build_dataset, chest_unit, stored_values
 from triage.errors import REASONS, BadInputError, OutOfScopeError
-from triage.ingest import read_radiograph
+from triage.ingest import header_meta, read_radiograph
+from triage.pipeline import prepare
 from triage.preprocess import PreprocessSpec, preprocess
-from triage.radiograph import Radiograph
+from triage.radiograph import Radiograph, is_valid_uid
 
 pydicom_data = pytest.importorskip("pydicom.data")
 
@@ -414,10 +415,13 @@ def test_real_dog_thorax_reads(shared_data):
     assert radiograph.meta.modality == "DX" and radiograph.pixels.shape == (169, 211)
 
 
-def as_chest(source: Path, folder: Path) -> Path:
-    """A copy of a real file whose header says CHEST, with its pixel data byte for byte."""
+def as_chest(source: Path, folder: Path, keep_uids: bool = False) -> Path:
+    """A copy of a real file whose header says CHEST, with its pixel data byte for byte; unless ``keep_uids``,
+    an invalid SOP Instance UID (the dental file's '999.999.01.23.45.6789') is replaced by a valid one."""
     ds = pydicom.dcmread(source)
     ds.BodyPartExamined = "CHEST"
+    if not keep_uids and not is_valid_uid(ds.SOPInstanceUID):
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
     for keyword in ("StudyDescription", "SeriesDescription"):
         ds.pop(keyword, None)
     path = folder / f"chest-{source.name}"
@@ -482,3 +486,59 @@ def test_oversized_file_is_refused_before_reading(make_dicom, monkeypatch):
     path = make_dicom(rows=128, cols=128)
     monkeypatch.setattr(triage.ingest, "MAX_FILE_BYTES", 1000)
     assert "over the 0 MiB limit" in expect_error(path, "too_large").detail
+
+
+# --- UIDs (PS3.5 9.1) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, valid", [
+    ("1.2.840.10008.5.1.4.1.1.1", True), ("0", True), ("1.0.2", True), ("1.2.3\x00", True), (" 1.2.3 ", True),
+    ("1." + "2" * 62, True), ("1." + "2" * 63, False), ("1.02.3", False), ("999.999.01.23.45.6789", False),
+    ("1..2", False), (".1", False), ("1.", False), ("1.2.a", False), ("1.2\n", False), ("", False), (None, False),
+    ('=HYPERLINK("http://x")', False), ("1.2\\3.4", False),
+])
+def test_the_one_uid_rule(value, valid):
+    assert is_valid_uid(value) is valid
+
+
+def test_pydicoms_own_check_accepts_a_trailing_newline_ours_does_not():
+    assert pydicom.uid.UID("1.2\n").is_valid and not is_valid_uid("1.2\n")
+
+
+INVALID_UIDS = [("StudyInstanceUID", "Study Instance UID (0020,000D)", "1.2.03.4"),
+                ("SeriesInstanceUID", "Series Instance UID (0020,000E)", '=HYPERLINK("http://x/")'),
+                ("SOPInstanceUID", "SOP Instance UID (0008,0018)", "1." + "2" * 70)]
+
+
+def with_uid(tmp_path: Path, keyword: str, value: str) -> Path:
+    """A scorable synthetic chest radiograph whose ``keyword`` UID is ``value``."""
+    ds = build_dataset(rows=96, cols=96)
+    setattr(ds, keyword, value)
+    path = tmp_path / "uid.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+@pytest.mark.parametrize("keyword, name, value", INVALID_UIDS, ids=[k for k, _, _ in INVALID_UIDS])
+def test_an_invalid_uid_goes_to_a_person_and_never_into_the_record(tmp_path, keyword, name, value):
+    path = with_uid(tmp_path, keyword, value)
+    error = expect_error(path, "invalid_uid")
+    assert f"{name} {value[:80]!r}: not a valid DICOM UID" in error.detail
+    kept = {k: str(getattr(pydicom.dcmread(path), k)) for k, _, _ in INVALID_UIDS if k != keyword}
+    for meta in (error.meta, header_meta(path, "0" * 64)):  # header_meta: the record after a decode timeout
+        uids = {"StudyInstanceUID": meta.study_uid, "SeriesInstanceUID": meta.series_uid, "SOPInstanceUID": meta.sop_uid}
+        assert all(is_valid_uid(uid) for uid in uids.values()) and uids[keyword] != value
+        assert all(uids[k] == v for k, v in kept.items())  # the valid ones are kept
+    prepared = prepare(str(path), PreprocessSpec())  # the batch scorer's path
+    assert prepared.reason == "invalid_uid" and prepared.model_input is None and prepared.meta == error.meta
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_a_real_file_with_an_invalid_sop_instance_uid(shared_data, tmp_path):
+    dental = shared_data / "dicom" / "out-of-scope" / "dental-panoramic-mono1-jpeg-lossless-modality-lut.dcm"
+    error = expect_error(as_chest(dental, tmp_path, keep_uids=True), "invalid_uid")
+    assert "SOP Instance UID (0008,0018) '999.999.01.23.45.6789'" in error.detail
+    assert error.meta.sop_uid != "999.999.01.23.45.6789" and is_valid_uid(error.meta.sop_uid)
+    out_of_scope = expect_error(dental, "body_part_out_of_scope", OutOfScopeError)  # scope is reported first
+    assert is_valid_uid(out_of_scope.meta.sop_uid)

@@ -114,6 +114,7 @@ def test_real_modality_lut_sequence(shared_data, tmp_path):
     source = shared_data / "dicom" / "out-of-scope" / "dental-panoramic-mono1-jpeg-lossless-modality-lut.dcm"
     ds = pydicom.dcmread(source)
     ds.BodyPartExamined, ds.StudyDescription, ds.SeriesDescription = "CHEST", "", ""  # to get past the scope check
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()  # its '999.999.01.23.45.6789' is not a valid UID
     ds.save_as(tmp_path / "dental.dcm")
     radiograph = read_radiograph(tmp_path / "dental.dcm")
     item = radiograph.dataset.ModalityLUTSequence[0]

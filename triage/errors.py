@@ -68,6 +68,9 @@ REASONS: dict[str, str] = {
     "inference_failed": "ONNX Runtime failed on this image",
     "decode_timeout": "decoding took longer than the per-file decode timeout (default 60 s), so its worker process was "
                       "stopped; fix: re-export the study uncompressed, or raise --decode-timeout if the file is valid",
+    "invalid_uid": "Study Instance UID (0020,000D), Series Instance UID (0020,000E) or SOP Instance UID (0008,0018) "
+                   "is not a valid DICOM UID (PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 "
+                   "characters); the record carries UIDs derived from the file's sha256 instead",
     "out_of_distribution": "the input gate judges the image unlike the frontal chest radiographs the model was trained "
                            "on (not a human chest radiograph, or a device or population the training data lacks)",
 }

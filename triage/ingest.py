@@ -43,7 +43,7 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
 from .decode import CODECS, decode_reduced, j2k_codestream, j2k_siz
 from .errors import BadInputError, OutOfScopeError
 from .logs import quiet_libraries
-from .radiograph import ImageMeta, Radiograph
+from .radiograph import ImageMeta, Radiograph, is_valid_uid, uid_text
 from .scope import MAX_DECODED_BYTES, MIN_SIDE_PX, check_anatomy, check_format, integer
 
 quiet_libraries()  # every process that reads a file: no tag values in warnings or logs (triage.logs)
@@ -61,6 +61,9 @@ PARSE_ERRORS = (InvalidDicomError, BytesLengthException, EOFError, OSError, stru
                 IndexError, NotImplementedError, TypeError, AttributeError, OverflowError, zlib.error)
 DECODE_ERRORS = (RuntimeError, ValueError, NotImplementedError, AttributeError, KeyError, IndexError,
                  EOFError, struct.error, TypeError, OverflowError)
+UID_TAGS = (("StudyInstanceUID", "Study Instance UID (0020,000D)", "study"),
+            ("SeriesInstanceUID", "Series Instance UID (0020,000E)", "series"),
+            ("SOPInstanceUID", "SOP Instance UID (0008,0018)", "sop"))  # keyword, name, part of a derived UID
 CODESTREAM_SYNTAXES = frozenset(JPEG2000TransferSyntaxes + JPEGTransferSyntaxes + JPEGLSTransferSyntaxes)
 """Compressed syntaxes whose frames state their own size (checked before decoding)."""
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -142,6 +145,7 @@ def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int,
         if pixels is None:
             pixels = decode_pixels(ds, path)
         check_anatomy(ds, path)
+        check_uids(ds, path)
     except BadInputError as error:
         error.meta = dicom_meta(ds, sha256)  # so the human-review record still names the study
         raise
@@ -404,6 +408,21 @@ def check_codestream_size(ds: Dataset, path: str, limit_bytes: int = MAX_DECODED
             f"(0028,0010)/(0028,0011) say {ds.get('Rows')} x {ds.get('Columns')}", f"{REEXPORT}; the file is inconsistent")
 
 
+def check_uids(ds: Dataset, path: str) -> None:
+    """Study, Series and SOP Instance UIDs that are present are valid DICOM UIDs (``is_valid_uid``), else ``invalid_uid``.
+
+    Checked last, so a damaged or out-of-scope file is reported as such; either way its record
+    never carries an invalid UID (``dicom_meta`` derives one from the file's sha256 instead).
+    """
+    bad = [f"{name} {text[:80]!r}" for keyword, name, _ in UID_TAGS
+           if (text := uid_text(ds.get(keyword))) and not is_valid_uid(text)]
+    if bad:
+        raise BadInputError(
+            path, "invalid_uid", f"{'; '.join(bad)}: not a valid DICOM UID (PS3.5 9.1: digits and dots, no leading "
+            "zero in a component, at most 64 characters); the record uses UIDs derived from the file's sha256",
+            "a person reviews this study on PACS; ask the sender to fix the modality's UID settings and re-export it")
+
+
 def decode_pixels(ds: Dataset, path: str) -> np.ndarray:
     """Pixel Data -> (rows, cols) stored values, with the codec's failure turned into a reason."""
     syntax = UID(str(ds.file_meta.TransferSyntaxUID))
@@ -448,7 +467,8 @@ def header_meta(path: str | PathLike[str], sha256: str) -> ImageMeta | None:
 
     For the record of a file whose decoding failed in another process (a crash, a timeout), so
     the human-review record still names the study. Only files within ``MAX_FILE_BYTES`` that
-    are not deflated (whose header would have to be inflated) are read.
+    are not deflated (whose header would have to be inflated) are read. Its UIDs are
+    ``dicom_meta``'s: an invalid one is replaced by one derived from ``sha256``.
     """
     try:
         if Path(path).stat().st_size > MAX_FILE_BYTES:
@@ -461,16 +481,21 @@ def header_meta(path: str | PathLike[str], sha256: str) -> ImageMeta | None:
         return None
 
 
+def record_uid(ds: Dataset, keyword: str, sha256: str, part: str) -> str:
+    """The tag's UID when valid (``is_valid_uid``), else one derived from the file's sha256."""
+    text = uid_text(ds.get(keyword))
+    return text if is_valid_uid(text) else derived_uid(sha256, part)
+
+
 def dicom_meta(ds: Dataset, sha256: str) -> ImageMeta:
-    """ImageMeta from the tags; missing UIDs derived from the file's sha256."""
+    """ImageMeta from the tags; a missing or invalid UID (``is_valid_uid``) derived from the file's sha256."""
     def tag(keyword: str) -> str:
         value = ds.get(keyword)
         return "" if value is None else str(value).strip()
 
+    study_uid, series_uid, sop_uid = (record_uid(ds, keyword, sha256, part) for keyword, _, part in UID_TAGS)
     return ImageMeta(
-        study_uid=tag("StudyInstanceUID") or derived_uid(sha256, "study"),
-        series_uid=tag("SeriesInstanceUID") or derived_uid(sha256, "series"),
-        sop_uid=tag("SOPInstanceUID") or derived_uid(sha256, "sop"),
+        study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
         patient_id=tag("PatientID"), patient_sex=tag("PatientSex"), patient_age=tag("PatientAge"),
         modality=tag("Modality").upper(), body_part=tag("BodyPartExamined").upper(),
         view_position=tag("ViewPosition").upper(), manufacturer=tag("Manufacturer"), study_date=tag("StudyDate"),
