@@ -4,8 +4,9 @@ N copies of a real chest CR (default: the JPEG 2000 Philips PA of samples/dicom,
 hospital archive) are scored end to end (hashing, decode, model, pending rows, audit append, worklist),
 each configuration into a fresh audit store, in interleaved rounds:
   local 1w / local 2w   ``cxr-triage score --workers N`` (decode processes, model in the main process)
-  dask 1w / dask 2w     ``cxr-triage score --engine dask`` on a LocalCluster of N single-thread worker
-                        processes, started once before the rounds (its start time is printed apart)
+  dask 1w / dask 2w     ``cxr-triage score --engine dask`` on ``deploy.dask_engine.local_cluster(N)`` (N
+                        single-thread, non-daemonic worker processes), started once before the rounds (its start
+                        time is printed apart)
 Ratios of medians are the result; absolute files/s depend on the shared CPU.
 
 Usage: python benchmarks/bench_dask.py [--bundle DIR] [--n 16] [--rounds 2] [--file DCM]
@@ -19,12 +20,11 @@ import shutil
 import statistics
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from distributed import LocalCluster
-
 from deploy.batch import run_score
-from deploy.dask_engine import run_dask
+from deploy.dask_engine import local_cluster, run_dask
 from deploy.paths import default_bundle_dir
 from triage.bundle import load_bundle
 
@@ -47,30 +47,25 @@ def main() -> None:
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     rates: dict[str, list[float]] = {"local 1w": [], "local 2w": [], "dask 1w": [], "dask 2w": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         scratch = Path(tmp)
         inputs = copies(Path(args.file), scratch / "in", args.n)
         clusters, starts = {}, {}
         for workers in (1, 2):
             start = time.perf_counter()
-            clusters[workers] = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                             dashboard_address=":0")
+            clusters[workers] = stack.enter_context(local_cluster(workers))  # closed when the stack unwinds
             starts[workers] = time.perf_counter() - start
-        try:
-            for round_ in range(args.rounds):
-                for name in rates:
-                    tag = f"{name.replace(' ', '-')}-{round_}"
-                    db, out = scratch / f"{tag}.sqlite", scratch / f"{tag}.csv"
-                    workers = int(name.split()[1][0])
-                    if name.startswith("local"):
-                        summary = run_score([str(inputs)], bundle, db, out, workers=workers, device="cpu", progress=False)
-                    else:
-                        summary = run_dask([str(inputs)], bundle, db, out, scheduler=clusters[workers].scheduler_address,
-                                           device="cpu", progress=False)
-                    rates[name].append(summary.files / summary.seconds)
-        finally:
-            for cluster in clusters.values():
-                cluster.close()
+        for round_ in range(args.rounds):
+            for name in rates:
+                tag = f"{name.replace(' ', '-')}-{round_}"
+                db, out = scratch / f"{tag}.sqlite", scratch / f"{tag}.csv"
+                workers = int(name.split()[1][0])
+                if name.startswith("local"):
+                    summary = run_score([str(inputs)], bundle, db, out, workers=workers, device="cpu", progress=False)
+                else:
+                    summary = run_dask([str(inputs)], bundle, db, out, scheduler=clusters[workers].scheduler_address,
+                                       device="cpu", progress=False)
+                rates[name].append(summary.files / summary.seconds)
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"bundle {bundle.name} {bundle.version}; {args.n} copies of {Path(args.file).name}; {args.rounds} interleaved "
           f"rounds; {os.cpu_count()} CPUs shared with other work: absolute files/s are indicative, ratios are the result")
