@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from triage import ingest
-from triage.audit import AuditStore, VerifyResult, is_url, open_store
+from triage.audit import AuditStore, VerifyResult, is_url, open_store, os_path
 from triage.errors import TriageError
 from triage.present import csv_cell, format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
@@ -370,8 +370,10 @@ def read_study(path: str, sha256: str) -> Radiograph:
     (0008,0060), Body Part Examined (0018,0015), View Position (0018,5101), the minimum
     size): a study the model refused is still one a clinician must be able to view.
     Raises ``BadInputError`` for a file no one can view (damaged, colour, multi-frame, too large).
+    ``path`` is the decision's stored text (``triage.audit.path_text``): the file is opened by ``os_path``, so a name
+    that is not UTF-8 is found, and every message names it by that text.
     """
-    data = ingest.read_bytes(path)
+    data = ingest.read_bytes(os_path(path))
     found = hashlib.sha256(data).hexdigest()
     if found != sha256:
         recorded = f"the recorded {sha256[:12]}…" if sha256 else "none recorded (unreadable when scored)"
