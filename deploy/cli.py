@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import triage
 
-from . import audit_cmd, batch, dashboard_cmd, dask_engine
+from . import audit_cmd, batch, dashboard_cmd, dask_engine, doctor
 from .workstation import cli as workstation
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.add_parser(subparsers)
     dashboard_cmd.add_parser(subparsers)
     workstation.add_parser(subparsers)
+    doctor.add_parser(subparsers)
     from training import cli as training_cli  # imports torch lazily, inside its commands
 
     training_cli.add_parsers(subparsers)

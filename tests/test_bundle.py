@@ -6,7 +6,7 @@ import pytest
 from tests.tiny_bundle import SIZE, build_tiny_bundle
 from triage.bundle import load_bundle
 from triage.errors import BundleError
-from triage.inference import calibrated_risk, choose_providers, load_model
+from triage.inference import calibrated_risk, load_model
 
 
 @pytest.fixture
@@ -68,14 +68,6 @@ def test_temperature_softens_risk_without_reordering():
     sharp, soft = calibrated_risk(logits, np.array([1.0])), calibrated_risk(logits, np.array([2.0]))
     assert np.all(np.argsort(sharp[:, 0]) == np.argsort(soft[:, 0]))
     assert np.all(np.abs(soft - 0.5) <= np.abs(sharp - 0.5))
-
-
-def test_provider_choice_prefers_cuda_and_falls_back_to_cpu():
-    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu") == ["CPUExecutionProvider"]
-    with pytest.raises(BundleError, match="gpu extra"):
-        choose_providers(["CPUExecutionProvider"], "cuda")
 
 
 def test_run_returns_logits_cams_and_features_in_one_pass(tmp_path):
