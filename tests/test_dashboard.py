@@ -28,7 +28,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from dashboards import auth, data  # noqa: E402
 from tests.pg import pg_server, pg_url  # noqa: E402,F401 (fixtures)
 from tests.tiny_bundle import build_tiny_bundle  # noqa: E402
-from triage.audit import AuditStore, Decision  # noqa: E402
+from triage.audit import AuditStore, Decision, path_text  # noqa: E402
 from triage.errors import OutOfScopeError  # noqa: E402
 from triage.ingest import read_radiograph  # noqa: E402
 
@@ -606,3 +606,12 @@ def test_the_streamlit_child_dies_with_the_dashboard_command(store: Path, tmp_pa
         except ProcessLookupError:
             pass
         parent.wait()
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_by_its_stored_text(tmp_path, monkeypatch):
+    latin1 = os.fsdecode(os.fsencode(tmp_path) + b"/M\xfcller.dcm")
+    shutil.copy(sample(0), latin1)
+    stored, sha = path_text(latin1), decision(0, 0.7).sha256
+    assert data.read_study(stored, sha).path == stored
+    app = open_page(tmp_path, monkeypatch, [decision(0, 0.7, path=stored, sha256=sha)], "Study")
+    assert len(app.get("image")) == 1 and not app.warning and str(tmp_path) not in page_text(app)
