@@ -9,18 +9,25 @@ from dataclasses import replace
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+from pydicom import Dataset
 
 from tests.conftest import chest_unit
 from triage.errors import BundleError
 from triage.ingest import read_radiograph
 from triage.preprocess import (
+    BLOCK_PIXELS,
+    RESAMPLE,
     PreprocessSpec,
+    modality_percentiles,
     modality_values,
-    percentile_unit,
     preprocess,
+    resize_rows,
     resize_unit,
     standardize,
+    stretch_unit,
     unit_image,
+    voi_lut_unit,
     window_unit,
 )
 from triage.radiograph import ImageMeta, Radiograph
@@ -48,6 +55,12 @@ def linear_exact_reference(x: float, c: float, w: float) -> float:
 
 def image_radiograph(pixels: np.ndarray, photometric: str = "MONOCHROME2", dataset=None) -> Radiograph:
     return Radiograph("mem.png", "0" * 64, pixels, photometric, ImageMeta("1.2.3", "1.2.3.4", "1.2.3.4.5"), dataset)
+
+
+def percentile_reference(pixels: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """The percentile window computed on a float64 copy of the whole image."""
+    values = pixels.astype(np.float64)
+    return stretch_unit(values, *np.percentile(values, window))
 
 
 # --- window_unit against DICOM PS3.3 C.11.2.1.2 ---------------------------------------------------
@@ -157,7 +170,7 @@ def test_percentile_fallback_without_a_window(make_dicom):
     radiograph = read_radiograph(make_dicom())
     assert "WindowCenter" not in radiograph.dataset and "VOILUTSequence" not in radiograph.dataset
     unit = unit_image(radiograph, SPEC)
-    np.testing.assert_allclose(unit, percentile_unit(radiograph.pixels.astype(float), SPEC.percentile_window), atol=1e-6)
+    np.testing.assert_allclose(unit, percentile_reference(radiograph.pixels, SPEC.percentile_window), atol=1e-6)
     assert unit.min() == 0.0 and unit.max() == 1.0
     assert 0.004 < (unit == 0).mean() < 0.02 and 0.004 < (unit == 1).mean() < 0.02  # about 0.5 % clipped each side
 
@@ -166,11 +179,11 @@ def test_percentile_mode_ignores_the_dicom_window(make_dicom):
     radiograph = read_radiograph(make_dicom(window=(10, 20)))
     spec = PreprocessSpec(voi="percentile")
     np.testing.assert_allclose(unit_image(radiograph, spec),
-                               percentile_unit(radiograph.pixels.astype(float), spec.percentile_window), atol=1e-6)
+                               percentile_reference(radiograph.pixels, spec.percentile_window), atol=1e-6)
 
 
 def test_constant_image_percentile_is_zero_not_nan():
-    assert not percentile_unit(np.full((8, 8), 7.0), (0.5, 99.5)).any()
+    assert not unit_image(image_radiograph(np.full((80, 80), 7, np.uint16), dataset=Dataset()), SPEC).any()
 
 
 # --- MONOCHROME1 --------------------------------------------------------------------------------
@@ -271,3 +284,63 @@ def test_to_dict_from_dict_round_trip_through_json():
     assert PreprocessSpec.from_dict(stored) == spec
     assert PreprocessSpec.from_dict({}) == PreprocessSpec()
     assert replace(spec, size=(224, 224)).to_dict()["size"] == [224, 224]
+
+
+# --- row blocks: the numbers of the whole-image computation, without its float copies -----------
+
+
+def whole_image_reference(radiograph: Radiograph, spec: PreprocessSpec) -> np.ndarray:
+    """Steps 1-4 as they ran before row blocks: float64 on the whole image, one Pillow resize."""
+    ds = radiograph.dataset
+    values = modality_values(radiograph.pixels, ds)
+    if "VOILUTSequence" in ds:
+        unit = voi_lut_unit(values, ds.VOILUTSequence[0])
+    elif "WindowCenter" in ds:
+        unit = window_unit(values, float(ds.WindowCenter), float(ds.WindowWidth))
+    else:
+        unit = stretch_unit(values, *np.percentile(values, spec.percentile_window))
+    if radiograph.photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    resized = Image.fromarray(unit.astype(np.float32)).resize(spec.size[::-1], RESAMPLE[spec.resample])
+    return standardize(np.asarray(resized, dtype=np.float32), spec)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"window": (2048, 4096)}, {"modality_lut": True}, {"voi_lut": True, "signed": True},
+    {"photometric": "MONOCHROME1", "rescale": (-1.5, 4000.0)}, {"bits_stored": 16, "signed": True, "rescale": (0.5, -3.0)},
+], ids=["percentile", "window", "modality-lut", "voi-lut-signed", "mono1-negative-slope", "signed-16-bit"])
+def test_preprocessing_in_row_blocks_equals_the_whole_image_computation(make_dicom, kwargs):
+    radiograph = read_radiograph(make_dicom(rows=1100, cols=1000, **kwargs))
+    assert radiograph.pixels.size > BLOCK_PIXELS  # two blocks, the second one partial
+    np.testing.assert_array_equal(preprocess(radiograph, SPEC), whole_image_reference(radiograph, SPEC))
+
+
+def test_a_real_chest_model_input_is_unchanged_by_row_blocks(shared_data):
+    """Philips CR, JPEG-LS, 1955 x 1841 15-bit, MONOCHROME1 with a window: four blocks; max abs difference 0."""
+    radiograph = read_radiograph(shared_data / "dicom" / "chest" / "philips-cr-pa-mono1-jpegls-nearlossless.dcm")
+    blocked, whole = preprocess(radiograph, SPEC), whole_image_reference(radiograph, SPEC)
+    assert np.abs(blocked - whole).max() == 0.0
+
+
+@pytest.mark.parametrize("resample", sorted(RESAMPLE))
+@pytest.mark.parametrize("shape, size", [((1100, 900), (224, 224)), ((97, 300), (224, 160)), ((500, 224), (224, 224)),
+                                         ((224, 500), (224, 224)), ((64, 64), (224, 224))])
+def test_resizing_row_blocks_equals_one_resize_of_the_whole_image(resample, shape, size):
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    blocks = np.array_split(image, [1, 2, shape[0] // 2, shape[0] - 3])  # uneven, with one-row blocks
+    whole = np.asarray(Image.fromarray(image).resize(size[::-1], RESAMPLE[resample]), dtype=np.float32)
+    np.testing.assert_array_equal(resize_rows(blocks, shape[0], PreprocessSpec(size=size, resample=resample)), whole)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.uint32])
+@pytest.mark.parametrize("rescale", [None, (0.37, -1024.5), (-2.0, 10.0)])
+def test_percentiles_from_value_counts_equal_numpys(dtype, rescale):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(info.min, min(info.max, 2**24), (300, 257), endpoint=True, dtype=dtype)
+    pixels[:100] = pixels[0, 0]  # many ties
+    ds = Dataset()
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    for window in [(0.5, 99.5), (0.0, 100.0), (25.0, 75.0), (1.234, 98.7)]:
+        assert modality_percentiles(pixels, ds, window) == tuple(np.percentile(modality_values(pixels, ds), window))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import set_pixel_data
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 
 from tests.conftest import build_dataset, encode
@@ -202,6 +203,29 @@ print("rss_kib", baseline_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
     assert result.returncode == 0, result.stderr
     baseline_kib, peak_kib = (int(n) for n in result.stderr.split("rss_kib")[-1].split())
     return (peak_kib - baseline_kib) / 1024, result.stdout
+
+
+PEAK_DECODED_MULTIPLE, PEAK_ALLOWANCE_MIB = 3, 64  # the bound README.md "Robustness" states
+
+
+@pytest.mark.parametrize("window", [None, (16000, 30000)], ids=["percentile", "window"])
+def test_reading_and_preprocessing_a_large_image_peaks_within_three_times_its_decoded_size(tmp_path, window):
+    # 8192 x 8192 x 16 bits = 128 MiB decoded, MONOCHROME1, rescaled. Preprocessing's float64 copies took the
+    # peak to +1794 MiB (14 x) here and to 7.2 GB for the 512 MiB image of the issue; now reading is the peak:
+    # the file's bytes, pydicom's copy of Pixel Data and the decoded array.
+    side = 8192
+    ds = build_dataset(rows=64, cols=64, photometric="MONOCHROME1", rescale=(0.5, -100), window=window)
+    set_pixel_data(ds, np.arange(side, dtype=np.uint16)[:, None] * 7 + np.arange(side, dtype=np.uint16) * 3,
+                   "MONOCHROME1", 16)
+    path = save(ds, tmp_path / "large.dcm")
+    del ds
+    grown_mib, output = peak_rss_growth_mib(f"""
+x = preprocess(read_radiograph({str(path)!r}), PreprocessSpec())
+print(x.shape)
+""")
+    assert output.strip() == "(1, 224, 224)"
+    decoded_mib = side * side * 2 / 2**20
+    assert grown_mib <= PEAK_DECODED_MULTIPLE * decoded_mib + PEAK_ALLOWANCE_MIB, f"peak +{grown_mib:.0f} MiB"
 
 
 def deflated_file(path: Path, inflated_bytes: int) -> Path:

@@ -9,10 +9,17 @@ nothing is re-declared elsewhere. Steps, in order:
    either, a percentile window. Output in [0, 1].
 3. MONOCHROME1 inversion, so that bone is bright for every input.
 4. Resize to the spec's size (aspect squashed, antialiased), then standardize.
+
+Memory: steps 1-4a run on blocks of about ``BLOCK_PIXELS`` rows' pixels, and the percentile
+window comes from a histogram of the stored values, so besides the decoded pixels
+``preprocess`` holds a few 8 MiB float64 temporaries and a (rows, W) float32 array, never a
+float copy of the whole image (which was 4-14 times the decoded bytes). The numbers are
+those of the whole-image computation (tests/test_preprocess.py checks equality).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +32,10 @@ from .errors import BundleError
 from .radiograph import Radiograph
 
 VOI_MODES = ("dicom_window_else_percentile", "percentile")
+BLOCK_PIXELS = 2**20
+"""Pixels per row block of steps 1-4a: each float64 temporary of a block is 8 MiB."""
+MAX_COUNTED_SPAN = 2**20
+"""Widest range of stored values counted in a histogram for the percentile window."""
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "box": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -128,39 +139,128 @@ def voi_lut_unit(values: np.ndarray, item: Dataset, little_endian: bool = True) 
     return lut[index] / float(2**bits - 1)
 
 
-def percentile_unit(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Stretch the [low, high] percentiles of the image onto [0, 1]."""
-    low, high = np.percentile(values, window)
+def stretch_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Stretch [low, high] onto [0, 1] (all zeros when high <= low)."""
     if high <= low:
         return np.zeros_like(values, dtype=np.float64)
     return np.clip((values - low) / (high - low), 0.0, 1.0)
 
 
+def row_blocks(rows: int, cols: int) -> Iterator[slice]:
+    """Slices of consecutive rows holding about ``BLOCK_PIXELS`` pixels each."""
+    step = max(1, BLOCK_PIXELS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def value_counts(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of an integer image (ascending, in its dtype) and how often each occurs.
+
+    Counted in row blocks with ``np.bincount`` when the values span at most ``MAX_COUNTED_SPAN``
+    (every image up to 20 bits stored); wider (32-bit) data is sorted whole by ``np.unique``.
+    """
+    low, high = int(pixels.min()), int(pixels.max())
+    if not np.issubdtype(pixels.dtype, np.integer) or high - low >= MAX_COUNTED_SPAN:
+        return np.unique(pixels, return_counts=True)
+    counts = np.zeros(high - low + 1, dtype=np.int64)
+    for rows in row_blocks(*pixels.shape):
+        counts += np.bincount((pixels[rows].astype(np.int64) - low).ravel(), minlength=len(counts))
+    present = np.flatnonzero(counts)
+    return (present + low).astype(pixels.dtype), counts[present]
+
+
+def modality_percentiles(pixels: np.ndarray, dataset: Dataset, window: tuple[float, float]) -> tuple[float, float]:
+    """``np.percentile(modality_values(pixels, dataset), window)`` (its 'linear' method, same arithmetic),
+    from the distinct stored values and their counts: no float64 copy of the image."""
+    stored, counts = value_counts(pixels)
+    mapped = modality_values(stored, dataset)
+    order = np.argsort(mapped, kind="stable")
+    mapped, cumulative = mapped[order], np.cumsum(counts[order])
+    position = (int(cumulative[-1]) - 1) * (np.asarray(window, dtype=np.float64) / 100)
+    below = np.floor(position)
+    gamma = position - below
+    rank = below.astype(np.int64)
+    a = mapped[np.searchsorted(cumulative, rank, side="right")]
+    b = mapped[np.searchsorted(cumulative, np.minimum(rank + 1, int(cumulative[-1]) - 1), side="right")]
+    low, high = np.where(gamma >= 0.5, b - (b - a) * (1 - gamma), a + (b - a) * gamma)  # numpy's _lerp
+    return float(low), float(high)
+
+
+def unit_transform(radiograph: Radiograph, spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """Steps 1-3 as a function from a block of stored values to float64 unit values (bright = dense).
+
+    What depends on the whole image (the percentile window) is measured here, once.
+    """
+    ds = radiograph.dataset
+    if ds is None:  # PNG/JPEG: already a display image
+        top = float(2 ** (16 if radiograph.pixels.dtype == np.uint16 else 8) - 1)
+
+        def voi(block: np.ndarray) -> np.ndarray:
+            return modality_values(block, None) / top
+    elif spec.voi == "dicom_window_else_percentile" and "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        item, little_endian = ds.VOILUTSequence[0], ds.original_encoding[1] is not False
+
+        def voi(block: np.ndarray) -> np.ndarray:
+            return voi_lut_unit(modality_values(block, ds), item, little_endian)
+    elif spec.voi == "dicom_window_else_percentile" and has_value(ds, "WindowCenter") and has_value(ds, "WindowWidth"):
+        center, width, function = _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR"))
+
+        def voi(block: np.ndarray) -> np.ndarray:
+            return window_unit(modality_values(block, ds), center, width, function)
+    else:
+        low, high = modality_percentiles(radiograph.pixels, ds, spec.percentile_window)
+
+        def voi(block: np.ndarray) -> np.ndarray:
+            return stretch_unit(modality_values(block, ds), low, high)
+    if radiograph.photometric == "MONOCHROME1":
+        return lambda block: 1.0 - voi(block)
+    return voi
+
+
+def unit_rows(radiograph: Radiograph, spec: PreprocessSpec) -> Iterator[np.ndarray]:
+    """Steps 1-3 in row blocks: (block rows, cols) float32 in [0, 1], top to bottom."""
+    transform = unit_transform(radiograph, spec)
+    for rows in row_blocks(*radiograph.pixels.shape):
+        yield transform(radiograph.pixels[rows]).astype(np.float32)
+
+
 def unit_image(radiograph: Radiograph, spec: PreprocessSpec) -> np.ndarray:
     """Steps 1-3: a (rows, cols) float32 image in [0, 1], bright = dense (bone)."""
-    ds = radiograph.dataset
-    values = modality_values(radiograph.pixels, ds)
-    if ds is None:  # PNG/JPEG: already a display image
-        bits = 16 if radiograph.pixels.dtype == np.uint16 else 8
-        unit = values / float(2**bits - 1)
-    elif spec.voi == "dicom_window_else_percentile" and "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        unit = voi_lut_unit(values, ds.VOILUTSequence[0], little_endian=ds.original_encoding[1] is not False)
-    elif spec.voi == "dicom_window_else_percentile" and has_value(ds, "WindowCenter") and has_value(ds, "WindowWidth"):
-        unit = window_unit(values, _first(ds.WindowCenter), _first(ds.WindowWidth), str(ds.get("VOILUTFunction", "LINEAR")))
-    else:
-        unit = percentile_unit(values, spec.percentile_window)
-    if radiograph.photometric == "MONOCHROME1":
-        unit = 1.0 - unit
-    return unit.astype(np.float32)
+    unit = np.empty(radiograph.pixels.shape, dtype=np.float32)
+    start = 0
+    for block in unit_rows(radiograph, spec):
+        unit[start:start + len(block)] = block
+        start += len(block)
+    return unit
+
+
+def resampled(image: np.ndarray, width: int, height: int, resample: str) -> np.ndarray:
+    """One Pillow resize of a (rows, cols) float32 array to (height, width)."""
+    if image.shape == (height, width):
+        return image.astype(np.float32, copy=False)
+    resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize((width, height), RESAMPLE[resample])
+    return np.asarray(resized, dtype=np.float32)
+
+
+def resize_rows(blocks: Iterable[np.ndarray], rows: int, spec: PreprocessSpec) -> np.ndarray:
+    """Step 4a on an image given as float32 row blocks: (rows, cols) -> spec.size float32, antialiased.
+
+    Pillow resamples a float image across first, then down, each pass with float32 output;
+    doing the first pass block by block gives the same numbers while holding only
+    (rows, W) floats instead of a float copy of the whole image.
+    """
+    height, width = spec.size
+    across = np.empty((rows, width), dtype=np.float32)
+    start = 0
+    for block in blocks:
+        across[start:start + len(block)] = resampled(block, width, len(block), spec.resample)
+        start += len(block)
+    return resampled(across, width, height, spec.resample)
 
 
 def resize_unit(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Step 4a: (rows, cols) float32 -> spec.size float32, antialiased, aspect squashed."""
-    height, width = spec.size
-    if unit.shape == (height, width):
-        return unit.astype(np.float32, copy=False)
-    image = Image.fromarray(unit.astype(np.float32), mode="F")
-    return np.asarray(image.resize((width, height), RESAMPLE[spec.resample]), dtype=np.float32)
+    return resize_rows((unit[rows] for rows in row_blocks(*unit.shape)), unit.shape[0], spec)
 
 
 def standardize(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -170,5 +270,10 @@ def standardize(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def preprocess(radiograph: Radiograph, spec: PreprocessSpec) -> np.ndarray:
-    """A decoded radiograph -> model input of shape (channels, H, W), float32."""
-    return standardize(resize_unit(unit_image(radiograph, spec), spec), spec)
+    """A decoded radiograph -> model input of shape (channels, H, W), float32.
+
+    Steps 1-4a run in row blocks (``unit_rows``, ``resize_rows``), so besides the decoded
+    pixels this holds about ``BLOCK_PIXELS`` x 8 bytes per temporary and (rows, W) floats,
+    never a float copy of the whole image.
+    """
+    return standardize(resize_rows(unit_rows(radiograph, spec), radiograph.pixels.shape[0], spec), spec)
