@@ -19,7 +19,8 @@ a temporary folder so each is a file of its own.
    fp32 on CPU: max |risk difference| (target <= 0.01) and gate verdicts that change. On a machine without
    CUDA the fp16 model runs on CPU, so the script is tested; its speed there means nothing.
 
-Usage: python benchmarks/bench_gpu.py [--copies 300] [--workers N] [--bundle DIR] [--json FILE]
+Usage: python benchmarks/bench_gpu.py [--copies 300] [--workers N] [--batch-sizes 1,8,...] [--seconds 2]
+       [--bundle DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
         models = {"cpu": load_model(bundle, "cpu"), **({"cuda": cuda_model} if cuda_model else {})}
         rows = {name: {d: rate for d in devices} for name, rate in decode.items()}
         for device, model in models.items():
-            for size, rate in model_rates(model, inputs, args.batch_sizes).items():
+            for size, rate in model_rates(model, inputs, args.batch_sizes, args.seconds).items():
                 rows.setdefault(f"model batch {size}", {})[device] = rate
         for device in devices:
             rows.setdefault("end to end (score)", {})[device] = end_to_end_rate(files, bundle, device, args.workers,
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
         else:
             figures["parity_fp16"] = {"provider": half.provider, **parity(reference, results(half, inputs))}
             say(f"parity fp16 on {half.provider} vs CPU fp32: {figures['parity_fp16']}")
-            figures["fp16_model_images_per_s"] = model_rates(half, inputs, args.batch_sizes)
+            figures["fp16_model_images_per_s"] = model_rates(half, inputs, args.batch_sizes, args.seconds)
             say(f"fp16 model images/s on {half.provider}: "
                 + ", ".join(f"batch {k}: {v:.1f}" for k, v in figures["fp16_model_images_per_s"].items()))
     return figures
@@ -194,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes (default: all CPUs)")
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
                         default=[1, 8, 16, 32, 64, 128, 256], help="model batch sizes, comma-separated")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing per model batch size (default 2)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     figures = run(args, print)

@@ -2,6 +2,7 @@
 ``--device cuda`` refusal, and ``cxr-triage doctor``. Runs anywhere; the onnxruntime-gpu checks run when
 ``CXR_TRIAGE_GPU_WHEEL_PYTHON`` names the python of a venv with the plain ``onnxruntime-gpu`` wheel."""
 
+import json
 import logging
 import os
 import subprocess
@@ -130,3 +131,16 @@ def test_doctor_exits_1_when_the_bundle_cannot_load(tmp_path, capsys):
     assert main(["doctor", "--bundle", str(tmp_path)]) == 1
     verdict = capsys.readouterr().out.splitlines()[-1]
     assert verdict.startswith("verdict: cannot score: ") and str(tmp_path) in verdict
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_on_a_machine_without_cuda(tmp_path):
+    figures = tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, "benchmarks/bench_gpu.py", "--copies", "2", "--workers", "1",
+                          "--batch-sizes", "1,4", "--seconds", "0.2", "--json", str(figures)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rates = json.loads(figures.read_text())["images_per_s"]
+    assert rates["end to end (score)"]["cpu"] > 0 and rates["model batch 4"]["cpu"] > 0
+    if "cuda" not in json.loads(figures.read_text())["devices"]:
+        assert run.stdout.splitlines()[-1].startswith("no CUDA here")
