@@ -18,7 +18,9 @@ from deploy.workstation.config import Config, ConfigError, Destination, load_con
 from deploy.workstation.inbox import (InvalidUIDError, check_uid, claim_dropped, instance_path, remove_partials,
                                       store_instance, write_atomic)
 from deploy.workstation.outbox import Outbox
-from deploy.workstation.report import NOT_FOR_DIAGNOSTIC_USE, build_report
+from deploy.results.sr import NOT_FOR_DIAGNOSTIC_USE, PROBABILITY_UNIT, RISK, THRESHOLD, device_uid
+from deploy.workstation.report import build_study_report
+from triage.errors import REASONS
 from deploy.workstation.service import Workstation
 from deploy.workstation.stream import STARVATION_GUARD, SiteRecalibrator, StarvationGuard
 from triage.audit import AuditStore, Decision
@@ -49,7 +51,7 @@ def test_bad_config_names_the_key_and_the_fix(tmp_path, text, match):
         load_config(path)
 
 
-@pytest.mark.parametrize("bad", ["", "1.2.3/../../etc", "1.02.3", "a.b", "1." + "2" * 70, "../x", "1.2.3 x", "1..2"])
+@pytest.mark.parametrize("bad", ["", "1.2.3/../../etc", "1.02.3", "a.b", "1." + "2" * 70, "../x", "1.2.3 x", "1..2", "1.2.3\n"])
 def test_only_valid_uids_name_files(tmp_path, bad):
     with pytest.raises(InvalidUIDError, match="not a valid UID"):
         instance_path(tmp_path, bad, "1.2.3", "0" * 64)
@@ -118,22 +120,85 @@ def _decision(**kwargs) -> Decision:
     return Decision(**{**base, **kwargs})
 
 
-def test_report_references_the_source_and_says_not_for_diagnostic_use(make_dicom):
+def _content(sr) -> dict[str, list]:
+    """Every content item of ``sr``'s tree by concept name meaning: its text, code meaning, number or reference."""
+    found: dict[str, list] = {}
+
+    def walk(items):
+        for item in items:
+            value = (item.get("TextValue") or item.get("ConceptCodeSequence", [{}])[0].get("CodeMeaning")
+                     or (item.MeasuredValueSequence[0] if "MeasuredValueSequence" in item else None)
+                     or (item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID if "ReferencedSOPSequence" in item
+                         else item.get("UID")))
+            found.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(value)
+            walk(item.get("ContentSequence", []))
+    walk(sr.ContentSequence)
+    return found
+
+
+def test_report_is_a_tid_1500_measurement_report_with_the_triage_result(make_dicom):
+    """Issue 15 item 1: the highdicom TID 1500 SR (the hand-built 99CXRT SR failed every assertion below)."""
     source = dcmread(make_dicom(modality="CR"), stop_before_pixels=True)
-    instances = [(str(source.SeriesInstanceUID), str(source.SOPClassUID), str(source.SOPInstanceUID))]
-    sr = build_report([_decision(study_uid=source.StudyInstanceUID)], source, instances)
+    source.PatientAge, source.OtherPatientIDs, source.InstitutionName = "045Y", "OTHER-ID", "General Hospital"
+    final = [_decision(study_uid=source.StudyInstanceUID, bundle_sha256="ab" * 32),
+             _decision(path="/y.dcm", status="human_review", reason="view_out_of_scope", risk=None,
+                       study_uid=source.StudyInstanceUID, bundle_sha256="ab" * 32)]
+    sr = build_study_report(final, [source])
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.SeriesInstanceUID != source.SeriesInstanceUID
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "AccessionNumber"):
+        assert sr.get(keyword) == source.get(keyword), keyword
+    assert "OtherPatientIDs" not in sr and "InstitutionName" not in sr  # nothing more than today's attributes
+    assert "ReferencedPerformedProcedureStepSequence" in sr and "PerformedProcedureCodeSequence" in sr  # Type 2
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    texts = [item.get("TextValue", "") for item in sr.ContentSequence]
-    assert NOT_FOR_DIAGNOSTIC_USE in texts and "demo 0.1" in texts and "FLAGGED: read first" in texts
+    [equipment] = [item for item in sr.ContributingEquipmentSequence if item.Manufacturer == "cxr-triage"]
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"  # DCM Processing Equipment
+    assert equipment.DeviceUID == device_uid("ab" * 32) != device_uid("cd" * 32)
+    content = _content(sr)
+    assert content["Comment"] == [NOT_FOR_DIAGNOSTIC_USE]
+    assert content["Worklist triage flag"] == ["Yes"]
+    assert content["Reason for human review"] == [REASONS["view_out_of_scope"][:64]]
+    assert content["Algorithm Name"][0] == "demo" and content["Algorithm Version"][0] == "0.1"
+    assert f"sha256={'ab' * 32}" in content["Algorithm Parameters"]
+    [risk] = content[RISK.meaning]
+    [threshold] = content[THRESHOLD.meaning]
+    assert (float(risk.NumericValue), float(threshold.NumericValue)) == (0.9, 0.7)
+    assert risk.MeasurementUnitsCodeSequence[0].CodeValue == PROBABILITY_UNIT.value
+    assert source.SOPInstanceUID in content["Source of Measurement"] + content.get("Source", [])
+
+
+def test_building_results_never_logs_the_patient_name(make_dicom, caplog):
+    """highdicom warns about a one-component Patient's Name quoting it; Python warnings reach our logs."""
+    import warnings
+
+    import numpy as np
+
+    from deploy.results.sc import build_heatmap
+
+    source = dcmread(make_dicom(modality="CR", patient_name="Doeflower"), stop_before_pixels=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_study_report([_decision(study_uid=source.StudyInstanceUID)], [source])
+        build_heatmap(source, source, np.zeros((64, 64), np.uint8), np.ones((8, 8), np.float32), "1.2.3", 1, "demo",
+                      "0.1", "ab" * 32)
+    assert not [w for w in caught if "Doeflower" in str(w.message)] and "Doeflower" not in caplog.text
+
+
+def test_report_of_a_study_nothing_could_be_scored_in_says_not_assessed(make_dicom):
+    source = dcmread(make_dicom(modality="CR"), stop_before_pixels=True)
+    final = [_decision(status="human_review", reason="decode_failed", risk=None, study_risk=None, flagged=False)]
+    content = _content(build_study_report(final, [source]))
+    assert content["Worklist triage flag"] == ["Not Evaluated"] and RISK.meaning not in content
+    assert content["Reason for human review"] == ["no installed codec could decode the pixel data"]
 
 
 def test_outbox_keeps_a_report_it_cannot_deliver_and_backs_off(tmp_path, make_dicom):
     unreachable = Destination("NOBODY", "127.0.0.1", 9)  # discard port: nothing listens
     outbox = Outbox(tmp_path / "outbox", [unreachable], "CXR_TRIAGE", retry_base_s=60)
     source = dcmread(make_dicom(modality="CR"), stop_before_pixels=True)
-    [path] = outbox.put(build_report([_decision()], source, []))
+    [path] = outbox.put(build_study_report([_decision()], [source]))
     assert outbox.deliver_once() == 0 and path.exists()
     failures, next_try = outbox._attempts[path]
     assert failures == 1

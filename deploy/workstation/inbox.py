@@ -17,7 +17,6 @@ import hashlib
 import logging
 import mmap
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +26,9 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 
 from triage.ingest import MAX_FILE_BYTES, PARSE_ERRORS
+from triage.radiograph import is_valid_uid, uid_text
 
 PART_SUFFIX = ".part"
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")  # PS3.5 9.1
 NO_UID_PREFIX = "no-uid-"  # folder prefix for dropped files without valid UIDs: each is its own study
 log = logging.getLogger("cxr_triage.workstation")
 
@@ -43,9 +42,10 @@ class DroppedFileError(ValueError):
 
 
 def check_uid(value: object, tag: str) -> str:
-    """``value`` as a str when it is a valid UID (PS3.5 9.1), else InvalidUIDError naming ``tag``."""
-    text = str(value or "").strip("\x00 ")
-    if len(text) > 64 or not _UID.match(text):
+    """``value`` as a str when it is a valid UID (``triage.radiograph.is_valid_uid``), else InvalidUIDError naming
+    ``tag``: the one UID rule of the batch scorer and the workstation."""
+    text = uid_text(value)
+    if not is_valid_uid(text):
         raise InvalidUIDError(f"{tag} {text[:80]!r} is not a valid UID (digits and dots, <= 64 chars)")
     return text
 
