@@ -164,9 +164,9 @@ def test_real_chest_and_non_chest_studies_are_audited_and_the_sr_comes_back(stat
         assert dump.returncode == 0, dump.stderr
         dumps[str(dcmread(report).StudyInstanceUID)] = dump.stdout
     chest_dump = dumps[chest_uid]
-    assert "Comprehensive SR" in chest_dump and "Not for diagnostic use" in chest_dump
-    assert f"{station.bundle.name} {station.bundle.version}" in chest_dump
-    assert f"{row['study_risk']:.6f}" in chest_dump and "Flag threshold" in chest_dump
+    assert "Comprehensive 3D SR" in chest_dump and "Not for diagnostic use" in chest_dump
+    assert f'"{station.bundle.name}"' in chest_dump and f'"{station.bundle.version}"' in chest_dump
+    assert "Imaging Measurement Report" in chest_dump and "Threshold Value" in chest_dump
     assert str(dcmread(chest, stop_before_pixels=True).SOPInstanceUID) in chest_dump
     assert "body_part_out_of_scope" in dumps[hip_uid]
     # a delivered report leaves the outbox once its success status is in and the association is released

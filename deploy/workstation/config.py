@@ -18,36 +18,17 @@ from triage.ingest import MAX_FILE_BYTES
 from triage.policy import DEFAULT_FLAG_RATE, check_flag_rate
 
 from ..isolation import DEFAULT_DECODE_TIMEOUT_S
+from ..results.send import Destination, DestinationError
 
 MAX_ASSOCIATIONS = 10            # pynetdicom's default; a clinic's modalities rarely send at once
 MAX_PDU_BYTES = 16382            # pynetdicom's default maximum PDU length
 ACSE_TIMEOUT_S = 5.0             # connect -> A-ASSOCIATE-RQ received; modalities send it at once
 PDU_BYTES_RANGE = (4096, 1 << 24)
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: 16 chars, no backslash/control
-_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-:\[\]]+):(?P<port>\d{1,5})$")
 
 
 class ConfigError(ValueError):
     """A workstation setting that cannot be used; the message names the key and the fix."""
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A C-STORE SCP that receives our reports: ``AE@HOST:PORT``."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Destination":
-        match = _DESTINATION.match(text.strip())
-        if match is None or not _AE_TITLE.match(match["ae"]) or not 0 < int(match["port"]) < 65536:
-            raise ConfigError(f"destination {text!r} is not AE@HOST:PORT. Fix: e.g. PACS@10.0.0.5:104")
-        return cls(match["ae"].strip(), match["host"].strip("[]"), int(match["port"]))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -66,7 +47,7 @@ class Config:
     audit_db: Path | str = Path("cxr-triage-audit.sqlite")  # a postgresql:// URL stays text
     bundle: Path | None = None              # None: the bundled demo model
     expect_bundle_sha256: str | None = None  # the bundle's identity a site approved; another one refuses to start
-    destinations: tuple[Destination, ...] = ()
+    destinations: tuple[Destination, ...] = ()  # C-STORE AE@HOST:PORT or DICOMweb URL; ',heatmap' adds the SCs
     flag_rate: float = DEFAULT_FLAG_RATE
     quiet_period_s: float = 5.0
     max_wait_s: float = 4 * 3600.0          # starvation guard
@@ -115,7 +96,10 @@ def _coerce(key: str, value: Any) -> Any:
     if key in _TUPLES:
         return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
     if key == "destinations":
-        return tuple(Destination.parse(v) for v in ([value] if isinstance(value, str) else value))
+        try:
+            return tuple(Destination.parse(v) for v in ([value] if isinstance(value, str) else value))
+        except DestinationError as error:
+            raise ConfigError(f"destinations: {error}") from error
     return value
 
 

@@ -1,7 +1,8 @@
-"""The persistent outbox: reports wait as files until every destination has accepted them.
+"""The persistent outbox: result objects wait as files until every destination has accepted them.
 
-``outbox/<destination key>/<SOP Instance UID>.dcm``, one copy per destination, written
-atomically. A sender thread C-STOREs them; a file is deleted only on a success status,
+``outbox/<destination key>/<SOP Instance UID>.dcm``, one copy per destination (heatmap
+Secondary Captures only for destinations with ``heatmap``), written atomically. A sender
+thread C-STOREs them (or posts them by STOW-RS to a DICOMweb destination); a file is deleted only on a success status,
 otherwise retried with exponential backoff (``retry_base_s`` doubling up to
 ``retry_max_s``). Files left by a previous run are sent after a restart.
 
@@ -20,9 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
-from pynetdicom import AE
 
-from .config import Destination
+from ..results.send import Destination, send
 from .inbox import PART_SUFFIX, write_atomic
 
 log = logging.getLogger("cxr_triage.workstation")
@@ -31,21 +31,6 @@ log = logging.getLogger("cxr_triage.workstation")
 def destination_key(destination: Destination) -> str:
     """A folder name for ``destination`` built from a hash, never from the configured text itself."""
     return hashlib.sha256(str(destination).encode()).hexdigest()[:16]
-
-
-def send(dataset: Dataset, destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> int | None:
-    """C-STORE ``dataset`` to ``destination``; the status (0 = success), or None when no association."""
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        return None
-    try:
-        status = assoc.send_c_store(dataset)
-        return int(status.Status) if "Status" in status else None
-    finally:
-        assoc.release()
 
 
 class ReportLedger:
@@ -96,13 +81,14 @@ class Outbox:
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
-    def put(self, dataset: Dataset) -> list[Path]:
-        """Write one copy of ``dataset`` per destination; returns the files."""
+    def put(self, dataset: Dataset, destinations: Sequence[Destination] | None = None) -> list[Path]:
+        """Write one copy of ``dataset`` per destination (default: all of them); returns the files."""
         from io import BytesIO
 
         buffer = BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
-        paths = [self.folder / destination_key(d) / f"{dataset.SOPInstanceUID}.dcm" for d in self.destinations]
+        chosen = self.destinations if destinations is None else destinations
+        paths = [self.folder / destination_key(d) / f"{dataset.SOPInstanceUID}.dcm" for d in chosen]
         for path in paths:
             write_atomic(path, buffer.getvalue())
         self._wake.set()
@@ -120,8 +106,8 @@ class Outbox:
                 failures, next_try = self._attempts.get(path, (0, 0.0))
                 if time.monotonic() < next_try or self._stop.is_set():
                     continue
-                status = send(dcmread(path), destination, self.calling_ae)
-                if status == 0:
+                problem = send(dcmread(path), destination, self.calling_ae)
+                if not problem:
                     path.unlink()
                     self._attempts.pop(path, None)
                     delivered += 1
@@ -129,8 +115,7 @@ class Outbox:
                     continue
                 delay = min(self.retry_max_s, self.retry_base_s * 2**failures)
                 self._attempts[path] = (failures + 1, time.monotonic() + delay)
-                log.warning("could not send %s to %s (status %s); retry in %.0f s", path.name, destination,
-                            "no association" if status is None else f"0x{status:04X}", delay)
+                log.warning("could not send %s to %s (%s); retry in %.0f s", path.name, destination, problem, delay)
         return delivered
 
     def _run(self) -> None:

@@ -25,13 +25,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from pydicom import Dataset
+import numpy as np
 
 from triage.audit import AuditStore, Decision
 from triage.bundle import load_bundle, sha256_file
-from triage.errors import AuditError
+from triage.errors import AuditError, TriageError
+from triage.heatmap import heatmap_input
 from triage.inference import load_model
-from triage.ingest import PARSE_ERRORS
 from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks
 from triage.present import format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
@@ -39,12 +39,13 @@ from triage.pseudonym import default_secret_path, load_or_create_secret, pseudon
 from ..batch import decision_from_row
 from ..isolation import Decoder
 from ..paths import default_bundle_dir
+from ..results.headers import readable_headers
 from .assembler import PatientMismatchError, StudyAssembler, check_patient
 from .config import Config, ConfigError, recordable_audit_db
-from .inbox import (Arrival, DroppedFileError, InvalidUIDError, claim_dropped, header_uids, read_header, reject_dropped,
-                    remove_partials, stored_instances, write_atomic)
+from .inbox import (Arrival, DroppedFileError, claim_dropped, reject_dropped, remove_partials, stored_instances,
+                    write_atomic)
 from .outbox import Outbox, ReportLedger
-from .report import build_study_report
+from .report import build_heatmaps, build_study_report
 from .scp import StorageSCP
 from .stream import STARVATION_GUARD, SiteRecalibrator, StarvationGuard
 
@@ -380,12 +381,17 @@ class Workstation:
         threading.Thread(target=_run_hook, args=(list(self.config.notify_command), env), daemon=True).start()
 
     def _send_report(self, final: Sequence[Decision], files: Sequence[Path], last_id: int) -> None:
-        """Queue the SR for every destination (none when there are none, or no file has a usable DICOM header),
-        then record decision ``last_id`` as reported. A report that cannot be written is logged and rebuilt at
-        the next start."""
+        """Queue the SR for every destination and the heatmap SCs for those with ``heatmap`` (none when there are no
+        destinations, or no file has a usable DICOM header), then record decision ``last_id`` as reported. A report
+        that cannot be written is logged and rebuilt at the next start."""
         try:
-            if self.config.destinations and (report := self._report(final, files)) is not None:
-                self.outbox.put(report)
+            headers = readable_headers(files) if self.config.destinations else []
+            if headers:
+                self.outbox.put(build_study_report(final, headers))
+                wanting = [d for d in self.config.destinations if d.heatmap]
+                if wanting and self.model.has_cam:
+                    for heatmap in build_heatmaps(final, headers, self.model, self._heatmap_input):
+                        self.outbox.put(heatmap, wanting)
             self.reported.add(last_id)
         except PatientMismatchError as error:  # not recorded as reported: logged again at every start until fixed
             log.error("study %s: no report sent: %s", final[0].study_uid, error)
@@ -393,23 +399,14 @@ class Workstation:
             log.error("study %s: cannot queue its report in %s (%s); it is rebuilt at the next start. Fix: free disk "
                       "space and make the folder writable", final[0].study_uid, self.config.outbox_dir, error)
 
-    @staticmethod
-    def _report(final: Sequence[Decision], files: Sequence[Path]) -> Dataset | None:
-        """The SR for one study's decisions, from its files' headers; None when none has the UIDs it needs;
-        PatientMismatchError when the headers are of more than one patient (``report.build_study_report``)."""
-        headers = [header for header in filter(None, map(read_header, files)) if _can_be_referenced(header)]
-        return build_study_report(final, headers) if headers else None
-
-
-def _can_be_referenced(header: Dataset) -> bool:
-    """True when a report can reference ``header``: valid (0020,000D) Study and (0008,0018) SOP Instance UIDs (the
-    Study UID files the report), and readable (0008,0016) SOP Class UID and (0020,000E) Series Instance UID."""
-    try:
-        header_uids(header)
-        header.get("SeriesInstanceUID")  # converted now: a damaged value fails here, not while building the report
-        return bool(header.SOPClassUID)
-    except (*PARSE_ERRORS, InvalidUIDError):  # a missing or damaged UID (AttributeError is in PARSE_ERRORS)
-        return False
+    def _heatmap_input(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """``triage.heatmap.heatmap_input`` in the decode process (as for scoring); TriageError when it fails there."""
+        if self._decoder is None:
+            return heatmap_input(path, self.bundle.preprocessing)
+        result = next(self._decoder.map(heatmap_input, [path], self.bundle.preprocessing))
+        if isinstance(result, Prepared):  # the decode process timed out or crashed
+            raise TriageError(result.detail)
+        return result
 
 
 def _run_hook(argv: list[str], env: dict[str, str]) -> None:
