@@ -41,6 +41,7 @@ from triage.pseudonym import default_secret_path, load_or_create_secret, pseudon
 
 from .isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder, check_timeout
 from .paths import default_bundle_dir
+from .results.send import Destination, DestinationError, send_results
 
 # Files that sit beside studies and are never images: skipped when walking a folder.
 IGNORED_NAMES = {"DICOMDIR"}
@@ -49,6 +50,7 @@ WORKLIST_COLUMNS = ("path", "study_uid", "status", "risk", "study_risk", "flagge
                     "finding", "threshold", "policy", "sha256", "detail", "flag_rule")
 BATCH_SIZE = 16
 EXIT_NOTHING_TO_SCORE = 3
+SEND_AE = "CXR_TRIAGE"  # calling AE title of --send-results
 BUNDLE_SHA256_ENV = "CXR_TRIAGE_BUNDLE_SHA256"  # a site's pinned bundle identity, the default of --expect-bundle-sha256
 
 
@@ -455,7 +457,27 @@ def run_command(args: argparse.Namespace, run: Callable[[Bundle, Path | str], Ru
     print(f"bundle: {bundle.name} {bundle.version} (sha256 {bundle.sha256})")
     if engine:
         print(f"engine: {engine}")
-    return report(summary, args)
+    code = report(summary, args)
+    return send_run_results(summary.decisions, args.send_results, args.send_ae) or code if args.send_results else code
+
+
+def send_run_results(decisions: Sequence[Decision], destinations: Sequence[Destination], calling_ae: str) -> int:
+    """``--send-results``: the SR of every study of the run to each destination (``deploy.results.send``); 1 (each
+    study not sent printed with why, the worklist and audit being written) or 0."""
+    problems = {uid: problem for uid, problem in send_results(decisions, destinations, calling_ae).items() if problem}
+    sent = len({d.study_uid for d in decisions if d.study_uid and d.sop_uid}) - len(problems)
+    print(f"results: {sent} study report(s) sent to {', '.join(map(str, destinations))}")
+    for study_uid, problem in problems.items():
+        print(f"cxr-triage score: error: study {study_uid}: report not sent: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def destination_argument(text: str) -> Destination:
+    """argparse type of ``--send-results``: a destination, or the parse error with its example."""
+    try:
+        return Destination.parse(text)
+    except DestinationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def report(summary: RunSummary, args: argparse.Namespace) -> int:
@@ -495,4 +517,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT_S, metavar="SECONDS",
                         help=f"per-file decode limit in a worker process; a file past it goes to human review as "
                              f"decode_timeout (default {DEFAULT_DECODE_TIMEOUT_S:g})")
+    parser.add_argument("--send-results", nargs="+", type=destination_argument, default=[],
+                        metavar="AE@HOST:PORT|URL", help="after the run, send each study's DICOM SR (TID 1500) to these "
+                        "PACS: a C-STORE SCP or a DICOMweb (STOW-RS) URL; exit 1 if one is not sent")
+    parser.add_argument("--send-ae", default=SEND_AE, metavar="AE", help=f"our AE title for --send-results C-STOREs "
+                        f"(default {SEND_AE})")
     parser.set_defaults(func=score_command)

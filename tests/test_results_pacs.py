@@ -153,3 +153,20 @@ def test_send_results_reports_a_refusing_pacs_instead_of_raising(orthanc, make_d
     decision = _decision(path=str(path), study_uid=str(header.StudyInstanceUID), sop_uid=str(header.SOPInstanceUID))
     problems = send_results([decision], [orthanc.destination], "STRANGER")  # an AE Orthanc does not know
     assert problems[str(header.StudyInstanceUID)].startswith(f"{orthanc.destination}: ")
+
+
+def test_cxr_triage_score_send_results_files_each_study_report_in_orthanc(orthanc, tmp_path, make_dicom, capsys):
+    """``cxr-triage score ... --send-results AE@HOST:PORT``: the run's studies' SRs reach Orthanc (the flag did not
+    exist before)."""
+    from deploy.cli import main
+
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    path = make_dicom("batch/one.dcm", modality="CR")
+    study_uid = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    code = main(["score", str(folder), "--bundle", str(build_tiny_bundle(tmp_path / "tiny")), "--device", "cpu",
+                 "--workers", "1", "--out", str(tmp_path / "worklist.csv"), "--audit-db", str(tmp_path / "a.sqlite"),
+                 "--send-results", str(orthanc.destination), "--send-ae", CALLING_AE])
+    assert code == 0 and "results: 1 study report(s) sent" in capsys.readouterr().out
+    [sr] = orthanc.instances(study_uid)
+    assert set(_content(sr)["Algorithm Name"]) == {"tiny-test"}
