@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ComprehensiveSRStorage, ComputedRadiographyImageStorage
+from pynetdicom.sop_class import Comprehensive3DSRStorage, ComputedRadiographyImageStorage
 
 from dashboards import data
 from triage.audit import open_store
@@ -133,7 +133,7 @@ def pacs():
     """A pynetdicom storage SCP (AE PACS) keeping every report it receives; yields (port, received datasets)."""
     received: list = []
     ae = AE(ae_title="PACS")
-    ae.add_supported_context(ComprehensiveSRStorage)
+    ae.add_supported_context(Comprehensive3DSRStorage)
     handlers = [(evt.EVT_C_STORE, lambda event: received.append(event.dataset) or 0x0000)]
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
     yield server.server_address[1], received
