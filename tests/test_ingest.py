@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import importlib.util
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +22,15 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
     MPEG2MPML,
     RLELossless,
 )
 
 from tests.conftest import SYNTHETIC_PATIENT_ID, SYNTHETIC_PATIENT_NAME, build_dataset, chest_unit, stored_values
 from triage.errors import REASONS, BadInputError, OutOfScopeError
-from triage.ingest import header_meta, read_radiograph
+from triage.ingest import DECODING_PLUGINS, decode_pixels, decoding_plugins, header_meta, read_radiograph
 from triage.pipeline import prepare
 from triage.preprocess import PreprocessSpec, preprocess
 from triage.radiograph import Radiograph, is_valid_uid
@@ -429,12 +433,60 @@ def as_chest(source: Path, folder: Path, keep_uids: bool = False) -> Path:
     return path
 
 
-def test_real_undecodable_file_names_the_decode_failure(shared_data, tmp_path):
+def test_real_12_bit_jpeg_extended_decodes_as_dcmtk_does(shared_data, tmp_path):
+    """The Fuji hip CR's 12-bit JPEG Extended frame has SOS parameters a sequential JPEG should not carry:
+    pylibjpeg-libjpeg (GPL, gone since issue 15) refused it; GDCM's IJG libjpeg, like DCMTK's, decodes it."""
     source = shared_data / "dicom" / UNDECODABLE
-    error = expect_error(source, "decode_failed")  # decoding comes before the anatomy check: a person can't read it either
-    assert "JPEG Extended" in error.detail and "(0002,0010)" in error.detail
-    assert error.meta.study_uid and error.meta.body_part == "HIP"  # the record still names the study
-    assert expect_error(as_chest(source, tmp_path), "decode_failed").reason == "decode_failed"
+    error = expect_error(source, "body_part_out_of_scope", OutOfScopeError)  # decoded, then refused: a hip
+    assert error.meta.study_uid and error.meta.body_part == "HIP"
+    radiograph = read_radiograph(as_chest(source, tmp_path))
+    assert radiograph.dataset.file_meta.TransferSyntaxUID == JPEGExtended12Bit and radiograph.pixels.dtype == np.uint16
+    if not shutil.which("dcmdjpeg"):
+        pytest.skip("dcmtk's dcmdjpeg is not installed (Debian package dcmtk): decoded, not compared")
+    reference = dcmtk_decoded(source, tmp_path)
+    np.testing.assert_array_equal(radiograph.pixels, reference)
+
+
+def dcmtk_decoded(source: Path, folder: Path) -> np.ndarray:
+    """The stored values DCMTK's ``dcmdjpeg`` (IJG libjpeg 6b, 8/12/16 bit) decodes from a JPEG DICOM file."""
+    out = folder / f"dcmtk-{source.name}"
+    subprocess.run(["dcmdjpeg", str(source), str(out)], check=True, capture_output=True, timeout=60)
+    return pydicom.dcmread(out).pixel_array
+
+
+def test_a_12_bit_jpeg_extended_test_file_decodes_as_dcmtk_does(tmp_path):
+    """pydicom's JPGExtended.dcm (12-bit, 1024 x 256) through ``triage.gdcm_jpeg12``."""
+    source = Path(pydicom.data.get_testdata_file("JPGExtended.dcm"))
+    ds = pydicom.dcmread(source)
+    pixels = decode_pixels(ds, str(source))
+    assert pixels.shape == (1024, 256) and pixels.dtype == np.uint16 and 0 < pixels.max() < 2**12
+    if not shutil.which("dcmdjpeg"):
+        pytest.skip("dcmtk's dcmdjpeg is not installed (Debian package dcmtk): decoded, not compared")
+    np.testing.assert_array_equal(pixels, dcmtk_decoded(source, tmp_path))
+
+
+def test_no_gpl_decoder_is_installed_and_each_compressed_syntax_has_a_permissive_plugin():
+    """pylibjpeg-libjpeg (GPL-3.0) is gone; every syntax ``DECODING_PLUGINS`` lists has an installed plugin."""
+    assert importlib.util.find_spec("libjpeg") is None, "pylibjpeg-libjpeg (GPL-3.0) is installed: pip uninstall it"
+    for syntax, plugins in DECODING_PLUGINS.items():
+        assert decoding_plugins(syntax), f"no installed plugin of {plugins} for {syntax.name}"
+    assert decoding_plugins(JPEGLossless) == ("gdcm",) and decoding_plugins(JPEGBaseline8Bit)[0] == "pillow"
+
+
+@pytest.mark.parametrize("damage, reason", [("scrambled", "decode_failed"), ("cut", "truncated")])
+def test_a_damaged_real_jpeg_is_refused_not_decoded_to_grey(shared_data, tmp_path, damage, reason):
+    """The SIIM chest's JPEG baseline, its entropy-coded data scrambled or cut at half: every plugin refuses it
+    (pylibjpeg-libjpeg, before issue 15, returned the cut one with its lower half grey)."""
+    ds = pydicom.dcmread(shared_data / "dicom" / "chest" / "siim-cr-mono2-jpeg-baseline.dcm")
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    start = frame.index(b"\xff\xda") + 64  # SOI..SOS kept: the size check still reads the SOF header
+    damaged = {"scrambled": frame[:start] + bytes(b ^ 0x5A for b in frame[start:-2]) + frame[-2:],
+               "cut": frame[:len(frame) // 2]}[damage]
+    ds.PixelData = encapsulate([damaged])
+    path = tmp_path / f"{damage}-jpeg.dcm"
+    ds.save_as(path)
+    error = expect_error(path, reason)
+    assert "JPEG Baseline" in error.detail and "pillow" in error.detail and "gdcm" in error.detail
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")

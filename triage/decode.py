@@ -7,7 +7,7 @@ of the work:
 - JPEG 2000 (Transfer Syntax 1.2.840.10008.1.2.4.90/.91, and HTJ2K .201-.203): a
   resolution level of the wavelet transform (openjpeg's ``reduce``); level ``r`` is the
   low-pass image of ``ceil(rows / 2**r) x ceil(cols / 2**r)``, same value range.
-- 8-bit JPEG baseline (1.2.840.10008.1.2.4.50): DCT scaling by 1/2, 1/4 or 1/8 (libjpeg's
+- 8-bit JPEG baseline (1.2.840.10008.1.2.4.50): DCT scaling by 1/2, 1/4 or 1/8 (libjpeg-turbo's
   ``scale_denom``, Pillow's ``Image.draft``).
 
 ``decode_reduced`` picks the smallest image that is still at least ``at_least`` (rows,
@@ -21,7 +21,8 @@ When it returns pixels it rewrites the data set's geometry to match them: Rows
 (0028,0010), Columns (0028,0011) and the spacing attributes (Pixel Spacing (0028,0030),
 Imager Pixel Spacing (0018,1164), Nominal Scanned Pixel Spacing (0018,2010)) scaled
 by the reduction, so no downstream code measures the reduced image in full-size pixels.
-The decoders are Pillow's (openjpeg 2.5 and libjpeg-turbo, both in its wheels).
+The decoders are Pillow's (openjpeg 2.5 and libjpeg-turbo, both in its wheels); Pillow is also the
+first full decoder of 8-bit JPEG (``triage.ingest.DECODING_PLUGINS``), so the two paths share libjpeg-turbo.
 
 The JPEG 2000 header readers here (``j2k_codestream``, ``j2k_siz``) also serve the size check
 of ``triage.ingest.check_codestream_size``: a frame may be a raw codestream or, though PS3.5

@@ -6,8 +6,10 @@ for), each with a reason code from ``triage.errors.REASONS``, the file, what was
 found and what a person can do; never anything else.
 
 DICOM decoding is pydicom's: native (implicit/explicit VR little endian, explicit VR
-big endian), deflated and RLE need nothing extra; JPEG, JPEG-LS and JPEG 2000 need
-``pylibjpeg`` with ``pylibjpeg-libjpeg`` and ``pylibjpeg-openjpeg``. Old ACR-NEMA files
+big endian), deflated and RLE need nothing extra; the compressed syntaxes use the plugins of
+``DECODING_PLUGINS``, all under permissive licences: Pillow (8-bit JPEG, JPEG 2000), ``pyjpegls``
+(CharLS: JPEG-LS), ``python-gdcm`` (lossless JPEG; 12-bit JPEG Extended through
+``triage.gdcm_jpeg12``) and ``pylibjpeg`` with ``pylibjpeg-openjpeg`` (JPEG 2000, HTJ2K). Old ACR-NEMA files
 without preamble or file meta are read too, their Transfer Syntax UID (0002,0010)
 taken from how the data set is actually encoded. The scope checks of
 ``triage.scope`` run on the header before any pixel is decoded.
@@ -36,10 +38,13 @@ from pydicom.sequence import Sequence
 from pydicom.encaps import get_frame
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.pixels.utils import _get_jpg_parameters
-from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes,
+from pydicom.uid import (UID, HTJ2K, JPEG2000, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLosslessRPCL, ImplicitVRLittleEndian,
+                         JPEG2000Lossless, JPEG2000TransferSyntaxes, JPEGBaseline8Bit, JPEGExtended12Bit,
+                         JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, JPEGLSTransferSyntaxes,
                          JPEGTransferSyntaxes, generate_uid)
 
+from . import gdcm_jpeg12
 from .decode import CODECS, decode_reduced, j2k_codestream, j2k_siz
 from .errors import BadInputError, OutOfScopeError
 from .logs import quiet_libraries
@@ -47,6 +52,7 @@ from .radiograph import ImageMeta, Radiograph, is_valid_uid, uid_text
 from .scope import MAX_DECODED_BYTES, MIN_SIDE_PX, check_anatomy, check_format, integer
 
 quiet_libraries()  # every process that reads a file: no tag values in warnings or logs (triage.logs)
+gdcm_jpeg12.register()  # 12-bit JPEG Extended, which pydicom's permissive plugins refuse
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -67,6 +73,25 @@ UID_TAGS = (("StudyInstanceUID", "Study Instance UID (0020,000D)", "study"),
 CODESTREAM_SYNTAXES = frozenset(JPEG2000TransferSyntaxes + JPEGTransferSyntaxes + JPEGLSTransferSyntaxes)
 """Compressed syntaxes whose frames state their own size (checked before decoding)."""
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+DECODING_PLUGINS: dict[UID, tuple[str, ...]] = {
+    JPEGBaseline8Bit: ("pillow", "gdcm"),
+    JPEGExtended12Bit: ("pillow", "gdcm", gdcm_jpeg12.LABEL),  # the first two decode 8-bit samples only
+    JPEGLossless: ("gdcm",),
+    JPEGLosslessSV1: ("gdcm",),
+    JPEGLSLossless: ("pyjpegls", "gdcm"),
+    JPEGLSNearLossless: ("pyjpegls", "gdcm"),
+    JPEG2000Lossless: ("pylibjpeg", "pillow"),
+    JPEG2000: ("pylibjpeg", "pillow"),
+    HTJ2KLossless: ("pylibjpeg",),
+    HTJ2KLosslessRPCL: ("pylibjpeg",),
+    HTJ2K: ("pylibjpeg",),
+}
+"""The pydicom decoding plugins tried for each compressed Transfer Syntax UID (0002,0010), in order:
+the fastest first (``benchmarks/bench_decode.py --backends``), none under a GPL licence
+(tests/test_licences.py). Other syntaxes (native, deflated, RLE) use pydicom's own decoders."""
+PLUGIN_PACKAGES = {"pillow": "pillow", "gdcm": "python-gdcm", gdcm_jpeg12.LABEL: "python-gdcm", "pyjpegls": "pyjpegls",
+                   "pylibjpeg": "pylibjpeg and pylibjpeg-openjpeg"}
+"""The PyPI distributions each plugin of ``DECODING_PLUGINS`` needs (all base dependencies of cxr-triage)."""
 
 
 def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX,
@@ -423,28 +448,47 @@ def check_uids(ds: Dataset, path: str) -> None:
             "a person reviews this study on PACS; ask the sender to fix the modality's UID settings and re-export it")
 
 
+def decoding_plugins(syntax: UID) -> tuple[str, ...]:
+    """The installed plugins of ``DECODING_PLUGINS`` for ``syntax``, in order; ``("",)`` (pydicom's own
+    choice) for a syntax it does not list; empty when none of its plugins is installed."""
+    if syntax not in DECODING_PLUGINS:
+        return ("",)
+    installed = get_decoder(syntax).available_plugins
+    return tuple(plugin for plugin in DECODING_PLUGINS[syntax] if plugin in installed)
+
+
 def decode_pixels(ds: Dataset, path: str) -> np.ndarray:
-    """Pixel Data -> (rows, cols) stored values, with the codec's failure turned into a reason."""
+    """Pixel Data -> (rows, cols) stored values, with the codec's failure turned into a reason.
+
+    Each plugin of ``decoding_plugins`` is tried in turn; the file fails when all of them do.
+    """
     syntax = UID(str(ds.file_meta.TransferSyntaxUID))
     syntax_text = f"Transfer Syntax UID (0002,0010) {str(syntax)!r} ({syntax.name})"
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
         raise BadInputError(path, "decode_failed", f"no decoder exists for {syntax_text}", REEXPORT) from None
-    if not decoder.is_available:
-        missing = "; ".join(decoder.missing_dependencies)
+    plugins = decoding_plugins(syntax)
+    if not decoder.is_available or not plugins:
+        packages = sorted({PLUGIN_PACKAGES[plugin] for plugin in DECODING_PLUGINS.get(syntax, ())})
+        missing = ", ".join(packages) or "; ".join(decoder.missing_dependencies)
         raise BadInputError(path, "decode_failed", f"no installed plugin decodes {syntax_text}",
-                            f"install the decoder ({missing}), or {REEXPORT}")
+                            f"install the decoder ({missing}: pip install 'cxr-triage[cpu]' brings it), or {REEXPORT}")
     if not syntax.is_compressed:
         check_native_length(ds, path)
-    try:
-        pixels = pixel_array(ds)
-    except DECODE_ERRORS as error:
-        message = " ".join(str(error).split())
+    failures = []
+    for plugin in plugins:
+        try:
+            pixels = pixel_array(ds, decoding_plugin=plugin)
+            break
+        except DECODE_ERRORS as error:
+            failures.append(" ".join(str(error).split()))
+    else:
+        message = " ".join(failures)
         if any(word in message.lower() for word in ("truncat", "premature", "end of file", "less than expected")):
-            raise truncated(path, f"{syntax_text}: {message}") from None
+            raise truncated(path, f"{syntax_text}: {message}")
         raise BadInputError(path, "decode_failed", f"{syntax_text} could not be decoded: {message}",
-                            f"{REEXPORT}; the compressed data may be corrupt") from None
+                            f"{REEXPORT}; the compressed data may be corrupt")
     rows, cols = int(ds.Rows), int(ds.Columns)
     if pixels.shape != (rows, cols):
         raise BadInputError(
