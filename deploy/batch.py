@@ -475,9 +475,13 @@ def send_run_results(decisions: Sequence[Decision], destinations: Sequence[Desti
 def destination_argument(text: str) -> Destination:
     """argparse type of ``--send-results``: a destination, or the parse error with its example."""
     try:
-        return Destination.parse(text)
+        destination = Destination.parse(text)
     except DestinationError as error:
         raise argparse.ArgumentTypeError(str(error)) from error
+    if destination.heatmap:
+        raise argparse.ArgumentTypeError(f"{text!r}: score --send-results sends each study's SR only, not heatmaps. "
+                                         "Fix: drop ',heatmap' (the workstation sends heatmaps: its --destination)")
+    return destination
 
 
 def report(summary: RunSummary, args: argparse.Namespace) -> int:

@@ -487,3 +487,9 @@ def test_a_bundle_other_than_the_pinned_one_is_refused_before_scoring(tmp_path, 
     monkeypatch.setenv("CXR_TRIAGE_BUNDLE_SHA256", pinned)
     assert score(tmp_path / "in", "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
     assert f"(sha256 {pinned})" in capsys.readouterr().out and len(read_worklist(out)) == 2
+
+
+def test_send_results_refuses_heatmap_destinations_it_cannot_honour(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", str(tmp_path), "--send-results", "PACS@127.0.0.1:104,heatmap"])
+    assert exit_info.value.code == 2 and "sends each study's SR only, not heatmaps" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pynetdicom import AE
 
-from triage.audit import Decision
+from triage.audit import Decision, os_path
 
 log = logging.getLogger("cxr_triage.results")
 
@@ -122,7 +122,7 @@ def send_results(decisions: Sequence[Decision], destinations: Sequence[Destinati
 
     problems: dict[str, str] = {}
     for study_uid, final in by_study(decisions).items():
-        headers = readable_headers(Path(d.path) for d in final)
+        headers = readable_headers(Path(os_path(d.path)) for d in final)
         if not headers:
             problems[study_uid] = "no file of the study has a readable DICOM header with its UIDs"
             continue

@@ -74,8 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="maximum PDU length we accept (default 16382)")
     parser.add_argument("--decode-timeout", dest="decode_timeout_s", type=float, metavar="SECONDS",
                         help="a file still decoding after this goes to human review as decode_timeout (default 60)")
-    parser.add_argument("--destination", dest="destinations", nargs="+", metavar="AE@HOST:PORT",
-                        help="where reports are sent by C-STORE")
+    parser.add_argument("--destination", dest="destinations", nargs="+", metavar="AE@HOST:PORT|URL[,heatmap]",
+                        help="where reports are sent: a C-STORE SCP or a DICOMweb (STOW-RS) URL; ',heatmap' also "
+                             "sends the heatmap Secondary Captures there")
     parser.add_argument("--flag-rate", dest="flag_rate", type=float, help="target fraction of studies flagged (default 0.05)")
     parser.add_argument("--quiet-period", dest="quiet_period_s", type=float, metavar="SECONDS",
                         help="a study is complete after this long without a new instance (default 5)")
