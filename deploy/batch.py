@@ -13,6 +13,7 @@ import argparse
 import csv
 import dataclasses
 import fcntl
+import logging
 import os
 import stat
 import sys
@@ -448,6 +449,7 @@ def run_command(args: argparse.Namespace, run: Callable[[Bundle, Path | str], Ru
     """``cxr-triage score`` with either engine's ``run(bundle, audit_db)``: the bundle is loaded first (refused unless
     its identity is ``--expect-bundle-sha256`` when a site pinned one); exit 1 for an operational failure, 3 when
     there was nothing to score."""
+    show_notices()
     try:
         bundle = load_bundle(args.bundle, expected_sha256=args.expect_bundle_sha256)
         summary = run(bundle, args.audit_db if is_url(args.audit_db) else Path(args.audit_db))
@@ -459,6 +461,13 @@ def run_command(args: argparse.Namespace, run: Callable[[Bundle, Path | str], Ru
         print(f"engine: {engine}")
     code = report(summary, args)
     return send_run_results(summary.decisions, args.send_results, args.send_ae) or code if args.send_results else code
+
+
+def show_notices() -> None:
+    """The core's one-line notices on stderr (``triage.*`` at INFO: where ONNX Runtime runs and why; library
+    warnings, redacted by ``triage.logs``); other libraries' logging stays at WARNING."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("triage").setLevel(logging.INFO)
 
 
 def send_run_results(decisions: Sequence[Decision], destinations: Sequence[Destination], calling_ae: str) -> int:
