@@ -24,7 +24,6 @@ from triage.errors import TriageError
 from triage.present import csv_cell, format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 from triage.radiograph import Radiograph
-from triage.scope import check_image
 
 PSI_ALERT = 0.2        # population stability index above this: the risk distribution has drifted
 PSI_MIN_N = 100        # fewer scored studies than this: PSI is too noisy to raise an alert
@@ -365,10 +364,10 @@ def read_study(path: str, sha256: str) -> Radiograph:
 
     The bytes are hashed before any decoding: ``FileChangedError`` when they are not the
     recorded ones (the file was replaced, e.g. its SOP Instance UID (0008,0018) sent again
-    with other pixels). Then read as ``triage.ingest.read_radiograph`` reads it, with its
-    size limits and pixel checks, but without the model's scope checks (Modality
-    (0008,0060), Body Part Examined (0018,0015), View Position (0018,5101), the minimum
-    size): a study the model refused is still one a clinician must be able to view.
+    with other pixels). Then those same bytes are read by ``triage.ingest.read_radiograph_bytes``
+    with its size limits and pixel checks, but with ``scope=False`` and no minimum size (no
+    Modality (0008,0060), Body Part Examined (0018,0015), View Position (0018,5101) or UID check):
+    a study the model refused is still one a clinician must be able to view.
     Raises ``BadInputError`` for a file no one can view (damaged, colour, multi-frame, too large).
     ``path`` is the decision's stored text (``triage.audit.path_text``): the file is opened by ``os_path``, so a name
     that is not UTF-8 is found, and every message names it by that text.
@@ -379,19 +378,7 @@ def read_study(path: str, sha256: str) -> Radiograph:
         recorded = f"the recorded {sha256[:12]}…" if sha256 else "none recorded (unreadable when scored)"
         raise FileChangedError(f"{path}: the file's sha256 is {found[:12]}…, not {recorded}: it was replaced after "
                                "the decision was made, so its image is not the one decided on and is not shown")
-    if data.startswith((ingest.PNG_MAGIC, ingest.JPEG_MAGIC)):
-        return ingest.read_image(path, data, found, min_side_px=1)
-    ds = ingest.parse_dicom(path, data)
-    ingest.check_pixel_data_present(ds, path)
-    check_image(ds, path, min_side_px=1)  # monochrome, one frame, within the decoded-size limit
-    ingest.check_pixel_attributes(ds, path)
-    ingest.check_display_attributes(ds, path)
-    ingest.ensure_transfer_syntax(ds, path)
-    ingest.check_codestream_size(ds, path)
-    pixels = ingest.decode_pixels(ds, path)
-    del ds.PixelData
-    photometric = str(ds.PhotometricInterpretation).strip().upper()
-    return Radiograph(path, found, pixels, photometric, ingest.dicom_meta(ds, found), ds)
+    return ingest.read_radiograph_bytes(path, data, min_side_px=1, scope=False)
 
 
 def shown_text(text: str, path: str) -> str:

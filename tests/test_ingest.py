@@ -594,3 +594,27 @@ def test_a_real_file_with_an_invalid_sop_instance_uid(shared_data, tmp_path):
     assert error.meta.sop_uid != "999.999.01.23.45.6789" and is_valid_uid(error.meta.sop_uid)
     out_of_scope = expect_error(dental, "body_part_out_of_scope", OutOfScopeError)  # scope is reported first
     assert is_valid_uid(out_of_scope.meta.sop_uid)
+
+
+# --- reading an image for a person to view (the dashboard) --------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the dental file's UIDs are not valid UIDs
+@pytest.mark.parametrize("name", NOT_CHEST)
+def test_scope_false_reads_an_out_of_scope_file_for_viewing(shared_data, name):
+    path = shared_data / "dicom" / "out-of-scope" / name
+    radiograph = read_radiograph(path, scope=False)
+    assert radiograph.pixels.shape == (radiograph.dataset.Rows, radiograph.dataset.Columns)
+    assert radiograph.meta.study_uid and radiograph.pixels.max() > radiograph.pixels.min()
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_scope_false_skips_only_the_scope_checks(make_dicom):
+    ct = make_dicom("ct.dcm", modality="CT", view="LL")
+    expect_error(ct, "modality_out_of_scope", OutOfScopeError)
+    assert read_radiograph(ct, scope=False).meta.modality == "CT"  # Modality, View Position: not checked
+    colour = make_dicom("rgb.dcm", photometric="RGB")  # cannot be shown as a grey radiograph: still refused
+    assert expect_error(colour, "not_monochrome", scope=False).reason == expect_error(colour, "not_monochrome").reason
+    cut = make_dicom("cut.dcm", transfer_syntax=JPEG2000Lossless)
+    cut.write_bytes(cut.read_bytes()[:-200])
+    expect_error(cut, "truncated", scope=False)

@@ -49,7 +49,7 @@ from .decode import CODECS, decode_reduced, j2k_codestream, j2k_siz
 from .errors import BadInputError, OutOfScopeError
 from .logs import quiet_libraries
 from .radiograph import ImageMeta, Radiograph, is_valid_uid, uid_text
-from .scope import MAX_DECODED_BYTES, MIN_SIDE_PX, check_anatomy, check_format, integer
+from .scope import MAX_DECODED_BYTES, MIN_SIDE_PX, check_anatomy, check_image, check_modality, integer
 
 quiet_libraries()  # every process that reads a file: no tag values in warnings or logs (triage.logs)
 gdcm_jpeg12.register()  # 12-bit JPEG Extended, which pydicom's permissive plugins refuse
@@ -95,7 +95,8 @@ PLUGIN_PACKAGES = {"pillow": "pillow", "gdcm": "python-gdcm", gdcm_jpeg12.LABEL:
 
 
 def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX,
-                    reduce_to: tuple[int, int] | None = None, reduce_codecs: Collection[str] = tuple(CODECS)) -> Radiograph:
+                    reduce_to: tuple[int, int] | None = None, reduce_codecs: Collection[str] = tuple(CODECS),
+                    scope: bool = True) -> Radiograph:
     """Read a DICOM, PNG or JPEG file into a checked, decoded ``Radiograph``.
 
     The file is read once; its sha256 is of those bytes. ``pixels`` is (rows, cols):
@@ -106,18 +107,32 @@ def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX
     ``reduce_to`` (rows, cols), e.g. ``triage.decode.decode_size(spec)``: decode JPEG 2000 / 8-bit
     JPEG baseline DICOM (the families of ``reduce_codecs``) at the smallest reduced resolution
     still at least that size, with Rows/Columns/spacing of ``dataset`` rewritten to match
-    (``triage.decode``); else full size.
+    (``triage.decode``); else full size. ``scope=False``: see ``read_radiograph_bytes``.
     """
-    data = read_bytes(path)
+    return read_radiograph_bytes(str(path), read_bytes(path), min_side_px=min_side_px, reduce_to=reduce_to,
+                                 reduce_codecs=reduce_codecs, scope=scope)
+
+
+def read_radiograph_bytes(path: str, data: bytes, *, min_side_px: int = MIN_SIDE_PX,
+                          reduce_to: tuple[int, int] | None = None, reduce_codecs: Collection[str] = tuple(CODECS),
+                          scope: bool = True) -> Radiograph:
+    """``read_radiograph`` of the bytes ``data`` already read from ``path`` (the sha256 is theirs).
+
+    ``scope=False`` reads an image for a person to look at, whatever the model was made for:
+    the model's scope checks (Modality (0008,0060), Body Part Examined (0018,0015), View
+    Position (0018,5101)) and the check of the record's UIDs are skipped; every check that
+    the image can be decoded and shown (one monochrome frame, the size limits, the pixel and
+    display attributes, the codestream size) still runs.
+    """
     sha256 = hashlib.sha256(data).hexdigest()
     if is_dicom_part10(data):
-        return read_dicom(str(path), data, sha256, min_side_px, reduce_to, reduce_codecs)
+        return read_dicom(path, data, sha256, min_side_px, reduce_to, reduce_codecs, scope)
     if data.startswith((PNG_MAGIC, JPEG_MAGIC)):
-        return read_image(str(path), data, sha256, min_side_px)
+        return read_image(path, data, sha256, min_side_px)
     if may_be_acr_nema(data):
-        return read_dicom(str(path), data, sha256, min_side_px, reduce_to, reduce_codecs)
+        return read_dicom(path, data, sha256, min_side_px, reduce_to, reduce_codecs, scope)
     raise BadInputError(
-        str(path), "not_dicom", f"the file ({len(data)} bytes) has no DICOM 'DICM' prefix at byte 128, "
+        path, "not_dicom", f"the file ({len(data)} bytes) has no DICOM 'DICM' prefix at byte 128, "
         "is not an ACR-NEMA data set and is not a PNG or JPEG image",
         "send DICOM files (or PNG/JPEG images); remove other files from the input folder")
 
@@ -155,13 +170,15 @@ def derived_uid(sha256: str, part: str) -> str:
 # --- DICOM -----------------------------------------------------------------------------------
 
 
-def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int,
-               reduce_to: tuple[int, int] | None = None, reduce_codecs: Collection[str] = tuple(CODECS)) -> Radiograph:
-    """DICOM bytes -> Radiograph: parse, check the header, then decode."""
+def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int, reduce_to: tuple[int, int] | None = None,
+               reduce_codecs: Collection[str] = tuple(CODECS), scope: bool = True) -> Radiograph:
+    """DICOM bytes -> Radiograph: parse, check the header, then decode (``scope``: ``read_radiograph_bytes``)."""
     ds = parse_dicom(path, data)
     try:
         check_pixel_data_present(ds, path)
-        check_format(ds, path, min_side_px)
+        if scope:
+            check_modality(ds, path)
+        check_image(ds, path, min_side_px)
         check_pixel_attributes(ds, path)
         check_display_attributes(ds, path)
         ensure_transfer_syntax(ds, path)
@@ -169,8 +186,9 @@ def read_dicom(path: str, data: bytes, sha256: str, min_side_px: int,
         pixels = decode_reduced(ds, reduce_to, reduce_codecs) if reduce_to else None
         if pixels is None:
             pixels = decode_pixels(ds, path)
-        check_anatomy(ds, path)
-        check_uids(ds, path)
+        if scope:
+            check_anatomy(ds, path)
+            check_uids(ds, path)
     except BadInputError as error:
         error.meta = dicom_meta(ds, sha256)  # so the human-review record still names the study
         raise
