@@ -25,6 +25,7 @@ from deploy.paths import default_bundle_dir
 from triage.audit import AuditStore, default_audit_db, is_url
 from triage.bundle import load_bundle
 from triage.errors import TriageError
+from triage.heatmap import overlay
 from triage.inference import Model, load_model
 from triage.preprocess import PreprocessSpec, unit_image
 from triage.present import format_risk
@@ -273,7 +274,7 @@ def image_panel(row: pd.Series, manifest: dict[str, Any] | None, bundle_dir: Pat
         except (TriageError, OSError, ValueError) as error:
             plain_warning("The heatmap cannot be computed.", data.shown_text(str(error), row["path"]))
         else:
-            shown = data.overlay(shown, cam)
+            shown = overlay(shown, cam)
             caption += (f" · heatmap of {manifest['operating_point']['finding']} ({cam.shape[0]}x{cam.shape[1]} class "
                         "activation map, scaled per image: bright = where the model found the most evidence; "
                         "not a segmentation)")

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from triage import ingest
 from triage.audit import AuditStore, VerifyResult, is_url, open_store, os_path
@@ -386,11 +385,7 @@ def shown_text(text: str, path: str) -> str:
     return text.replace(path, Path(path).name) if path else text
 
 
-# -- heatmaps (class activation maps from the bundle's ONNX graph; numpy + PIL, no torch) -----
-
-HEAT_ANCHORS = np.array([[0, 0, 0], [120, 28, 109], [237, 105, 37], [252, 255, 164]], dtype=np.float32) / 255
-HEATMAP_ALPHA = 0.5
-
+# -- heatmaps (class activation maps from the bundle's ONNX graph; drawn by triage.heatmap.overlay) -----
 
 def study_cam(model: Any, radiograph: Radiograph) -> np.ndarray:
     """The triage finding's class activation map (h, w) float32 in logit units for one image, from ONNX Runtime.
@@ -405,31 +400,3 @@ def study_cam(model: Any, radiograph: Radiograph) -> np.ndarray:
         raise ValueError(f"{bundle.path}: the bundle has no CAM output. Fix: re-export it with 'cxr-triage export'")
     x = preprocess(radiograph, bundle.preprocessing)[None]
     return model.run(x, features=False).cams[0, bundle.findings.index(bundle.triage_finding)]
-
-
-def cam_unit(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(h, w) map -> (rows, cols) float32 in [0, 1], bilinear, min -> 0 and max -> 1 (all zeros when flat).
-
-    The model sees the whole image squashed to its input size, so the map spans the whole image.
-    """
-    cam = np.asarray(cam, dtype=np.float32)
-    span = float(cam.max() - cam.min())
-    unit = (cam - cam.min()) / span if span > 0 else np.zeros_like(cam)
-    resized = Image.fromarray(unit, mode="F").resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
-
-
-def heat_colours(heat: np.ndarray) -> np.ndarray:
-    """(H, W) in [0, 1] -> (H, W, 3) float32 RGB on a dark-purple-orange-yellow scale (perceptually ordered)."""
-    position = np.clip(heat, 0.0, 1.0) * (len(HEAT_ANCHORS) - 1)
-    low = np.minimum(position.astype(int), len(HEAT_ANCHORS) - 2)
-    frac = (position - low)[..., None]
-    return HEAT_ANCHORS[low] * (1 - frac) + HEAT_ANCHORS[low + 1] * frac
-
-
-def overlay(grey: np.ndarray, cam: np.ndarray, alpha: float = HEATMAP_ALPHA) -> np.ndarray:
-    """uint8 (H, W) display image + (h, w) map -> uint8 (H, W, 3): colour blended in where the map is high."""
-    heat = cam_unit(cam, grey.shape)
-    weight = (alpha * heat)[..., None]
-    rgb = np.repeat(grey[..., None].astype(np.float32) / 255, 3, axis=2)
-    return np.rint(np.clip(rgb * (1 - weight) + heat_colours(heat) * weight, 0, 1) * 255).astype(np.uint8)

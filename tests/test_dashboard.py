@@ -30,6 +30,7 @@ from tests.pg import pg_server, pg_url  # noqa: E402,F401 (fixtures)
 from tests.tiny_bundle import build_tiny_bundle  # noqa: E402
 from triage.audit import AuditStore, Decision, path_text  # noqa: E402
 from triage.errors import OutOfScopeError  # noqa: E402
+from triage.heatmap import overlay  # noqa: E402
 from triage.ingest import read_radiograph  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,12 +229,12 @@ def test_overlay_puts_colour_where_the_map_is_high() -> None:
     grey = np.full((64, 80), 100, np.uint8)
     cam = np.zeros((8, 8), np.float32)
     cam[1, 6] = 5.0  # one hot cell, top right
-    rgb = data.overlay(grey, cam)
+    rgb = overlay(grey, cam)
     assert rgb.shape == (64, 80, 3) and rgb.dtype == np.uint8
     change = np.abs(rgb.astype(int) - 100).sum(axis=2)
     assert np.unravel_index(np.argmax(change), change.shape)[0] < 16 and np.argmax(change.max(axis=0)) > 50
     assert change[-8:, :16].max() == change.min()  # far from the hot cell: the same as every cold pixel
-    flat = data.overlay(grey, np.ones((8, 8)))
+    flat = overlay(grey, np.ones((8, 8)))
     assert np.array_equal(flat, np.repeat(grey[..., None], 3, axis=2))  # a flat map adds nothing
 
 
