@@ -25,8 +25,7 @@ import numpy as np
 from streamlit.testing.v1 import AppTest
 
 from dashboards import auth, data
-from triage.audit import AuditStore, Decision
-
+from triage.audit import Decision, open_store
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "dashboards" / "app.py")
 SAMPLES = sorted((REPO / "samples" / "kermany").glob("*.dcm"))
@@ -50,7 +49,7 @@ def build_store(folder: Path, n: int, seed: int = 0) -> Path:
             threshold=threshold, flag_rate=0.05, policy="stream_threshold", flagged=scored and risks[i] >= threshold,
             run_id=f"day-{i * 30 // n}"))
     db = folder / "audit.sqlite"
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         ids = store.append_decisions(decisions)
         for decision_id in ids[:: max(1, n // 500)][:500]:
             store.append_review(decision_id, "bench", "agree")

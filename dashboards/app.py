@@ -22,7 +22,7 @@ import streamlit as st
 
 from dashboards import auth, data
 from deploy.paths import default_bundle_dir
-from triage.audit import AuditStore, default_audit_db, is_url
+from triage.audit import default_audit_db, is_url, open_store
 from triage.bundle import load_bundle
 from triage.errors import TriageError
 from triage.heatmap import overlay
@@ -318,7 +318,7 @@ def review_panel(settings: Settings, user: str, row: pd.Series) -> None:
     for column, (verdict, label) in zip(buttons, VERDICT_LABELS.items()):
         if column.button(label, key=f"{verdict}-{row['id']}", shortcut=shortcuts[verdict],
                          type="primary" if verdict == "agree" else "secondary"):
-            with AuditStore(settings.audit_db, create=False) as store:
+            with open_store(settings.audit_db, create=False) as store:
                 review_id = store.append_review(int(row["id"]), user, verdict, finding, note)
             st.session_state["last_review"] = f"Review {review_id} recorded: {label} by {user}."
             st.rerun()

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from triage import ingest
-from triage.audit import AuditStore, VerifyResult, is_url, open_store, os_path
+from triage.audit import REVIEW_COLUMNS, VerifyResult, is_url, open_store, os_path
 from triage.errors import TriageError
 from triage.present import csv_cell, format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
@@ -45,11 +45,14 @@ def data_version(audit_db: str | Path) -> tuple[float, ...]:
 
 
 def read_decisions(audit_db: str | Path) -> pd.DataFrame:
-    """Every decision, one row each, with ``created_at`` as UTC timestamps and ``day`` as dates."""
-    with AuditStore(audit_db, create=False) as store:
+    """Every decision, one row each, with ``created_at`` as UTC timestamps, ``day`` as dates, and ``current``: True
+    for each file's current decision (the store's rule, ``AuditStore.current_decisions``)."""
+    with open_store(audit_db, create=False) as store, store.transaction("cannot read", write=False):
         frame = pd.DataFrame(store.decisions())
+        current = [row["id"] for row in store.current_decisions()]
     if frame.empty:
         return frame
+    frame["current"] = frame["id"].isin(current)
     frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601")
     frame["day"] = frame["created_at"].dt.date
     frame["age_band"] = frame["patient_age"].map(age_band)
@@ -58,16 +61,15 @@ def read_decisions(audit_db: str | Path) -> pd.DataFrame:
 
 def read_reviews(audit_db: str | Path) -> pd.DataFrame:
     """Every review, oldest first, with ``created_at`` as UTC timestamps."""
-    with AuditStore(audit_db, create=False) as store:
-        frame = pd.DataFrame(store.reviews(), columns=["id", "created_at", "decision_id", "study_uid", "reviewer",
-                                                        "verdict", "finding", "note"])
+    with open_store(audit_db, create=False) as store:
+        frame = pd.DataFrame(store.reviews(), columns=list(REVIEW_COLUMNS))
     frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601")
     return frame
 
 
 def verify_store(audit_db: str | Path) -> VerifyResult:
     """The audit chains' verification result."""
-    with AuditStore(audit_db, create=False) as store:
+    with open_store(audit_db, create=False) as store:
         return store.verify()
 
 
@@ -94,12 +96,8 @@ class WorklistFilter:
 
 
 def current_decisions(decisions: pd.DataFrame) -> pd.DataFrame:
-    """The latest decision per file (path, sha256), without superseded ones."""
-    if decisions.empty:
-        return decisions
-    superseded = set(decisions["supersedes"].dropna().astype(int))
-    latest = decisions.groupby(["path", "sha256"])["id"].transform("max") == decisions["id"]
-    return decisions[latest & ~decisions["id"].isin(superseded)]
+    """Each file's current decision (the ``current`` column that ``read_decisions`` takes from the store)."""
+    return decisions if decisions.empty else decisions[decisions["current"]]
 
 
 def latest_verdicts(reviews: pd.DataFrame) -> pd.DataFrame:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from triage.audit import ANCHOR_PREFIX, AUDIT_DB_ENV, DEFAULT_AUDIT_DB, default_audit_db, open_store
+from triage.audit.transfer import copy_store, export_csv
 from triage.errors import AuditError
 
 
@@ -63,7 +64,7 @@ def export_command(args: argparse.Namespace) -> int:
     """Write every decision to a CSV (pseudonymized IDs only); 0 on success, 1 on failure."""
     try:
         with open_store(args.audit_db, create=False) as store:
-            count = store.export_csv(args.out)
+            count = export_csv(store, args.out)
     except AuditError as error:
         print(f"cxr-triage audit export: error: {error}", file=sys.stderr)
         return 1
@@ -75,7 +76,7 @@ def copy_command(args: argparse.Namespace) -> int:
     """Copy a store verbatim into a new one (e.g. SQLite to PostgreSQL), then verify the copy; 0 when it verifies."""
     try:
         with open_store(args.audit_db, create=False) as source, open_store(args.to) as target:
-            copied = source.copy_to(target)
+            copied = copy_store(source, target)
             result = target.verify()
     except AuditError as error:
         print(f"cxr-triage audit copy: error: {error}", file=sys.stderr)

@@ -28,8 +28,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from triage.audit import (AuditStore, Decision, default_audit_db, is_url, open_store, os_path, output_file_problem,
-                          path_text)
+from triage.audit import (AuditStore, Decision, decision_from_row, default_audit_db, is_url, open_store, os_path,
+                          output_file_problem, path_text)
+from triage.audit.pending import clear_pending, load_pending, save_pending
 from triage.bundle import Bundle, load_bundle
 from triage.errors import AuditError, TriageError
 from triage.inference import Model, load_model
@@ -188,13 +189,6 @@ def _batches(stream: Iterable[Prepared | Known], size: int) -> Iterator[list[Pre
             batch = []
     if batch:
         yield batch
-
-
-def decision_from_row(row: dict) -> Decision:
-    """An audit-store row (dict) -> the Decision it records."""
-    values = {f.name: row[f.name] for f in dataclasses.fields(Decision) if f.name in row}
-    values["flagged"] = bool(values.get("flagged"))
-    return Decision(**values)
 
 
 def sort_worklist(decisions: Iterable[Decision]) -> list[Decision]:
@@ -383,10 +377,10 @@ def resume_state(store: AuditStore, bundle: Bundle) -> ResumeState:
     """Read what earlier runs of ``bundle`` left; pending rows whose decision was appended are cleared."""
     rows = store.decided_keys(bundle.sha256)
     decided = {k: decision_from_row(v) for k, v in rows.items()}
-    saved = store.load_pending(bundle.sha256)
+    saved = load_pending(store, bundle.sha256)
     # A run killed between its audit append and clearing its pending rows left them behind.
-    store.clear_pending([(*k, bundle.sha256) for k in saved if k in decided])
-    return ResumeState(rows, decided, {k: Decision(**v) for k, v in saved.items() if k not in decided})
+    clear_pending(store, [(*k, bundle.sha256) for k in saved if k in decided])
+    return ResumeState(rows, decided, {k: decision_from_row(v) for k, v in saved.items() if k not in decided})
 
 
 def record_run(store: AuditStore, bundle: Bundle, state: ResumeState, fresh: Sequence[Decision],
@@ -406,7 +400,7 @@ def record_run(store: AuditStore, bundle: Bundle, state: ResumeState, fresh: Seq
         if now.flagged != before.flagged
     ]
     store.append_decisions(final_new + superseding)
-    store.clear_pending([(d.path, d.sha256, bundle.sha256) for d in new])
+    clear_pending(store, [(d.path, d.sha256, bundle.sha256) for d in new])
     return final_new, final_previous
 
 
@@ -423,7 +417,7 @@ def _score_new_files(files: Sequence[str], model: Model, store: AuditStore, know
         for batch in _batches(stream, BATCH_SIZE):
             drafts, skipped = score_batch(model, batch, pseudonymize_id, run_id)
             seen_known += skipped
-            store.save_pending([(d.path, d.sha256, model.bundle.sha256, dataclasses.asdict(d)) for d in drafts])
+            save_pending(store, [(d.path, d.sha256, model.bundle.sha256, dataclasses.asdict(d)) for d in drafts])
             fresh += drafts
             bar.update(len(batch))
     return fresh, seen_known

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from triage.audit import AuditStore, Decision
+from triage.audit.pending import save_pending
 from triage.bundle import Bundle, load_bundle
 from triage.errors import BundleError, TriageError
 from triage.inference import Model, load_model
@@ -251,7 +252,7 @@ def score_on_cluster(client: "Client", chunks: list[list[str]], bundle: Bundle, 
                 parts = [alone_or_killed(submit([p], f"{index}-{j}"), p, bundle, run_id, KilledWorker)
                          for j, p in enumerate(chunks[index])]
             drafts = [d for part in parts for d in pseudonymized(part, pseudonymize_id)]
-            store.save_pending([(d.path, d.sha256, bundle.sha256, dataclasses.asdict(d)) for d in drafts])
+            save_pending(store, [(d.path, d.sha256, bundle.sha256, dataclasses.asdict(d)) for d in drafts])
             results[index] = (drafts, [k for part in parts for k in part.known],
                               next((part.provider for part in parts if part.provider), ""))
             future.release()  # saved: let the worker free it, and a later loss not recompute it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import multiprocessing
 import os
 import socket
@@ -14,8 +15,10 @@ import pytest
 
 from deploy.audit_cmd import add_parser
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
-from triage.audit import (DECISION_COLUMNS, GENESIS_HASH, AuditStore, Decision, default_audit_db, is_url, open_store,
-                          os_path, path_text)
+from triage.audit import (DECISION_COLUMNS, GENESIS_HASH, Decision, default_audit_db, is_url, open_store, os_path,
+                          path_text)
+from triage.audit.pending import clear_pending, load_pending, save_pending
+from triage.audit.transfer import copy_store, export_csv
 from triage.errors import AuditError
 from triage.pseudonym import pseudonymize
 
@@ -259,20 +262,20 @@ def test_pending_scores_save_load_and_clear_outside_the_chain(db):
     bundle = "b" * 64
     payload = {"risk": 0.25, "flagged": False, "study_risk": None}
     with open_store(db) as store:
-        store.save_pending([("/a", "s1", bundle, payload), ("/b", "s2", bundle, {"risk": 0.5}),
+        save_pending(store, [("/a", "s1", bundle, payload), ("/b", "s2", bundle, {"risk": 0.5}),
                             ("/a", "s1", "other", {"risk": 0.1})])
-        store.save_pending([("/b", "s2", bundle, {"risk": 0.75})])  # replaces by key
-        assert store.load_pending(bundle) == {("/a", "s1"): payload, ("/b", "s2"): {"risk": 0.75}}
-        store.clear_pending([("/a", "s1", bundle), ("/b", "s2", bundle)])
-        assert store.load_pending(bundle) == {}
-        assert store.load_pending("other") == {("/a", "s1"): {"risk": 0.1}}
+        save_pending(store, [("/b", "s2", bundle, {"risk": 0.75})])  # replaces by key
+        assert load_pending(store, bundle) == {("/a", "s1"): payload, ("/b", "s2"): {"risk": 0.75}}
+        clear_pending(store, [("/a", "s1", bundle), ("/b", "s2", bundle)])
+        assert load_pending(store, bundle) == {}
+        assert load_pending(store, "other") == {("/a", "s1"): {"risk": 0.1}}
         assert store.verify().ok
 
 
 def test_export_csv_has_every_column_and_no_raw_patient_id(db, tmp_path):
     out = tmp_path / "export" / "audit.csv"
     with open_store(db) as store:
-        assert store.export_csv(out) == 5
+        assert export_csv(store, out) == 5
     text = out.read_text()
     rows = list(csv.DictReader(text.splitlines()))
     assert tuple(rows[0]) == DECISION_COLUMNS and len(rows) == 5
@@ -298,13 +301,13 @@ def test_a_file_that_is_not_a_database_is_an_audit_error_with_a_fix(tmp_path):
     path = tmp_path / "audit.sqlite"
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(AuditError, match=r"audit\.sqlite: .*not a database.*Fix: restore"):
-        AuditStore(path)
+        open_store(path)
 
 
 def test_an_unwritable_location_is_an_audit_error_with_a_fix(tmp_path):
     (tmp_path / "taken").write_text("a file where a folder should be")
     with pytest.raises(AuditError, match=r"taken.*Fix:"):
-        AuditStore(tmp_path / "taken" / "audit.sqlite")
+        open_store(tmp_path / "taken" / "audit.sqlite")
 
 
 def test_nan_risk_is_refused_rather_than_stored_as_null(target):
@@ -427,8 +430,33 @@ def test_a_store_written_by_release_0_1_0_verifies_anchors_and_takes_new_records
     assert result.ok and (result.n_records, result.n_reviews) == (5, 2)
 
 
-def test_copy_to_in_small_chunks_gives_an_identical_store_with_the_same_head(db, tmp_path):
+def test_copy_store_in_small_chunks_gives_an_identical_store_with_the_same_head(db, tmp_path):
     with open_store(db) as source, open_store(tmp_path / "copy.sqlite") as copy:
-        assert source.copy_to(copy, chunk=2) == {"decisions": 5, "reviews": 2}
+        assert copy_store(source, copy, chunk=2) == {"decisions": 5, "reviews": 2}
         assert copy.decisions() == source.decisions() and copy.reviews() == source.reviews()
         assert copy.chain_heads() == source.chain_heads() and copy.verify().ok
+
+
+def test_current_decisions_are_each_files_latest_record_that_nothing_supersedes(db):
+    """The one current-decision rule: a re-flag of the same file and a new file content at the same path
+    (the workstation's resend) both replace the record they supersede; filters choose among the files."""
+    with open_store(db) as store:
+        [reflag] = store.append_decisions([decision(1, flagged=True, supersedes=2)])  # same file, flag changed
+        [resent] = store.append_decisions([decision(3, sha256="f" * 64, supersedes=4)])  # same path, new content
+        current = [r["id"] for r in store.current_decisions()]
+        assert current == [1, 3, 5, reflag, resent]
+        assert [r["id"] for r in store.current_decisions(study_uid="1.2.3.1")] == [3, resent]
+        assert set(store.decided_keys("b" * 64)) == {(r["path"], r["sha256"]) for r in store.current_decisions()}
+
+
+def test_chain_checks_run_without_a_database():
+    from triage.audit.chain import chain_rows, head_problem, link_problem
+    from triage.audit.records import DECISION_KINDS
+
+    head = {"last_id": 0, "hash": GENESIS_HASH, "count": 0}
+    rows = chain_rows(DECISION_KINDS, [dataclasses.asdict(decision(i)) for i in range(3)], head, lambda: "t", "0.1.0")
+    assert [r["id"] for r in rows] == [1, 2, 3] and rows[1]["prev_hash"] == rows[0]["record_hash"]
+    assert link_problem(1, rows[0]["record_hash"], rows[1]) is None
+    assert link_problem(1, rows[0]["record_hash"], {**rows[1], "risk": 0.99})[1].endswith("(the record was edited)")
+    assert link_problem(1, rows[0]["record_hash"], rows[2])[0] == 2  # record 2 deleted
+    assert head_problem({"last_id": 3, "hash": rows[2]["record_hash"], "count": 3}, 2, rows[1]["record_hash"], 2)[0] == 3

@@ -16,6 +16,8 @@ import pytest
 
 from tests.pg import pg_server, pg_url  # noqa: F401  (fixtures)
 from triage.audit import Decision, open_store
+from triage.audit.pending import clear_pending, load_pending, save_pending
+from triage.audit.transfer import export_csv
 from triage.errors import AuditError
 from triage.pseudonym import default_secret_path
 
@@ -112,8 +114,8 @@ def test_a_least_privilege_role_appends_but_cannot_change_rows_or_drop_the_trigg
     with open_store(url) as store:  # create=True: no DDL on a made store
         [decision_id] = store.append_decisions([Decision(path="/a", sha256="x", status="scored", risk=0.5)])
         store.append_review(decision_id, "dr.a", "agree")
-        store.save_pending([("/b", "y", "bundle", {"risk": 0.1})])
-        store.clear_pending([("/b", "y", "bundle")])
+        save_pending(store, [("/b", "y", "bundle", {"risk": 0.1})])
+        clear_pending(store, [("/b", "y", "bundle")])
         assert store.verify().ok
     with psycopg.connect(url, autocommit=True) as attacker:
         for statement in ("DROP TRIGGER decisions_no_update ON decisions", "UPDATE decisions SET risk = 0.9",
@@ -174,14 +176,14 @@ def load_release_0_1_0(path: Path) -> Path:
 def test_audit_copy_moves_a_sqlite_store_to_postgresql_and_old_anchors_still_hold(pg_url, tmp_path):
     old = load_release_0_1_0(tmp_path / "old.sqlite")
     with open_store(old) as store:
-        store.save_pending([("/p", "s", "b" * 64, {"risk": 0.25})])
+        save_pending(store, [("/p", "s", "b" * 64, {"risk": 0.25})])
         anchor = store.head()
     run = cli("audit", "copy", "--audit-db", str(old), "--to", pg_url)
     assert run.returncode == 0, run.stderr
     assert "copied 4 decisions and 1 reviews; the copy: audit chain OK: 4 decisions, 1 reviews" in run.stdout
     with open_store(pg_url) as copy, open_store(old) as source:
         assert copy.decisions() == source.decisions() and copy.reviews() == source.reviews()
-        assert copy.verify([anchor]).ok and copy.load_pending("b" * 64) == {("/p", "s"): {"risk": 0.25}}
+        assert copy.verify([anchor]).ok and load_pending(copy, "b" * 64) == {("/p", "s"): {"risk": 0.25}}
         assert copy.append_decisions([Decision(path="/new", sha256="n", status="scored")]) == [5]
     again = cli("audit", "copy", "--audit-db", str(old), "--to", pg_url)
     assert again.returncode == 1 and "already holds records. Fix: copy into a new, empty store" in again.stderr
@@ -234,13 +236,13 @@ def test_a_workstation_audits_into_postgresql(pg_url, tmp_path, make_dicom, monk
 
 
 def test_verify_and_export_stream_a_table_larger_than_one_fetch(pg_url, tmp_path):
-    from triage.audit_pg import STREAM_ROWS
+    from triage.audit.postgres import STREAM_ROWS
 
     n = 2 * STREAM_ROWS + 7
     with open_store(pg_url) as store:
         store.append_decisions([Decision(path=f"/f{i}", sha256=str(i), status="scored", risk=i / n) for i in range(n)])
         result = store.verify()
-        assert store.export_csv(tmp_path / "all.csv") == n
+        assert export_csv(store, tmp_path / "all.csv") == n
     assert result.ok and result.n_records == n
     with open(tmp_path / "all.csv", newline="") as handle:
         assert [row["path"] for row in csv.DictReader(handle)][-1] == f"/f{n - 1}"

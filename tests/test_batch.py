@@ -20,7 +20,8 @@ from deploy.batch import WORKLIST_COLUMNS, decision_from_row, write_worklist
 from deploy.cli import main
 from tests.processes import grandchildren
 from tests.tiny_bundle import build_tiny_bundle
-from triage.audit import AuditStore, Decision
+from triage.audit import AuditStore, Decision, open_store
+from triage.audit.pending import load_pending, save_pending
 from triage.bundle import load_bundle
 from triage.errors import AuditError
 
@@ -87,7 +88,7 @@ def test_scores_a_folder_flags_the_riskiest_5_percent_and_audits_every_file(stud
     assert risks == sorted(risks, reverse=True)
     assert {Path(r["path"]).name for r in rows[:2]} <= {"img037.png", "img036.png", "chest.dcm"}
 
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         decisions = store.decisions()
         assert len(decisions) == 41 and store.verify().ok
     assert {d["path"] for d in decisions} == {r["path"] for r in rows}
@@ -104,7 +105,7 @@ def test_rerun_skips_audited_files_and_scores_only_new_ones(studies, tiny, tmp_p
     assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
     assert "(41 already audited with this bundle, skipped)" in capsys.readouterr().out
     assert read_worklist(out) == first
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert len(store.decisions()) == 41
 
     # An identical copy at a new path is a new input: scored and recorded on its own.
@@ -114,7 +115,7 @@ def test_rerun_skips_audited_files_and_scores_only_new_ones(studies, tiny, tmp_p
     assert len(rows) == 42
     copies = [r for r in rows if Path(r["path"]).name.startswith("chest")]
     assert copies[0]["risk"] == copies[1]["risk"] and copies[0]["study_uid"] == copies[1]["study_uid"]
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert len(store.decisions()) == 42 and store.verify().ok
 
 
@@ -131,7 +132,7 @@ def test_a_changed_file_at_the_same_path_is_scored_again(studies, tiny, tmp_path
     assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
     write_pngs(studies / "png", 1, seed=99)  # overwrites img000.png with new content
     assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         rows = [d for d in store.decisions() if d["path"].endswith("img000.png")]
     assert len(rows) == 2 and rows[0]["sha256"] != rows[1]["sha256"]
 
@@ -168,7 +169,7 @@ def test_worklist_and_audit_hold_no_patient_identifiers(tmp_path, tiny):
     assert main(["audit", "export", "--audit-db", str(db), "--out", str(export)]) == 0
     for text in (out.read_text(), export.read_text(), "\n".join(map(str, sqlite3.connect(db).iterdump()))):
         assert "Doe" not in text and "8675309" not in text
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert len(store.decisions()[0]["patient_pseudo_id"]) == 16
 
 
@@ -176,7 +177,7 @@ def test_a_rerun_with_riskier_new_studies_supersedes_the_old_flag(tmp_path, tiny
     folder, out, db = tmp_path / "in", tmp_path / "w.csv", tmp_path / "a.sqlite"
     write_pngs(folder / "day1", 20)
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         first_flagged = [d for d in store.decisions() if d["flagged"]]
     assert [Path(d["path"]).name for d in first_flagged] == ["img019.png"]
 
@@ -185,7 +186,7 @@ def test_a_rerun_with_riskier_new_studies_supersedes_the_old_flag(tmp_path, tiny
     for i in range(20):  # brighter than anything on day 1
         Image.fromarray(np.full((96, 96), 200 + i, np.uint8), mode="L").save(brighter / f"late{i:02d}.png")
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         rows = store.decisions()
         assert store.verify().ok
     superseding = [d for d in rows if d["supersedes"] is not None]
@@ -205,16 +206,16 @@ def test_inferences_of_a_failed_run_are_kept_and_recorded_by_the_next(studies, t
     with monkeypatch.context() as patch:
         patch.setattr(AuditStore, "append_decisions", disk_full)
         assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 1
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert store.decisions() == []
-        pending = store.load_pending(load_bundle(tiny).sha256)
+        pending = load_pending(store, load_bundle(tiny).sha256)
     assert len(pending) == 41
     first_run = {payload["run_id"] for payload in pending.values()}
 
     assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         rows = store.decisions()
-        assert store.load_pending(load_bundle(tiny).sha256) == {}
+        assert load_pending(store, load_bundle(tiny).sha256) == {}
     assert len(rows) == 41 and {r["run_id"] for r in rows} == first_run  # recorded, not scored again
 
 
@@ -222,13 +223,13 @@ def test_pending_rows_left_by_a_kill_after_the_audit_append_are_not_recorded_twi
     out, db = tmp_path / "w.csv", tmp_path / "a.sqlite"
     assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
     bundle = load_bundle(tiny)
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         rows = store.decisions()
         # As if the run had died after appending its decisions but before clearing its pending rows.
-        store.save_pending([(r["path"], r["sha256"], bundle.sha256, decision_from_row(r).__dict__) for r in rows])
+        save_pending(store, [(r["path"], r["sha256"], bundle.sha256, decision_from_row(r).__dict__) for r in rows])
     assert score(studies, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
-    with AuditStore(db) as store:
-        assert len(store.decisions()) == len(rows) and store.load_pending(bundle.sha256) == {}
+    with open_store(db) as store:
+        assert len(store.decisions()) == len(rows) and load_pending(store, bundle.sha256) == {}
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the decode workers")
@@ -257,7 +258,7 @@ def test_a_killed_decode_worker_costs_no_file_and_stalls_nothing(tmp_path, tiny)
     assert scorer.returncode == 0, output
     rows = read_worklist(out)
     assert len(rows) == 40 and all(r["status"] == "scored" for r in rows)  # the killed worker's files were retried
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert len(store.decisions()) == 40 and store.verify().ok
 
 
@@ -302,7 +303,7 @@ def test_a_second_run_on_the_same_store_is_refused_while_the_first_holds_it(tmp_
         assert "another cxr-triage score run is using this audit store" in capsys.readouterr().err
     assert not out.exists()
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db) == 0
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert len(store.decisions()) == 4
 
 
@@ -318,7 +319,7 @@ def test_a_file_name_that_is_not_utf8_is_scored_recorded_by_its_escaped_name_and
     recorded = f"{folder}/M\\xfcller.png"
     assert recorded in rows and rows[recorded]["status"] == "scored" and len(rows) == 3
     assert os_path(recorded) == latin1
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert {d["path"] for d in store.decisions()} == set(rows) and store.verify().ok
     capsys.readouterr()
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0
@@ -343,7 +344,7 @@ def test_fifos_devices_and_broken_links_are_recorded_never_opened(tmp_path, tiny
     assert "not scorable where found: 3" in capsys.readouterr().out
     assert score(folder, "--bundle", tiny, "--out", out, "--audit-db", db, "--workers", 1) == 0  # a rerun: not twice
     assert "(5 already audited with this bundle, skipped)" in capsys.readouterr().out
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert len(store.decisions()) == 5 and store.verify().ok
 
 
@@ -415,7 +416,7 @@ def test_a_risk_near_one_is_shown_as_over_0_9999_never_as_certainty(tmp_path, ca
     assert "(study risk threshold >0.9999)" in summary and "1.0000" not in summary
     white = next(r for r in read_worklist(out) if r["path"].endswith("255.png"))
     assert (white["risk"], white["study_risk"], white["threshold"]) == (">0.9999",) * 3
-    with AuditStore(tmp_path / "a.sqlite") as store:
+    with open_store(tmp_path / "a.sqlite") as store:
         assert 0.99997 < max(d["risk"] for d in store.decisions()) < 1  # the store keeps the exact value
 
 
@@ -427,7 +428,7 @@ def test_min_risk_lets_a_batch_of_low_risks_flag_nothing_and_is_recorded(tmp_pat
             in capsys.readouterr().out)
     rows = read_worklist(out)
     assert {(r["flagged"], r["policy"], r["threshold"]) for r in rows} == {("0", "batch_top_k min_risk=0.9", "0.9000")}
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert {(d["flagged"], d["policy"], d["threshold"]) for d in store.decisions()} == {
             (False, "batch_top_k min_risk=0.9", 0.9)}
 

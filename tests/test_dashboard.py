@@ -28,7 +28,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from dashboards import auth, data  # noqa: E402
 from tests.pg import pg_server, pg_url  # noqa: E402,F401 (fixtures)
 from tests.tiny_bundle import build_tiny_bundle  # noqa: E402
-from triage.audit import AuditStore, Decision, path_text  # noqa: E402
+from triage.audit import Decision, open_store, path_text  # noqa: E402
 from triage.errors import OutOfScopeError  # noqa: E402
 from triage.heatmap import overlay  # noqa: E402
 from triage.ingest import read_radiograph  # noqa: E402
@@ -65,7 +65,7 @@ def build_store(folder: Path, extra: tuple[Decision, ...] = ()) -> Path:
     """An audit store with 6 decisions (2 flagged, 1 human review), then ``extra``, and a login config with user
     'alice'."""
     db = folder / "audit.sqlite"
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         store.append_decisions([decision(0, 0.30), decision(1, 0.995, True), decision(2, None), decision(3, 0.80),
                                 decision(4, 0.9995, True), decision(5, 0.05), *extra])
     auth.add_user(folder / auth.CONFIG_FILENAME, "alice", PASSWORD)
@@ -97,7 +97,7 @@ def logged_in(app: AppTest, password: str = PASSWORD) -> AppTest:
 def open_page(folder: Path, monkeypatch: pytest.MonkeyPatch, decisions: list[Decision], page: str) -> AppTest:
     """The app logged in as alice on ``page``, over a new store of ``decisions`` and a tiny bundle."""
     db = folder / "audit.sqlite"
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         store.append_decisions(decisions)
     auth.add_user(folder / auth.CONFIG_FILENAME, "alice", PASSWORD)
     monkeypatch.setenv("CXR_DASHBOARD_AUDIT_DB", str(db))
@@ -167,7 +167,7 @@ def test_login_required_before_any_identifier(store: Path) -> None:
 
 
 def test_no_users_configured_explains_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with AuditStore(tmp_path / "a.sqlite") as s:
+    with open_store(tmp_path / "a.sqlite") as s:
         s.append_decisions([decision(0, 0.5)])
     monkeypatch.setenv("CXR_DASHBOARD_AUDIT_DB", str(tmp_path / "a.sqlite"))
     monkeypatch.delenv(auth.CONFIG_ENV, raising=False)
@@ -197,7 +197,7 @@ def test_review_is_appended_with_the_logged_in_reviewer(store: Path, tmp_path: P
     app.button(key="agree-5").click().run()
     app.button(key="disagree-5").click().run()
     assert not app.exception
-    with AuditStore(store, create=False) as s:
+    with open_store(store, create=False) as s:
         rows = s.reviews_for("1.2.3.4")
         assert s.verify().ok
     assert [(r["decision_id"], r["reviewer"], r["verdict"]) for r in rows] == [(5, "alice", "agree"),
@@ -255,7 +255,7 @@ def test_study_cam_is_the_bundles_map_for_a_real_file(tmp_path: Path) -> None:
 
 
 def test_audit_and_active_learning_pages_render(store: Path) -> None:
-    with AuditStore(store) as s:
+    with open_store(store) as s:
         s.append_review(5, "alice", "agree")
         s.append_review(4, "alice", "disagree")
     app = logged_in(AppTest.from_file(APP, default_timeout=30))
@@ -307,7 +307,7 @@ def test_export_has_no_paths_or_uids(store: Path) -> None:
 
 
 def test_agreement_and_active_learning_labels(store: Path, tmp_path: Path) -> None:
-    with AuditStore(store) as s:
+    with open_store(store) as s:
         s.append_review(2, "alice", "agree")      # flagged, agreed
         s.append_review(5, "alice", "disagree")   # flagged, disagreed
         s.append_review(4, "bob", "disagree")     # unflagged, disagreed -> label 1
@@ -356,7 +356,7 @@ def test_dashboard_command_binds_localhost_and_refuses_open_address_without_logi
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from deploy import cli, dashboard_cmd
 
-    with AuditStore(tmp_path / "a.sqlite") as s:
+    with open_store(tmp_path / "a.sqlite") as s:
         s.append_decisions([decision(0, 0.5)])
     args = cli.build_parser().parse_args(["dashboard", "--audit-db", str(tmp_path / "a.sqlite"), "--port", "8600"])
     command = dashboard_cmd.streamlit_command(args)
@@ -369,7 +369,7 @@ def test_dashboard_command_binds_localhost_and_refuses_open_address_without_logi
 
 
 def test_worklist_filters(store: Path) -> None:
-    with AuditStore(store) as s:
+    with open_store(store) as s:
         s.append_review(2, "alice", "agree")
     decisions, reviews = data.read_decisions(store), data.read_reviews(store)
     today = decisions["day"].iloc[0]
@@ -384,7 +384,7 @@ def test_worklist_filters(store: Path) -> None:
 
 def test_worklist_and_reviews_on_a_postgresql_store(pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same pages on a postgresql:// store: worklist order, a review recorded in the server's chain."""
-    with AuditStore(pg_url) as s:
+    with open_store(pg_url) as s:
         s.append_decisions([decision(0, 0.30), decision(1, 0.995, True), decision(2, 0.80)])
     users = tmp_path / auth.CONFIG_FILENAME
     auth.add_user(users, "alice", PASSWORD)
@@ -397,7 +397,7 @@ def test_worklist_and_reviews_on_a_postgresql_store(pg_url: str, tmp_path: Path,
     app.sidebar.radio(key="page").set_value("Study").run()
     app.button(key="agree-2").click().run()
     assert not app.exception
-    with AuditStore(pg_url, create=False) as s:
+    with open_store(pg_url, create=False) as s:
         assert [(r["decision_id"], r["reviewer"]) for r in s.reviews_for("1.2.3.1")] == [(2, "alice")]
         assert s.verify().ok
 
@@ -486,7 +486,7 @@ def test_a_risk_near_one_never_reads_as_certainty(tmp_path: Path, monkeypatch: p
 def test_csv_downloads_neutralize_spreadsheet_formulas(tmp_path: Path) -> None:
     """Item 17 (dashboard): a tag or a path that a spreadsheet would run as a formula reaches the CSV as text."""
     db = tmp_path / "audit.sqlite"
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         store.append_decisions([decision(0, 0.5, manufacturer='=HYPERLINK("http://evil","x")', path="@SUM(A1).dcm",
                                          patient_age="-1+1")])
     decisions, reviews = data.read_decisions(db), data.read_reviews(db)

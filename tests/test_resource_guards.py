@@ -20,7 +20,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGBa
 
 from tests.conftest import build_dataset, encode
 from tests.tiny_bundle import build_tiny_bundle
-from triage.audit import AuditStore
+from triage.audit import open_store
 from triage.decode import JP2_SIGNATURE
 from triage.errors import BadInputError
 from triage.ingest import MAX_FILE_BYTES, check_inflated_size, read_radiograph
@@ -304,7 +304,7 @@ def test_a_stuck_decode_times_out_in_its_worker_and_costs_no_other_file(tmp_path
     assert rows["slow.dcm"]["study_uid"] == str(dcmread(SLOW_FILE, stop_before_pixels=True).StudyInstanceUID)
     assert all(rows[f"quick{i}.dcm"]["status"] == "scored" for i in range(3))
     assert "decode_timeout: 1" in result.stdout
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert len(store.decisions()) == 4 and store.verify().ok
 
 

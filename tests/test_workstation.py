@@ -24,7 +24,7 @@ from deploy.workstation.inbox import InvalidUIDError, check_uid, instance_path
 from deploy.workstation.service import Workstation
 from deploy.workstation.status import status_lines
 from tests.tiny_bundle import build_tiny_bundle
-from triage.audit import AuditStore
+from triage.audit import open_store
 from triage.bundle import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def listening(port: int) -> bool:
 def decisions(db: Path, **filters) -> list[dict]:
     if not db.exists():
         return []
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         return store.decisions(**filters)
 
 
@@ -334,7 +334,7 @@ def test_killed_mid_transfer_and_restarted_loses_nothing_and_decides_once(tmp_pa
     wait_for(lambda: time.monotonic() > time_limit, 5, "a grace period for a (wrong) duplicate")
     rows = decisions(db)
     assert len(rows) == 3 and len({r["path"] for r in rows}) == 3
-    with AuditStore(db) as store:
+    with open_store(db) as store:
         assert store.verify().ok
 
 
@@ -419,9 +419,9 @@ def test_a_locked_audit_store_keeps_the_study_queued_until_it_is_free(tmp_path, 
     """Item 4: another program holds BEGIN EXCLUSIVE past the busy timeout; the service retries, then decides once."""
     import sqlite3
 
-    import triage.audit
+    import triage.audit.sqlite
 
-    monkeypatch.setattr(triage.audit, "BUSY_TIMEOUT_MS", 200)  # the store's lock wait, 30 s in service
+    monkeypatch.setattr(triage.audit.sqlite, "BUSY_TIMEOUT_MS", 200)  # the store's lock wait, 30 s in service
     dropped = make_dicom("locked.dcm", modality="CR")
     uid = str(dcmread(dropped, stop_before_pixels=True).StudyInstanceUID)
     for station, thread in watched_station(tmp_path, audit_retry_base_s=0.1, audit_retry_max_s=0.4):

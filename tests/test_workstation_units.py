@@ -23,7 +23,7 @@ from deploy.workstation.report import build_study_report
 from triage.errors import REASONS
 from deploy.workstation.service import Workstation
 from deploy.workstation.stream import STARVATION_GUARD, SiteRecalibrator, StarvationGuard
-from triage.audit import AuditStore, Decision
+from triage.audit import Decision, open_store
 from triage.bundle import sha256_file
 from triage.ingest import MAX_FILE_BYTES
 from tests.conftest import SYNTHETIC_PATIENT_ID, SYNTHETIC_PATIENT_NAME
@@ -213,7 +213,7 @@ def test_starvation_guard_appends_a_superseding_flagged_record(tmp_path, make_di
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
     dicom = make_dicom(modality="CR", unit=np.zeros((256, 224)))  # a dark image: low risk, not flagged
     study, path = claim_dropped(dicom, config.studies_dir, check_patient)
-    with AuditStore(config.audit_db) as store:
+    with open_store(config.audit_db) as store:
         [first] = station.decide_study(store, study, "siteA")
         assert not first.flagged
         assert station.promote_starving(store, now=time.time() + 5) == []
@@ -231,7 +231,7 @@ def test_a_flagged_study_runs_the_notify_command(tmp_path, make_dicom):
     station = Workstation(config)
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
     study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir, check_patient)  # threshold 0: flagged
-    with AuditStore(config.audit_db) as store:
+    with open_store(config.audit_db) as store:
         [decision] = station.decide_study(store, study, "siteA")
     assert decision.flagged
     deadline = time.monotonic() + 20
@@ -250,7 +250,7 @@ def test_status_command_before_and_after_a_decision(tmp_path, make_dicom, capsys
     station = Workstation(config)
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
     study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir, check_patient)
-    with AuditStore(config.audit_db) as store:
+    with open_store(config.audit_db) as store:
         station.decide_study(store, study, "siteA")
     (config.studies_dir / "1.2.3").mkdir()
     make_dicom("waiting.dcm").rename(config.studies_dir / "1.2.3" / "1.2.3.4.dcm")  # received, not yet decided
@@ -319,7 +319,7 @@ def test_a_resent_instance_with_other_pixels_is_kept_beside_the_audited_file_and
     changed.PixelData = bytes(len(changed.PixelData))  # same SOP Instance UID, other pixels
     changed.save_as(tmp_path / "v2.dcm")
     study, first_path = claim_dropped(original, config.studies_dir, check_patient)
-    with AuditStore(config.audit_db) as store:
+    with open_store(config.audit_db) as store:
         [first] = station.decide_study(store, study, "siteA")
         assert claim_dropped(resend, config.studies_dir, check_patient) == (study, first_path)
         assert station.decide_study(store, study, "siteA") == []  # a resend of identical bytes decides nothing
@@ -363,7 +363,7 @@ def test_status_finds_the_audit_store_the_running_workstation_recorded(tmp_path,
     station = Workstation(config)
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
     study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir, check_patient)
-    with AuditStore(config.audit_db) as store:
+    with open_store(config.audit_db) as store:
         station.decide_study(store, study, "siteA")  # writes workstation.json
     assert main(["workstation", "status", "--inbox", str(config.inbox)]) == 0
     out = capsys.readouterr().out
@@ -382,7 +382,7 @@ def test_a_risk_near_one_never_reads_as_certainty_in_the_log_the_hook_or_status(
     station = Workstation(config)
     station._pseudonymize, station._run_id = (lambda pid: "p"), "run"
     study, _ = claim_dropped(make_dicom(modality="CR"), config.studies_dir, check_patient)
-    with caplog.at_level(logging.INFO, logger="cxr_triage.workstation"), AuditStore(config.audit_db) as store:
+    with caplog.at_level(logging.INFO, logger="cxr_triage.workstation"), open_store(config.audit_db) as store:
         [decision] = station.decide_study(store, study, "siteA")
     assert decision.study_risk > 0.9999 and f"{decision.study_risk:.4f}" == "1.0000"
     assert "risk >0.9999" in caplog.text and "1.0000" not in caplog.text
@@ -408,7 +408,7 @@ def test_a_study_of_two_patients_is_decided_but_gets_no_report(tmp_path, make_di
     two.save_as(tmp_path / "two.dcm")
     for ds, name in ((one, "one.dcm"), (two, "two.dcm")):  # bypasses check_patient, as an old inbox did
         store_instance(config.studies_dir, study, str(ds.SOPInstanceUID), (tmp_path / name).read_bytes())
-    with caplog.at_level(logging.INFO, logger="cxr_triage.workstation"), AuditStore(config.audit_db) as store:
+    with caplog.at_level(logging.INFO, logger="cxr_triage.workstation"), open_store(config.audit_db) as store:
         decided = station.decide_study(store, study, "siteA")
     assert len(decided) == 2 and not station.outbox.pending()
     assert f"study {study}: no report sent: instance " in caplog.text and "(0010,0020) Patient ID" in caplog.text

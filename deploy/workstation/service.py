@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from triage.audit import AuditStore, Decision
+from triage.audit import AuditStore, Decision, decision_from_row, open_store
 from triage.bundle import load_bundle, sha256_file
 from triage.errors import AuditError, TriageError
 from triage.heatmap import heatmap_input
@@ -36,7 +36,6 @@ from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared,
 from triage.present import format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
-from ..batch import decision_from_row
 from ..isolation import Decoder
 from ..paths import default_bundle_dir
 from ..results.headers import readable_headers
@@ -91,7 +90,7 @@ class Workstation:
         self._run_id = uuid.uuid4().hex
         self._decoder = Decoder(1, self.config.decode_timeout_s)  # decode in a process: off the GIL that the DICOM listener needs
         try:
-            with AuditStore(self.config.audit_db) as store:
+            with open_store(self.config.audit_db) as store:
                 self._load_state(store)
                 self._listen()
                 self.outbox.start()
@@ -227,7 +226,8 @@ class Workstation:
         removed = remove_partials(self.config.studies_dir)
         if removed:
             log.warning("removed %d partial file(s) of an interrupted transfer (their senders saw no success)", removed)
-        for row in store.decided_keys(self.bundle.sha256).values():
+        current = store.current_decisions(bundle_sha256=self.bundle.sha256)
+        for row in current:
             self._decided[(row["path"], row["sha256"])] = row["id"]
             self._latest_by_path[row["path"]] = max(row["id"], self._latest_by_path.get(row["path"], 0))
         saved = self._read_state()
@@ -235,9 +235,7 @@ class Workstation:
             for risk in risks[-self.config.window:]:
                 self.recalibrator.observe(site, float(risk))
         self._study_sites.update(saved.get("study_sites", {}))
-        latest = {}
-        for row in store.decisions(bundle_sha256=self.bundle.sha256, status=SCORED):
-            latest[row["study_uid"]] = row
+        latest = {row["study_uid"]: row for row in current if row["status"] == SCORED}
         for uid, row in latest.items():
             decided_at = datetime.fromisoformat(row["created_at"]).timestamp()
             self.guard.track(uid, decided_at, row["flagged"] or bool(store.reviews_for(uid)))
@@ -253,7 +251,7 @@ class Workstation:
         (the service stopped, or the outbox could not be written, between the audit record and the report)."""
         studies: dict[str, dict[str, dict]] = {}
         inbox = f"{self.config.studies_dir}{os.sep}"
-        for row in store.decisions(bundle_sha256=self.bundle.sha256):
+        for row in store.current_decisions(bundle_sha256=self.bundle.sha256):
             if row["path"].startswith(inbox):
                 studies.setdefault(row["study_uid"], {})[row["path"]] = row
         for study_uid, latest in studies.items():
@@ -340,9 +338,8 @@ class Workstation:
         """Append the starvation guard's flagged records for one study (none if reviewed or already flagged)."""
         if store.reviews_for(study_uid):
             return []
-        latest: dict[str, dict] = {}
-        for row in store.decisions(study_uid=study_uid, bundle_sha256=self.bundle.sha256):
-            latest[row["path"]] = row
+        rows = store.current_decisions(study_uid=study_uid, bundle_sha256=self.bundle.sha256)
+        latest = {row["path"]: row for row in rows}
         if not latest or any(row["flagged"] for row in latest.values()):
             return []
         detail = f"promoted by the starvation guard: unreviewed for more than {self.config.max_wait_s:.0f} s"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from triage.audit import AuditStore, is_url, redact
+from triage.audit import is_url, open_store, redact
 from triage.bundle import sha256_file
 from triage.present import format_risk
 
@@ -40,13 +40,11 @@ def status_lines(config: Config) -> list[str]:
         return [f"audit store {audit_db} does not exist yet: the workstation has not run {where}. Fix: pass "
                 "--inbox and --audit-db as the service was started",
                 f"queue: {len(incoming)} dropped file(s) waiting"]
-    with AuditStore(audit_db, create=False) as store:
+    with open_store(audit_db, create=False) as store:
         decided = store.decided_keys(bundle_sha) if bundle_sha else {}
         waiting = [p for _, p in stored_instances(config.studies_dir) if (str(p), sha256_file(p)) not in decided]
         rows = store.decisions(bundle_sha256=bundle_sha) if bundle_sha else []
-    latest_by_study: dict[str, dict] = {}
-    for row in rows:
-        latest_by_study[row["study_uid"]] = row
+    latest_by_study = {row["study_uid"]: row for row in decided.values()}
     scored = [r for r in latest_by_study.values() if r["status"] == "scored"]
     flagged = sum(r["flagged"] for r in scored)
     rate = f"{flagged / len(scored):.1%} ({flagged} of {len(scored)} scored studies)" if scored else "n/a (no scored study)"
