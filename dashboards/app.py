@@ -21,9 +21,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboards import auth, data
-from deploy.paths import default_bundle_dir
 from triage.audit import default_audit_db, is_url, open_store
-from triage.bundle import load_bundle
+from triage.bundle import default_bundle_dir, load_bundle
 from triage.errors import TriageError
 from triage.heatmap import overlay
 from triage.inference import Model, load_model

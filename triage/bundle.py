@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,10 @@ from .preprocess import PreprocessSpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+BUNDLE_ENV = "CXR_TRIAGE_BUNDLE"
+DEMO_BUNDLE_NAME = "pneumonia-demo"
+# Where pip puts the demo bundle (pyproject.toml's data-files), under the install's data folder (the venv, or ~/.local).
+INSTALLED_MODELS = Path("share", "cxr-triage", "models")
 REQUIRED_FILES = ("MODEL_CARD.md",)  # plus the served model file named by model.file (fp32 or int8)
 REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "schema_version": int,
@@ -305,3 +311,20 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     path = folder / MANIFEST
     path.write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def demo_bundle_dir() -> Path:
+    """The demo bundle shipped with cxr-triage: ``models/pneumonia-demo`` of a checkout (an editable install), else
+    the copy ``pip install .`` put under ``<data>/share/cxr-triage/models/`` (``sysconfig``'s data path: the venv,
+    or ``~/.local`` for a ``--user`` install)."""
+    checkout = Path(__file__).resolve().parents[1] / "models" / DEMO_BUNDLE_NAME
+    if checkout.is_dir():
+        return checkout
+    schemes = [sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user")]
+    installed = [Path(sysconfig.get_path("data", scheme)) / INSTALLED_MODELS / DEMO_BUNDLE_NAME for scheme in schemes]
+    return next((p for p in installed if p.is_dir()), installed[0])
+
+
+def default_bundle_dir() -> Path:
+    """The bundle programs load when given none: $CXR_TRIAGE_BUNDLE, else the demo bundle (``demo_bundle_dir``)."""
+    return Path(os.environ.get(BUNDLE_ENV) or demo_bundle_dir())
