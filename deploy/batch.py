@@ -1,4 +1,4 @@
-"""The hospital batch scorer: ``cxr-triage score PATH...``.
+"""The hospital batch scorer's run (``cxr-triage score``, see ``deploy.score``) and its local engine.
 
 Walks folders, decodes in worker processes, runs ONNX Runtime in this process,
 flags the riskiest studies of the whole run, appends every decision to the audit
@@ -9,11 +9,9 @@ run are kept in the store's pending table.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import fcntl
-import logging
 import os
 import stat
 import sys
@@ -21,29 +19,28 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from tqdm import tqdm
 
-from triage.audit import (AuditStore, Decision, decision_from_row, default_audit_db, is_url, open_store, os_path,
+from triage.audit import (AuditStore, Decision, decision_from_row, is_url, open_store,
                           output_file_problem, path_text)
 from triage.audit.pending import clear_pending, load_pending, save_pending
-from triage.bundle import Bundle, load_bundle
-from triage.errors import AuditError, TriageError
-from triage.inference import Model, load_model
-from triage.pipeline import (SCORED, Prepared, draft, finalize, prepare, score_prepared, scored_study_risks,
-                             sha256_or_empty)
-from triage.policy import BATCH_TOP_K, DEFAULT_FLAG_RATE, check_flag_rate, check_min_risk, flag_top_k
+from triage.bundle import Bundle
+from triage.errors import AuditError
+from triage.inference import load_model
+from triage.pipeline import (SCORED, Draft, Known, Prepared, batch_top_k, decide, draft, finalize, prepare_file,
+                             score_batch, unscorable as unscorable_file)
+from triage.policy import BATCH_TOP_K, DEFAULT_FLAG_RATE, check_flag_rate, check_min_risk
 from triage.preprocess import PreprocessSpec
 from triage.present import csv_row, format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
 from .isolation import DEFAULT_DECODE_TIMEOUT_S, Decoder, check_timeout
-from .paths import default_bundle_dir
-from .results.send import Destination, DestinationError, send_results
 
 # Files that sit beside studies and are never images: skipped when walking a folder.
 IGNORED_NAMES = {"DICOMDIR"}
@@ -51,17 +48,9 @@ IGNORED_SUFFIXES = {".md", ".txt", ".csv", ".json", ".html", ".sqlite", ".key", 
 WORKLIST_COLUMNS = ("path", "study_uid", "status", "risk", "study_risk", "flagged", "reason",
                     "finding", "threshold", "policy", "sha256", "detail", "flag_rule")
 BATCH_SIZE = 16
-EXIT_NOTHING_TO_SCORE = 3
-SEND_AE = "CXR_TRIAGE"  # calling AE title of --send-results
-BUNDLE_SHA256_ENV = "CXR_TRIAGE_BUNDLE_SHA256"  # a site's pinned bundle identity, the default of --expect-bundle-sha256
 
 
-@dataclass(frozen=True)
-class Known:
-    """A file skipped because this bundle already scored it (audited or pending)."""
-
-    path: str
-    sha256: str
+Problem = tuple[str, str]  # what is wrong with an entry of the walk, and the fix
 
 
 @dataclass(frozen=True)
@@ -87,14 +76,13 @@ def walk_inputs(paths: Iterable[str]) -> Inputs:
         if not os.path.exists(root):
             raise FileNotFoundError(f"{path_text(root)}: no such file or folder. Fix: check the path given to "
                                     "'cxr-triage score'")
-        for path, problem in _walk(root) if os.path.isdir(root) else [(root, "")]:
+        for path, problem in _walk(root) if os.path.isdir(root) else [(root, None)]:
             if not problem and _is_ignored(os.path.basename(path)):
                 continue
             problem = problem or _file_problem(path)
             if problem:
                 text = path_text(os.path.abspath(path))
-                detail = f"{text}: file_unreadable: {problem}"
-                unscorable[text] = Prepared(text, "", reason="file_unreadable", detail=detail)
+                unscorable[text] = unscorable_file(text, "file_unreadable", *problem)
             else:
                 files.add(path_text(os.path.realpath(path)))
     return Inputs(sorted(files), [unscorable[p] for p in sorted(unscorable)])
@@ -104,36 +92,35 @@ def _is_ignored(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_NAMES or os.path.splitext(name)[1].lower() in IGNORED_SUFFIXES
 
 
-def _walk(root: str) -> Iterator[tuple[str, str]]:
-    """(path, "") for every entry under ``root`` that is not a folder (or is a link to one), and (path, problem and
-    fix) for every folder the walk could not list (a service account without permission)."""
+def _walk(root: str) -> Iterator[tuple[str, Problem | None]]:
+    """(path, None) for every entry under ``root`` that is not a folder (or is a link to one), and (path, (problem,
+    fix)) for every folder the walk could not list (a service account without permission)."""
     unlisted: list[OSError] = []
     for folder, folders, names in os.walk(root, onerror=unlisted.append):
         links = [name for name in folders if os.path.islink(os.path.join(folder, name))]  # os.walk lists, never enters
-        yield from ((os.path.join(folder, name), "") for name in names + links)
+        yield from ((os.path.join(folder, name), None) for name in names + links)
     for error in unlisted:
         yield error.filename, (f"a folder this account cannot list ({error.strerror}), so none of its files is "
-                               "scored. Fix: let the scorer's account read and enter it (and its sub-folders), then "
-                               "rerun")
+                               "scored", "let the scorer's account read and enter it (and its sub-folders), then rerun")
 
 
-def _file_problem(path: str) -> str:
-    """Why ``path`` cannot be scored, with the fix; "" for a regular file (or a link to one). Never opens it."""
+def _file_problem(path: str) -> Problem | None:
+    """Why ``path`` cannot be scored and the fix; None for a regular file (or a link to one). Never opens it."""
     try:
         mode = os.stat(path).st_mode
     except OSError as error:
         if os.path.islink(path) and isinstance(error, FileNotFoundError):
-            return (f"a symbolic link to {path_text(os.readlink(path))}, which does not exist. Fix: restore the file "
-                    "it points to, or remove the link")
-        return f"it cannot be examined ({error.strerror}). Fix: check that this account may read it"
+            return (f"a symbolic link to {path_text(os.readlink(path))}, which does not exist",
+                    "restore the file it points to, or remove the link")
+        return f"it cannot be examined ({error.strerror})", "check that this account may read it"
     if stat.S_ISREG(mode):
-        return ""
+        return None
     if stat.S_ISDIR(mode):
-        return ("a symbolic link to a folder, which the walk does not follow (a link can loop). Fix: pass the folder "
-                "it points to as a PATH")
+        return ("a symbolic link to a folder, which the walk does not follow (a link can loop)",
+                "pass the folder it points to as a PATH")
     kind = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
             stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "not a regular file")
-    return f"{kind}, not a regular file: reading it could block the run. Fix: copy the image into a regular file"
+    return f"{kind}, not a regular file: reading it could block the run", "copy the image into a regular file"
 
 
 _WORKER: dict[str, object] = {}
@@ -144,28 +131,9 @@ def _init_worker(spec: PreprocessSpec, reduced: frozenset[str], known: frozenset
 
 
 def _prepare_unless_known(path: str) -> Prepared | Known:
-    """Decode task of the local engine: ``prepare_unless_known`` with the settings ``_init_worker`` stored."""
-    return prepare_unless_known(path, _WORKER["spec"], _WORKER["reduced"], _WORKER["known"])
-
-
-def prepare_unless_known(path: str, spec: PreprocessSpec, reduced: frozenset[str],
-                         known: Container[tuple[str, str]]) -> Prepared | Known:
-    """Decode task of both engines: skip a file this bundle already scored (its (path, sha256) in ``known``), else
-    decode and preprocess it (``prepare_listed``). ``path`` is ``path_text``, as ``walk_inputs`` lists it."""
-    digest = sha256_or_empty(os_path(path))
-    if (path, digest) in known:
-        return Known(path, digest)
-    return prepare_listed(path, spec, reduced)
-
-
-def prepare_listed(path: str, spec: PreprocessSpec, reduced: frozenset[str]) -> Prepared:
-    """``prepare`` the file that ``path`` (as ``walk_inputs`` lists it: ``path_text``) names; the result, its detail
-    included, names the file by that text, so a name that is not UTF-8 reaches the audit store and worklist intact."""
-    real = os_path(path)
-    prepared = prepare(real, spec, reduced)
-    if real == path:
-        return prepared
-    return dataclasses.replace(prepared, path=path, detail=prepared.detail.replace(real, path))
+    """Decode task of the local engine: ``triage.pipeline.prepare_file`` (read once, skip what is known, decode)
+    with the settings ``_init_worker`` stored."""
+    return prepare_file(path, _WORKER["spec"], _WORKER["reduced"], _WORKER["known"])
 
 
 def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, reduced: frozenset[str], known: frozenset[tuple[str, str]],
@@ -294,23 +262,60 @@ def run_lock(audit_db: Path | str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Scored:
-    """What an engine made of a run's files: drafts (each saved as pending when made), the (path, sha256) keys of the
-    files it skipped as already scored by this bundle, and the ONNX Runtime provider(s) that ran the model."""
+    """One part of a run as an engine scored it: drafts (raw patient ids, pseudonymized by the run before anything
+    is stored), the (path, sha256) keys of the files it skipped as already scored by this bundle, and the ONNX
+    Runtime provider that ran the model ("" when it ran on no file)."""
 
-    fresh: list[Decision]
+    drafts: list[Draft]
     known: list[tuple[str, str]]
     provider: str
 
 
-ScoreFiles = Callable[[Sequence[str], AuditStore, frozenset[tuple[str, str]], str, Callable[[str], str]], Scored]
-"""An engine: ``(files, store, known, run_id, pseudonymize_id) -> Scored`` for the regular files of a walk."""
+class Engine(Protocol):
+    """Where a run's regular files are decoded and scored: ``LocalEngine`` (this machine's processes) or
+    ``deploy.dask_engine.DaskEngine``. Each reads a file once (``triage.pipeline.prepare_file``, skipping the
+    ``known`` keys) and runs ``triage.pipeline.score_batch``; the run (``run_engine``) does the rest."""
+
+    name: str
+
+    def score(self, files: Sequence[str], bundle: Bundle, known: frozenset[tuple[str, str]],
+              run_id: str) -> Iterator[Scored]:
+        """The parts of ``files`` as they are scored; the run saves each part (pending) before asking for the next."""
+        ...
 
 
-def run_engine(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path, score_files: ScoreFiles,
+@dataclass(frozen=True)
+class LocalEngine:
+    """Decode in ``workers`` processes of this machine (``deploy.isolation.Decoder``, at most ``decode_timeout_s``
+    a file), run the model here in batches of ``BATCH_SIZE``."""
+
+    workers: int = 1
+    device: str = "auto"
+    progress: bool | None = None
+    decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S
+    name: str = "local"
+
+    def score(self, files: Sequence[str], bundle: Bundle, known: frozenset[tuple[str, str]],
+              run_id: str) -> Iterator[Scored]:
+        check_timeout(self.decode_timeout_s)
+        model = load_model(bundle, self.device)
+        stream = _prepared_stream(files, bundle.preprocessing, bundle.reduced_decode, known, self.workers,
+                                  self.decode_timeout_s)
+        disable = None if self.progress is None else not self.progress
+        with tqdm(total=len(files), unit="file", disable=disable, file=sys.stderr) as bar:
+            for items in _batches(stream, BATCH_SIZE):
+                prepared = [item for item in items if isinstance(item, Prepared)]
+                yield Scored(score_batch(prepared, model, run_id),
+                             [(item.path, item.sha256) for item in items if isinstance(item, Known)], model.provider)
+                bar.update(len(items))
+
+
+def run_engine(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path, engine: Engine,
                flag_rate: float = DEFAULT_FLAG_RATE, min_risk: float = 0.0) -> RunSummary:
-    """A run of either engine: check the settings and ``out``, walk ``paths``, lock and open the store, let
-    ``score_files`` score the regular files, record the entries the walk cannot score, flag the top ``flag_rate``
-    of the run's studies whose risk is >= ``min_risk``, append the decisions, write the worklist."""
+    """A run of any engine: check the settings and ``out``, walk ``paths``, lock and open the store, let ``engine``
+    score the regular files (each part pseudonymized here, where the site secret is, and saved as pending), record
+    the entries the walk cannot score, flag the top ``flag_rate`` of the run's studies whose risk is >= ``min_risk``,
+    append the decisions, write the worklist."""
     start = time.perf_counter()
     check_flag_rate(flag_rate)
     check_min_risk(min_risk)
@@ -318,35 +323,36 @@ def run_engine(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: 
     inputs = walk_inputs(paths)
     run_id = uuid.uuid4().hex
     secret = load_or_create_secret(default_secret_path(audit_db))
+    fresh: list[Decision] = []
+    seen_known: list[tuple[str, str]] = []
+    providers: set[str] = set()
     with run_lock(audit_db), open_store(audit_db) as store:
         state = resume_state(store, bundle)
-        scored = score_files(inputs.files, store, state.known, run_id, lambda pid: pseudonymize(pid, secret))
+        for part in engine.score(inputs.files, bundle, state.known, run_id):
+            decisions = finalize(part.drafts, lambda pid: pseudonymize(pid, secret))
+            save_pending(store, [(d.path, d.sha256, bundle.sha256, dataclasses.asdict(d)) for d in decisions])
+            fresh += decisions
+            seen_known += part.known
+            providers.add(part.provider)
+        order = {path: i for i, path in enumerate(inputs.files)}
+        fresh.sort(key=lambda d: order[d.path])  # file order, however the engine's parts arrived
         walked, walked_known = unscorable_drafts(inputs.unscorable, state.known, bundle, run_id)
-        final_new, final_previous = record_run(store, bundle, state, scored.fresh + walked,
-                                               scored.known + walked_known, flag_rate, run_id, min_risk)
+        final_new, final_previous = record_run(store, bundle, state, fresh + walked, seen_known + walked_known,
+                                               flag_rate, run_id, min_risk)
     write_worklist(final_new + final_previous, out)
+    provider = ", ".join(sorted(providers - {""})) or "none (no file was scored)"
     return RunSummary(len(inputs.files) + len(inputs.unscorable), len(final_previous), final_new + final_previous,
-                      scored.provider, time.perf_counter() - start, len(inputs.unscorable))
+                      provider, time.perf_counter() - start, len(inputs.unscorable))
 
 
 def run_score(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path,
               flag_rate: float = DEFAULT_FLAG_RATE, workers: int = 1, device: str = "auto", progress: bool | None = None,
               decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S, min_risk: float = 0.0) -> RunSummary:
-    """Score every file under ``paths`` on this machine (``run_engine``); returns the run summary. Raises on
-    operational failure only.
-
-    ``decode_timeout_s`` bounds each file's decode in one of ``workers`` decode processes; the model runs here.
-    """
+    """Score every file under ``paths`` on this machine (``run_engine`` with a ``LocalEngine``); returns the run
+    summary. Raises on operational failure only."""
     check_timeout(decode_timeout_s)
-
-    def score_files(files: Sequence[str], store: AuditStore, known: frozenset[tuple[str, str]], run_id: str,
-                    pseudonymize_id: Callable[[str], str]) -> Scored:
-        model = load_model(bundle, device)
-        fresh, seen_known = _score_new_files(files, model, store, known, workers, pseudonymize_id, run_id, progress,
-                                             decode_timeout_s)
-        return Scored(fresh, seen_known, model.provider)
-
-    return run_engine(paths, bundle, audit_db, out, score_files, flag_rate, min_risk)
+    return run_engine(paths, bundle, audit_db, out, LocalEngine(workers, device, progress, decode_timeout_s),
+                      flag_rate, min_risk)
 
 
 def unscorable_drafts(unscorable: Sequence[Prepared], known: frozenset[tuple[str, str]], bundle: Bundle,
@@ -354,7 +360,7 @@ def unscorable_drafts(unscorable: Sequence[Prepared], known: frozenset[tuple[str
     """Human-review drafts for the entries the walk cannot score that this bundle has not recorded yet, and the
     (path, sha256) keys of those it has."""
     seen = [(p.path, p.sha256) for p in unscorable if (p.path, p.sha256) in known]
-    new = [draft(p, bundle, lambda _: "", run_id=run_id)  # no header read, so no patient id to pseudonymize
+    new = [draft(p, bundle, run_id=run_id).decision  # no header read, so no patient id to pseudonymize
            for p in unscorable if (p.path, p.sha256) not in known]
     return new, seen
 
@@ -391,9 +397,8 @@ def record_run(store: AuditStore, bundle: Bundle, state: ResumeState, fresh: Seq
     finalized."""
     new = list(fresh) + [state.pending[k] for k in seen_known if k in state.pending]
     previous = [state.decided[k] for k in seen_known if k in state.decided]
-    risks = scored_study_risks(new + previous)
-    flags = flag_top_k(risks, flag_rate, min_risk)
-    final_new, final_previous = finalize(new, flags, risks), finalize(previous, flags, risks)
+    decided = decide(new + previous, batch_top_k(flag_rate, min_risk))
+    final_new, final_previous = decided[:len(new)], decided[len(new):]
     superseding = [
         dataclasses.replace(now, supersedes=state.rows[(before.path, before.sha256)]["id"], run_id=run_id)
         for before, now in zip(previous, final_previous)
@@ -402,131 +407,3 @@ def record_run(store: AuditStore, bundle: Bundle, state: ResumeState, fresh: Seq
     store.append_decisions(final_new + superseding)
     clear_pending(store, [(d.path, d.sha256, bundle.sha256) for d in new])
     return final_new, final_previous
-
-
-def _score_new_files(files: Sequence[str], model: Model, store: AuditStore, known: frozenset[tuple[str, str]],
-                     workers: int, pseudonymize_id: Callable[[str], str], run_id: str,
-                     progress: bool | None, decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S,
-                     ) -> tuple[list[Decision], list[tuple[str, str]]]:
-    """Drafts for the files this bundle has not scored (saved as pending per batch), and the keys it had."""
-    fresh: list[Decision] = []
-    seen_known: list[tuple[str, str]] = []
-    stream = _prepared_stream(files, model.bundle.preprocessing, model.bundle.reduced_decode, known, workers,
-                              decode_timeout_s)
-    with tqdm(total=len(files), unit="file", disable=None if progress is None else not progress, file=sys.stderr) as bar:
-        for batch in _batches(stream, BATCH_SIZE):
-            drafts, skipped = score_batch(model, batch, pseudonymize_id, run_id)
-            seen_known += skipped
-            save_pending(store, [(d.path, d.sha256, model.bundle.sha256, dataclasses.asdict(d)) for d in drafts])
-            fresh += drafts
-            bar.update(len(batch))
-    return fresh, seen_known
-
-
-def score_batch(model: Model, items: Sequence[Prepared | Known], pseudonymize_id: Callable[[str], str],
-                run_id: str) -> tuple[list[Decision], list[tuple[str, str]]]:
-    """One model batch of either engine's decode stream: drafts for the prepared files (in order), and the
-    (path, sha256) keys of the files skipped as already scored."""
-    skipped = [(item.path, item.sha256) for item in items if isinstance(item, Known)]
-    drafts = score_prepared(model, [item for item in items if isinstance(item, Prepared)], pseudonymize_id, run_id)
-    return drafts, skipped
-
-
-def score_command(args: argparse.Namespace) -> int:
-    """CLI entry for ``cxr-triage score`` (the local engine); see ``run_command``."""
-    return run_command(args, lambda bundle, audit_db: run_score(
-        args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.workers, args.device,
-        decode_timeout_s=args.decode_timeout, min_risk=args.min_risk))
-
-
-def run_command(args: argparse.Namespace, run: Callable[[Bundle, Path | str], RunSummary], engine: str = "") -> int:
-    """``cxr-triage score`` with either engine's ``run(bundle, audit_db)``: the bundle is loaded first (refused unless
-    its identity is ``--expect-bundle-sha256`` when a site pinned one); exit 1 for an operational failure, 3 when
-    there was nothing to score."""
-    show_notices()
-    try:
-        bundle = load_bundle(args.bundle, expected_sha256=args.expect_bundle_sha256)
-        summary = run(bundle, args.audit_db if is_url(args.audit_db) else Path(args.audit_db))
-    except (TriageError, OSError, ValueError) as error:
-        print(f"cxr-triage score: error: {error}", file=sys.stderr)
-        return 1
-    print(f"bundle: {bundle.name} {bundle.version} (sha256 {bundle.sha256})")
-    if engine:
-        print(f"engine: {engine}")
-    code = report(summary, args)
-    return send_run_results(summary.decisions, args.send_results, args.send_ae) or code if args.send_results else code
-
-
-def show_notices() -> None:
-    """The core's one-line notices on stderr (``triage.*`` at INFO: where ONNX Runtime runs and why; library
-    warnings, redacted by ``triage.logs``); other libraries' logging stays at WARNING."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    logging.getLogger("triage").setLevel(logging.INFO)
-
-
-def send_run_results(decisions: Sequence[Decision], destinations: Sequence[Destination], calling_ae: str) -> int:
-    """``--send-results``: the SR of every study of the run to each destination (``deploy.results.send``); 1 (each
-    study not sent printed with why, the worklist and audit being written) or 0."""
-    problems = {uid: problem for uid, problem in send_results(decisions, destinations, calling_ae).items() if problem}
-    sent = len({d.study_uid for d in decisions if d.study_uid and d.sop_uid}) - len(problems)
-    print(f"results: {sent} study report(s) sent to {', '.join(map(str, destinations))}")
-    for study_uid, problem in problems.items():
-        print(f"cxr-triage score: error: study {study_uid}: report not sent: {problem}", file=sys.stderr)
-    return 1 if problems else 0
-
-
-def destination_argument(text: str) -> Destination:
-    """argparse type of ``--send-results``: a destination, or the parse error with its example."""
-    try:
-        destination = Destination.parse(text)
-    except DestinationError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-    if destination.heatmap:
-        raise argparse.ArgumentTypeError(f"{text!r}: score --send-results sends each study's SR only, not heatmaps. "
-                                         "Fix: drop ',heatmap' (the workstation sends heatmaps: its --destination)")
-    return destination
-
-
-def report(summary: RunSummary, args: argparse.Namespace) -> int:
-    """Print a finished run's summary; its exit code: 0, or 3 (with a warning) when there was nothing to score."""
-    print("\n".join(summary.lines()))
-    print(f"worklist: {args.out}\naudit: {args.audit_db}")
-    if not summary.is_empty:
-        return 0
-    unscorable = f"; the {summary.unscorable} not scorable where found are in the worklist" if summary.unscorable else ""
-    print(f"cxr-triage score: warning: nothing to score under {' '.join(map(path_text, args.paths))}: no file but "
-          f"hidden ones, DICOMDIR and {' '.join(sorted(IGNORED_SUFFIXES))} files{unscorable}. Fix: check the PATH",
-          file=sys.stderr)
-    return EXIT_NOTHING_TO_SCORE
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``score`` on the main CLI."""
-    parser = subparsers.add_parser(
-        "score", help="score DICOM/PNG/JPEG files or folders, flag the riskiest studies, audit every decision",
-        description="Score every file under PATH (recursive). Writes a worklist CSV (flagged studies first) "
-                    "and appends one audit record per file. Bad files are recorded for human review, never dropped.",
-    )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to score")
-    parser.add_argument("--bundle", default=str(default_bundle_dir()), help="model bundle folder (default: the bundled demo model)")
-    parser.add_argument("--expect-bundle-sha256", metavar="SHA256", default=os.environ.get(BUNDLE_SHA256_ENV) or None,
-                        help="refuse to score unless the bundle's identity (sha256 of its manifest.json, as 'bundle:' "
-                             f"prints it) is this one, the bundle the site approved (default: ${BUNDLE_SHA256_ENV})")
-    parser.add_argument("--flag-rate", type=float, default=DEFAULT_FLAG_RATE,
-                        help="fraction of the run's studies to flag, the riskiest: relative to the batch (default 0.05)")
-    parser.add_argument("--min-risk", type=float, default=0.0, metavar="RISK",
-                        help="flag a study of that top fraction only if its risk is at least RISK, so a batch of low "
-                             "risks can flag none (default 0: always flag the top fraction)")
-    parser.add_argument("--out", default="worklist.csv", help="worklist CSV to write (default worklist.csv)")
-    parser.add_argument("--audit-db", default=str(default_audit_db()), help="audit store: a SQLite file or a postgresql:// URL (default: $CXR_TRIAGE_AUDIT_DB or ./cxr-triage-audit.sqlite)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decode worker processes (default: CPU count, at most 4)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device (default auto: CUDA if present)")
-    parser.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT_S, metavar="SECONDS",
-                        help=f"per-file decode limit in a worker process; a file past it goes to human review as "
-                             f"decode_timeout (default {DEFAULT_DECODE_TIMEOUT_S:g})")
-    parser.add_argument("--send-results", nargs="+", type=destination_argument, default=[],
-                        metavar="AE@HOST:PORT|URL", help="after the run, send each study's DICOM SR (TID 1500) to these "
-                        "PACS: a C-STORE SCP or a DICOMweb (STOW-RS) URL; exit 1 if one is not sent")
-    parser.add_argument("--send-ae", default=SEND_AE, metavar="AE", help=f"our AE title for --send-results C-STOREs "
-                        f"(default {SEND_AE})")
-    parser.set_defaults(func=score_command)

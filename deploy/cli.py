@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import triage
 
-from . import audit_cmd, batch, dashboard_cmd, dask_engine, doctor
+from . import audit_cmd, dashboard_cmd, doctor, score
 from .workstation import cli as workstation
 
 
@@ -21,8 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cxr-triage {triage.__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    batch.add_parser(subparsers)
-    dask_engine.add_engine_flags(subparsers.choices["score"])  # --engine local|dask, --scheduler
+    score.add_parser(subparsers)
     audit_cmd.add_parser(subparsers)
     dashboard_cmd.add_parser(subparsers)
     workstation.add_parser(subparsers)

@@ -2,8 +2,8 @@
 
 The client (this process) runs ``deploy.batch.run_engine``, the local engine's run (walk, resume,
 unscorable entries, flags, audit, worklist), with the Dask cluster as its engine: it submits chunks of
-files; each Dask worker decodes and preprocesses them (``deploy.batch.prepare_unless_known``, the local
-engine's decode task) in a decode process of its own under the local engine's
+files; each Dask worker reads each file once, decodes and preprocesses it (``triage.pipeline.prepare_file``, the
+local engine's decode task) in a decode process of its own under the local engine's
 isolation (``deploy.isolation.Decoder``, one per worker thread, kept in ``_DECODERS``), and runs
 the model on one ONNX Runtime session per worker process, kept in ``_SESSIONS`` (keyed by
 bundle folder, sha256 and device; CUDA when the worker has it, see
@@ -30,8 +30,6 @@ command is idempotent: files already audited with the same path, sha256 and bund
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import math
 import multiprocessing
 import socket
@@ -46,12 +44,10 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from triage.audit import AuditStore, Decision
-from triage.audit.pending import save_pending
 from triage.bundle import Bundle, load_bundle
 from triage.errors import BundleError, TriageError
 from triage.inference import Model, load_model
-from triage.pipeline import Prepared, draft
+from triage.pipeline import Known, Prepared, draft, prepare_file, score_batch
 from triage.policy import DEFAULT_FLAG_RATE
 
 from . import batch
@@ -72,18 +68,6 @@ _DECODERS: dict[tuple[int, float | None], Decoder] = {}  # per worker thread and
 
 class WorkerSetupError(TriageError, RuntimeError):
     """A Dask worker that cannot run this engine as it was started."""
-
-
-@dataclass(frozen=True)
-class ChunkResult:
-    """What a worker returns for one chunk: drafts (no pseudonym yet) with each one's raw patient id
-    (None when the file had no readable header), the (path, sha256) keys it skipped as already scored,
-    and the ONNX Runtime provider that ran the model."""
-
-    drafts: list[Decision]
-    patient_ids: list[str | None]
-    known: list[tuple[str, str]]
-    provider: str
 
 
 def worker_model(bundle_dir: str, bundle_sha256: str, device: str) -> Model:
@@ -125,16 +109,16 @@ def worker_decoder(timeout_s: float | None) -> Decoder:
 
 
 def score_chunk(paths: Sequence[str], bundle_dir: str, bundle_sha256: str, device: str,
-                known: frozenset[tuple[str, str]], run_id: str, decode_timeout_s: float | None) -> ChunkResult:
-    """Worker task: the local engine's decode task (``deploy.batch.prepare_unless_known``: skip the files whose
-    (path, sha256) is in ``known``) in this thread's decode process (at most ``decode_timeout_s`` each), then the
-    local engine's model batch (``deploy.batch.score_batch``)."""
+                known: frozenset[tuple[str, str]], run_id: str, decode_timeout_s: float | None) -> batch.Scored:
+    """Worker task: the local engine's decode task (``triage.pipeline.prepare_file``: read once, skip the files whose
+    (path, sha256) is in ``known``) in this thread's decode process (at most ``decode_timeout_s`` each), then
+    ``triage.pipeline.score_batch``. The drafts carry raw patient ids: the client pseudonymizes them."""
     model = worker_model(bundle_dir, bundle_sha256, device)
     items = list(worker_decoder(decode_timeout_s).map(
-        batch.prepare_unless_known, paths, model.bundle.preprocessing, model.bundle.reduced_decode, known))
-    drafts, seen = batch.score_batch(model, items, lambda _: "", run_id)  # the client pseudonymizes
-    patient_ids = [item.meta.patient_id if item.meta else None for item in items if isinstance(item, Prepared)]
-    return ChunkResult(drafts, patient_ids, seen, model.provider)
+        prepare_file, paths, model.bundle.preprocessing, model.bundle.reduced_decode, known))
+    drafts = score_batch([item for item in items if isinstance(item, Prepared)], model, run_id)
+    return batch.Scored(drafts, [(item.path, item.sha256) for item in items if isinstance(item, Known)],
+                        model.provider)
 
 
 def partition(files: Sequence[str], workers: int) -> list[list[str]]:
@@ -143,19 +127,12 @@ def partition(files: Sequence[str], workers: int) -> list[list[str]]:
     return [list(files[i:i + size]) for i in range(0, len(files), size)]
 
 
-def pseudonymized(result: ChunkResult, pseudonymize_id: Callable[[str], str]) -> list[Decision]:
-    """The chunk's drafts with the keyed pseudonym of each patient id, as the local engine writes them."""
-    return [d if pid is None else dataclasses.replace(d, patient_pseudo_id=pseudonymize_id(pid))
-            for d, pid in zip(result.drafts, result.patient_ids)]
-
-
-def killed_result(path: str, bundle: Bundle, run_id: str) -> ChunkResult:
-    """A file whose task killed every worker that ran it, alone: human review, never dropped."""
-    detail = (f"{path}: decode_failed: every Dask worker that scored this file died (the OOM killer, or a crash "
-              "while scoring it). Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
-    crashed = unscored(path, "decode_failed", detail)
-    patient_id = crashed.meta.patient_id if crashed.meta else None
-    return ChunkResult([draft(crashed, bundle, lambda _: "", run_id=run_id)], [patient_id], [], "")
+def killed_result(path: str, bundle: Bundle, run_id: str) -> batch.Scored:
+    """A file whose task killed every Dask worker that ran it, alone: human review, never dropped."""
+    crashed = unscored(path, "decode_failed", "every Dask worker that scored this file died (the OOM killer, or a "
+                       "crash while scoring it)", "re-export the study from PACS uncompressed, and report the file "
+                       "to the maintainers")
+    return batch.Scored([draft(crashed, bundle, run_id=run_id)], [], "")
 
 
 @contextmanager
@@ -193,107 +170,78 @@ def local_cluster(workers: int) -> Iterator["LocalCluster"]:
         yield cluster
 
 
+@dataclass(frozen=True)
+class DaskEngine:
+    """A ``deploy.batch.Engine`` on Dask workers: the scheduler at ``scheduler``, else a ``local_cluster`` of
+    ``workers`` processes. ``on_chunk(client)`` is called after each finished chunk is saved (progress, tests)."""
+
+    scheduler: str | None = None
+    workers: int = 2
+    device: str = "auto"
+    progress: bool | None = None
+    decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S
+    on_chunk: Callable[["Client"], None] | None = None
+
+    @property
+    def name(self) -> str:
+        where = f"scheduler {self.scheduler}" if self.scheduler else f"local cluster of {self.workers} worker processes"
+        return f"dask ({where})"
+
+    def score(self, files: Sequence[str], bundle: Bundle, known: frozenset[tuple[str, str]],
+              run_id: str) -> Iterator[batch.Scored]:
+        """Each chunk's ``Scored`` as it finishes (a chunk that kills its workers is retried file by file)."""
+        check_timeout(self.decode_timeout_s)
+        with dask_client(self.scheduler, self.workers) as client:
+            chunks = partition(files, max(1, len(client.nthreads())))
+            yield from self._score_on(client, chunks, bundle, known, run_id)
+
+    def _score_on(self, client: "Client", chunks: list[list[str]], bundle: Bundle, known: frozenset[tuple[str, str]],
+                  run_id: str) -> Iterator[batch.Scored]:
+        from distributed import as_completed
+        from distributed.scheduler import KilledWorker
+
+        known_by_path: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        for key in known:
+            known_by_path[key[0]].add(key)
+        bundle_dir = str(Path(bundle.path).resolve())
+
+        def submit(paths: list[str], tag: str):
+            chunk_known = frozenset(key for p in paths for key in known_by_path.get(p, ()))
+            return client.submit(score_chunk, paths, bundle_dir, bundle.sha256, self.device, chunk_known, run_id,
+                                 self.decode_timeout_s, key=f"cxr-triage-score-{run_id}-{tag}", pure=False)
+
+        futures = {submit(chunk, str(i)): i for i, chunk in enumerate(chunks)}
+        disable = None if self.progress is None else not self.progress
+        with tqdm(total=sum(map(len, chunks)), unit="file", disable=disable, file=sys.stderr) as bar:
+            for future in as_completed(futures):
+                index = futures[future]
+                try:
+                    yield future.result()
+                except KilledWorker:
+                    for j, path in enumerate(chunks[index]):
+                        yield alone_or_killed(submit([path], f"{index}-{j}"), path, bundle, run_id, KilledWorker)
+                future.release()  # saved: let the worker free it, and a later loss not recompute it
+                bar.update(len(chunks[index]))
+                if self.on_chunk is not None:
+                    self.on_chunk(client)
+
+
 def run_dask(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path,
              flag_rate: float = DEFAULT_FLAG_RATE, scheduler: str | None = None, workers: int = 2,
              device: str = "auto", progress: bool | None = None,
              on_chunk: Callable[["Client"], None] | None = None,
              decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S, min_risk: float = 0.0) -> batch.RunSummary:
-    """Score every file under ``paths`` on Dask workers: ``deploy.batch.run_engine``, as ``batch.run_score``, with
-    the cluster scoring the files; the same decisions, audit and worklist.
-
-    ``decode_timeout_s`` bounds each file's decode, as in the local engine. ``on_chunk(client)`` is called after
-    each finished chunk is saved (progress reports, tests). Raises on operational failure only (bundle, store,
-    worklist, scheduler, a worker that cannot start decode processes).
-    """
+    """Score every file under ``paths`` on Dask workers: ``deploy.batch.run_engine`` with a ``DaskEngine``; the same
+    decisions, audit and worklist as the local engine. Raises on operational failure only (bundle, store, worklist,
+    scheduler, a worker that cannot start decode processes)."""
     check_timeout(decode_timeout_s)
-
-    def score_files(files: Sequence[str], store: AuditStore, known: frozenset[tuple[str, str]], run_id: str,
-                    pseudonymize_id: Callable[[str], str]) -> batch.Scored:
-        with dask_client(scheduler, workers) as client:
-            chunks = partition(files, max(1, len(client.nthreads())))
-            results = score_on_cluster(client, chunks, bundle, device, known, run_id, store, pseudonymize_id,
-                                       progress, on_chunk, decode_timeout_s)
-        fresh = [d for i in range(len(chunks)) for d in results[i][0]]
-        seen_known = [k for i in range(len(chunks)) for k in results[i][1]]
-        providers = ", ".join(sorted({p for _, _, p in results.values() if p})) or "none (no file was scored)"
-        return batch.Scored(fresh, seen_known, providers)
-
-    return batch.run_engine(paths, bundle, audit_db, out, score_files, flag_rate, min_risk)
+    engine = DaskEngine(scheduler, workers, device, progress, decode_timeout_s, on_chunk)
+    return batch.run_engine(paths, bundle, audit_db, out, engine, flag_rate, min_risk)
 
 
-def score_on_cluster(client: "Client", chunks: list[list[str]], bundle: Bundle, device: str,
-                     known: frozenset[tuple[str, str]], run_id: str, store: AuditStore,
-                     pseudonymize_id: Callable[[str], str],
-                     progress: bool | None, on_chunk: Callable[["Client"], None] | None,
-                     decode_timeout_s: float | None) -> dict[int, tuple[list[Decision], list[tuple[str, str]], str]]:
-    """Chunk index -> (pseudonymized drafts, skipped keys, provider); each chunk's drafts saved as pending on arrival."""
-    from distributed import as_completed
-    from distributed.scheduler import KilledWorker
-
-    known_by_path: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    for key in known:
-        known_by_path[key[0]].add(key)
-    bundle_dir = str(Path(bundle.path).resolve())
-
-    def submit(paths: list[str], tag: str):
-        chunk_known = frozenset(key for p in paths for key in known_by_path.get(p, ()))
-        return client.submit(score_chunk, paths, bundle_dir, bundle.sha256, device, chunk_known, run_id,
-                             decode_timeout_s, key=f"cxr-triage-score-{run_id}-{tag}", pure=False)
-
-    futures = {submit(chunk, str(i)): i for i, chunk in enumerate(chunks)}
-    results: dict[int, tuple[list[Decision], list[tuple[str, str]], str]] = {}
-    total = sum(map(len, chunks))
-    with tqdm(total=total, unit="file", disable=None if progress is None else not progress, file=sys.stderr) as bar:
-        for future in as_completed(futures):
-            index = futures[future]
-            try:
-                parts = [future.result()]
-            except KilledWorker:
-                parts = [alone_or_killed(submit([p], f"{index}-{j}"), p, bundle, run_id, KilledWorker)
-                         for j, p in enumerate(chunks[index])]
-            drafts = [d for part in parts for d in pseudonymized(part, pseudonymize_id)]
-            save_pending(store, [(d.path, d.sha256, bundle.sha256, dataclasses.asdict(d)) for d in drafts])
-            results[index] = (drafts, [k for part in parts for k in part.known],
-                              next((part.provider for part in parts if part.provider), ""))
-            future.release()  # saved: let the worker free it, and a later loss not recompute it
-            bar.update(len(chunks[index]))
-            if on_chunk is not None:
-                on_chunk(client)
-    return results
-
-
-def alone_or_killed(future, path: str, bundle: Bundle, run_id: str, killed: type[Exception]) -> ChunkResult:
+def alone_or_killed(future, path: str, bundle: Bundle, run_id: str, killed: type[Exception]) -> batch.Scored:
     """The result of a single-file task, or the human-review record when it kills its workers too."""
     try:
         return future.result()
     except killed:
         return killed_result(path, bundle, run_id)
-
-
-# --- command line ------------------------------------------------------------------------
-
-
-def add_engine_flags(score_parser: argparse.ArgumentParser) -> None:
-    """Add ``--engine`` and ``--scheduler`` to ``cxr-triage score`` and route the command through ``score_command``."""
-    score_parser.add_argument("--engine", choices=("local", "dask"), default="local",
-                              help="local (default): decode in worker processes of this machine; dask: decode and "
-                                   "score on Dask workers (the 'scale' extra)")
-    score_parser.add_argument("--scheduler", metavar="ADDRESS",
-                              help="with --engine dask: a running Dask scheduler (tcp://host:8786); without it, a "
-                                   "local cluster of --workers single-thread worker processes is started")
-    score_parser.set_defaults(func=score_command)
-
-
-def score_command(args: argparse.Namespace) -> int:
-    """``cxr-triage score``: the local engine, or the Dask engine with ``--engine dask``."""
-    if args.engine == "local":
-        if args.scheduler:
-            print("cxr-triage score: error: --scheduler needs --engine dask", file=sys.stderr)
-            return 1
-        return batch.score_command(args)
-    workers = max(1, args.workers)
-    where = f"scheduler {args.scheduler}" if args.scheduler else f"local cluster of {workers} worker processes"
-    engine = f"dask ({where})"
-    return batch.run_command(args, lambda bundle, audit_db: run_dask(  # OSError: also a scheduler that does not answer
-        args.paths, bundle, audit_db, Path(args.out), args.flag_rate, args.scheduler, workers, args.device,
-        decode_timeout_s=args.decode_timeout, min_risk=args.min_risk), engine)

@@ -33,7 +33,7 @@ from typing import Any
 
 from triage.audit import os_path
 from triage.ingest import header_meta
-from triage.pipeline import Prepared, sha256_or_empty
+from triage.pipeline import Prepared, sha256_or_empty, unscorable
 
 DEFAULT_DECODE_TIMEOUT_S = 60.0
 """Seconds one file may take to decode and preprocess in a worker (a chest radiograph takes well under 5 s)."""
@@ -123,26 +123,25 @@ def check_timeout(timeout_s: float | None) -> None:
 
 def crashed(path: str) -> Prepared:
     """The record of a file whose decoding process died twice: human review, never dropped."""
-    detail = (f"{path}: decode_failed: the decoding process died while reading this file (twice). "
-              "Fix: re-export the study from PACS uncompressed, and report the file to the maintainers")
-    return unscored(path, "decode_failed", detail)
+    return unscored(path, "decode_failed", "the decoding process died while reading this file (twice)",
+                    "re-export the study from PACS uncompressed, and report the file to the maintainers")
 
 
 def timed_out(path: str, timeout_s: float) -> Prepared:
     """The record of a file whose decoding ran past the timeout (its process was killed): human review."""
-    detail = (f"{path}: decode_timeout: decoding did not finish within {timeout_s:g} s, so its process was stopped. "
-              "Fix: re-export the study from PACS uncompressed; if the file is valid, raise --decode-timeout "
-              "and report it to the maintainers")
-    return unscored(path, "decode_timeout", detail)
+    return unscored(path, "decode_timeout", f"decoding did not finish within {timeout_s:g} s, so its process was "
+                    "stopped", "re-export the study from PACS uncompressed; if the file is valid, raise "
+                    "--decode-timeout and report it to the maintainers")
 
 
-def unscored(path: str, reason: str, detail: str) -> Prepared:
-    """A human-review ``Prepared`` that still names the study: the tags are read from the header alone. ``path`` is
-    the text the file is listed and recorded by (``triage.audit.path_text``), so a name that is not UTF-8 is opened
-    by its bytes (``os_path``) and still hashed."""
+def unscored(path: str, reason: str, problem: str, fix: str) -> Prepared:
+    """A human-review ``Prepared`` (``triage.pipeline.unscorable``) that still names the study: one more read of the
+    file in this process, for its sha256 (never past the size limit) and, when it has one, its header's tags.
+    ``path`` is the text the file is listed and recorded by (``triage.audit.path_text``), so a name that is not
+    UTF-8 is opened by its bytes (``os_path``)."""
     real = os_path(path)
     digest = sha256_or_empty(real)
-    return Prepared(path, digest, header_meta(real, digest) if digest else None, reason=reason, detail=detail)
+    return unscorable(path, reason, problem, fix, digest, header_meta(real, digest) if digest else None)
 
 
 def kill(pool: ProcessPoolExecutor) -> None:

@@ -1,12 +1,16 @@
-"""The whole flow in a few readable functions.
+"""The steps every program composes, each small and, where it can be, pure.
 
-    file -> Radiograph -> model input -> ONNX logits (+ gate features) -> calibrated risk
-         -> input gate (view / distribution) -> study risk -> flag (policy) -> Decision (audit record)
+    file -> bytes -> sha256 -> already decided? -> Radiograph -> model input     (``prepare_file``)
+         -> ONNX logits (+ gate features) -> calibrated risk -> input gate       (``score_batch`` -> ``Draft``s)
+         -> the patient id pseudonymized, once, where the secret is               (``finalize`` -> ``Decision``s)
+         -> study risk -> flag (a ``Policy``: batch top-k or stream threshold)    (``decide``)
 
-``prepare`` (decode + preprocess) is pure and picklable so it can run in worker
-processes; ``score_prepared`` runs the model in the main process; ``finalize``
-applies the policy to the whole set. ``triage_files`` chains them for callers
-that score a handful of files in one go.
+``prepare_file`` reads a file once (``prepare_bytes`` decodes those bytes) and runs in worker processes (it is picklable);
+``score_batch`` runs the model; ``finalize`` runs in the process that owns the site
+secret; ``decide`` applies the policy to a set of decisions. A file that cannot be
+scored is a ``Prepared`` without model input, built from the one error type
+(``BadInputError``, a reason from ``triage.errors.REASONS``) by ``unscorable``.
+``triage_files`` chains the steps for callers that score a handful of files in one go.
 """
 
 from __future__ import annotations
@@ -16,17 +20,17 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .audit import Decision
+from .audit import Decision, os_path
 from .bundle import Bundle
 from .decode import decode_size
 from .errors import BadInputError
 from .inference import InferenceError, Model, calibrated_risk
-from .ingest import MAX_FILE_BYTES, read_radiograph
+from .ingest import MAX_FILE_BYTES, read_radiograph_bytes
 from .ood import VIEW_OUT
 from .policy import Flags, flag_top_k, study_risks
 from .preprocess import PreprocessSpec, preprocess
@@ -35,6 +39,7 @@ from .scope import FRONTAL_VIEWS
 
 SCORED, HUMAN_REVIEW = "scored", "human_review"
 HASH_CHUNK_BYTES = 1 << 20
+FILE_FIX = "check that the file exists and that this program may read it"
 
 
 @dataclass(frozen=True)
@@ -54,29 +59,111 @@ class Prepared:
     decode_ms: float = 0.0
 
 
-def prepare(path: str, spec: PreprocessSpec, reduced_decode: Collection[str] = ()) -> Prepared:
-    """Read, check and preprocess one file. Bad input becomes a ``Prepared`` with a reason.
+@dataclass(frozen=True)
+class Known:
+    """A file skipped because it was already decided: its (path, sha256) is in the caller's resume keys."""
 
-    ``reduced_decode``: the codec families to decode at reduced resolution (a bundle's
-    ``Bundle.reduced_decode``); other files are decoded at full size.
+    path: str
+    sha256: str
+
+
+def unscorable(path: str, reason: str, problem: str, fix: str, sha256: str = "", meta: ImageMeta | None = None,
+               decode_ms: float = 0.0) -> Prepared:
+    """The human-review ``Prepared`` of a file that cannot be scored: ``reason`` (a code of ``REASONS``, else
+    ``KeyError``), what was found and the fix, in ``BadInputError``'s words (the one error type)."""
+    return from_error(BadInputError(path, reason, problem, fix, meta), sha256, decode_ms)
+
+
+def from_error(error: BadInputError, sha256: str = "", decode_ms: float = 0.0) -> Prepared:
+    """The human-review ``Prepared`` of a ``BadInputError``: its reason, its message as the detail, its tags."""
+    return Prepared(error.path, sha256, error.meta, reason=error.reason, detail=str(error), decode_ms=decode_ms)
+
+
+def read_file(path: str, limit_bytes: int | None = None) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit_bytes`` (default ``triage.ingest.MAX_FILE_BYTES``).
+
+    The size is checked before anything is read, so a 40 GB file costs a ``stat`` (``too_large``); a file that
+    grows past the limit while it is read is ``too_large`` too. Opening never waits (a FIFO is refused, not read).
+    Raises ``BadInputError`` (``too_large``, ``file_unreadable``).
     """
+    limit = MAX_FILE_BYTES if limit_bytes is None else limit_bytes
+    too_large = f"the file is {{:.0f}} MiB, over the {limit / 2**20:.0f} MiB limit"
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
+        with open(handle, "rb") as stream:
+            status = os.fstat(handle)
+            if not stat.S_ISREG(status.st_mode):
+                raise BadInputError(path, "file_unreadable", "not a regular file (a FIFO, device or folder)",
+                                    "copy the image into a regular file")
+            if status.st_size > limit:
+                raise BadInputError(path, "too_large", too_large.format(status.st_size / 2**20),
+                                    "check what this file is; a chest radiograph is well under 100 MiB")
+            data = stream.read(limit + 1)
+    except OSError as error:
+        raise BadInputError(path, "file_unreadable", f"the file could not be read ({type(error).__name__}: "
+                            f"{error.strerror or error})", FILE_FIX) from None
+    if len(data) > limit:
+        raise BadInputError(path, "too_large", too_large.format(len(data) / 2**20),
+                            "check what this file is; a chest radiograph is well under 100 MiB")
+    return data
+
+
+def prepare_file(name: str, spec: PreprocessSpec, reduced_decode: Collection[str] = (),
+                 known: Container[tuple[str, str]] = frozenset(), path: str | None = None) -> Prepared | Known:
+    """Read the file once: bytes -> sha256 -> ``Known`` when (``name``, sha256) is in ``known`` (already decided),
+    else ``prepare_bytes`` from the same bytes. ``name`` is the text the file is listed and recorded by
+    (``triage.audit.path_text``); the file is ``path``, by default ``os_path(name)``, so a name that is not UTF-8
+    works."""
     start = time.perf_counter()
     try:
-        radiograph = read_radiograph(path, reduce_to=decode_size(spec) if reduced_decode else None,
-                                     reduce_codecs=reduced_decode)
+        data = read_file(os_path(name) if path is None else path)
+    except BadInputError as error:
+        if (name, "") in known:
+            return Known(name, "")
+        return from_error(replace_path(error, name), decode_ms=(time.perf_counter() - start) * 1000)
+    digest = hashlib.sha256(data).hexdigest()
+    if (name, digest) in known:
+        return Known(name, digest)
+    return prepare_bytes(name, data, spec, reduced_decode, start)
+
+
+def replace_path(error: BadInputError, name: str) -> BadInputError:
+    """``error`` naming the file by ``name`` (the recorded text of its path)."""
+    if error.path == name:
+        return error
+    return BadInputError(name, error.reason, error.detail, error.fix, error.meta)
+
+
+def prepare_bytes(name: str, data: bytes, spec: PreprocessSpec, reduced_decode: Collection[str] = (),
+                  start: float | None = None) -> Prepared:
+    """Check, decode and preprocess one file from its bytes; bad input becomes a human-review ``Prepared``.
+
+    ``reduced_decode``: the codec families to decode at reduced resolution (a bundle's
+    ``Bundle.reduced_decode``); other files are decoded at full size. ``start``: when reading began
+    (``time.perf_counter``), so ``decode_ms`` includes it.
+    """
+    start = time.perf_counter() if start is None else start
+    try:
+        radiograph = read_radiograph_bytes(name, data, reduce_to=decode_size(spec) if reduced_decode else None,
+                                           reduce_codecs=reduced_decode)
         model_input = preprocess(radiograph, spec)
     except BadInputError as error:
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        return Prepared(str(path), sha256_or_empty(path), error.meta, reason=error.reason, detail=str(error),
-                        decode_ms=elapsed_ms)
+        return from_error(error, hashlib.sha256(data).hexdigest(), (time.perf_counter() - start) * 1000)
     except Exception as error:  # noqa: BLE001 - one file must never stop a run: RecursionError, MemoryError, a bug
-        elapsed_ms = (time.perf_counter() - start) * 1000
-        detail = (f"{path}: malformed_file: reading it raised {type(error).__name__}"
-                  f"{': ' + str(error).splitlines()[0][:200] if str(error) else ''}. Fix: a person reads the study "
-                  "on the modality or PACS; ask the sender to re-export it (a damaged or crafted file)")
-        return Prepared(str(path), sha256_or_empty(path), reason="malformed_file", detail=detail, decode_ms=elapsed_ms)
-    elapsed_ms = (time.perf_counter() - start) * 1000
-    return Prepared(str(path), radiograph.sha256, radiograph.meta, model_input, decode_ms=elapsed_ms)
+        first_line = f": {str(error).splitlines()[0][:200]}" if str(error) else ""
+        return unscorable(name, "malformed_file", f"reading it raised {type(error).__name__}{first_line}",
+                          "a person reads the study on the modality or PACS; ask the sender to re-export it "
+                          "(a damaged or crafted file)", hashlib.sha256(data).hexdigest(),
+                          decode_ms=(time.perf_counter() - start) * 1000)
+    return Prepared(name, radiograph.sha256, radiograph.meta, model_input,
+                    decode_ms=(time.perf_counter() - start) * 1000)
+
+
+def prepare(path: str, spec: PreprocessSpec, reduced_decode: Collection[str] = ()) -> Prepared:
+    """``prepare_file`` of the file at ``path`` (its name too) with nothing already decided: the one-call form."""
+    prepared = prepare_file(str(path), spec, reduced_decode, path=str(path))
+    assert isinstance(prepared, Prepared)  # nothing is known, so never Known
+    return prepared
 
 
 def sha256_or_empty(path: str, limit_bytes: int | None = None) -> str:
@@ -104,17 +191,25 @@ def sha256_or_empty(path: str, limit_bytes: int | None = None) -> str:
             return ""
 
 
-def draft(prepared: Prepared, bundle: Bundle, pseudonymize: Callable[[str], str], risk: float | None = None,
-          infer_ms: float | None = None, provider: str = "", run_id: str = "") -> Decision:
-    """An image-level Decision before the policy has run (not flagged, no study risk)."""
+@dataclass(frozen=True)
+class Draft:
+    """An image-level decision before pseudonymization and the policy, with the raw Patient ID (0010,0020) that
+    ``finalize`` turns into the pseudonym (None when no header could be read). Never stored as it is."""
+
+    decision: Decision
+    patient_id: str | None
+
+
+def draft(prepared: Prepared, bundle: Bundle, risk: float | None = None, infer_ms: float | None = None,
+          provider: str = "", run_id: str = "") -> Draft:
+    """An image-level ``Draft`` (not flagged, no study risk, no pseudonym yet)."""
     meta = prepared.meta
     tags = {} if meta is None else {
         "study_uid": meta.study_uid, "series_uid": meta.series_uid, "sop_uid": meta.sop_uid,
-        "patient_pseudo_id": pseudonymize(meta.patient_id), "patient_sex": meta.patient_sex,
-        "patient_age": meta.patient_age, "modality": meta.modality, "body_part": meta.body_part,
-        "view_position": meta.view_position, "manufacturer": meta.manufacturer,
+        "patient_sex": meta.patient_sex, "patient_age": meta.patient_age, "modality": meta.modality,
+        "body_part": meta.body_part, "view_position": meta.view_position, "manufacturer": meta.manufacturer,
     }
-    return Decision(
+    decision = Decision(
         path=prepared.path, sha256=prepared.sha256,
         status=SCORED if risk is not None else HUMAN_REVIEW,
         reason=prepared.reason, detail=prepared.detail, **tags,
@@ -122,6 +217,7 @@ def draft(prepared: Prepared, bundle: Bundle, pseudonymize: Callable[[str], str]
         finding=bundle.triage_finding, risk=risk, decode_ms=round(prepared.decode_ms, 3),
         infer_ms=None if infer_ms is None else round(infer_ms, 3), provider=provider, run_id=run_id,
     )
+    return Draft(decision, None if meta is None else meta.patient_id)
 
 
 Result = tuple[float, str, float]  # calibrated risk of the triage finding, gate reason ("" accepted), gate score
@@ -153,11 +249,10 @@ def forward_each(model: Model, inputs: Sequence[np.ndarray]) -> list[Result | In
     return [result for x in inputs for result in forward_each(model, [x])]
 
 
-def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callable[[str], str],
-                   run_id: str = "") -> list[Decision]:
-    """Run the model once over the scorable files of ``batch``; drafts for all of them, in order. A batch that
-    ONNX Runtime fails on is retried image by image; the images that still fail get ``inference_failed``."""
-    scorable = [p for p in batch if p.model_input is not None]
+def score_batch(prepared: Sequence[Prepared], model: Model, run_id: str = "") -> list[Draft]:
+    """Run the model once over the scorable files of ``prepared``; a ``Draft`` for each of them, in order. A batch
+    that ONNX Runtime fails on is retried image by image; the images that still fail get ``inference_failed``."""
+    scorable = [p for p in prepared if p.model_input is not None]
     infer_ms = 0.0
     results: list[Result | InferenceError] = []
     if scorable:
@@ -167,23 +262,35 @@ def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callab
     result_of = {id(p): r for p, r in zip(scorable, results)}
     threshold = model.ood.threshold if model.ood is not None else math.inf
 
-    def decide(p: Prepared) -> Decision:
+    def outcome(p: Prepared) -> Draft:
         if id(p) not in result_of:  # not scorable: the reason is already set
-            return draft(p, model.bundle, pseudonymize, provider=model.provider, run_id=run_id)
+            return draft(p, model.bundle, provider=model.provider, run_id=run_id)
         result = result_of[id(p)]
         if isinstance(result, InferenceError):
-            return draft(_inference_failed(p, str(result)), model.bundle, pseudonymize, provider=model.provider,
-                         run_id=run_id)
+            return draft(_inference_failed(p, str(result)), model.bundle, provider=model.provider, run_id=run_id)
         risk, reason, score = result
         if not math.isfinite(risk):
-            return draft(_inference_failed(p, "the model returned a non-finite risk"), model.bundle, pseudonymize,
+            return draft(_inference_failed(p, "the model returned a non-finite risk"), model.bundle,
                          provider=model.provider, run_id=run_id)
         gated = gate_outcome(p, reason, score, threshold)
         if gated.model_input is None:
-            return draft(gated, model.bundle, pseudonymize, infer_ms=infer_ms, provider=model.provider, run_id=run_id)
-        return draft(gated, model.bundle, pseudonymize, risk, infer_ms, model.provider, run_id)
+            return draft(gated, model.bundle, infer_ms=infer_ms, provider=model.provider, run_id=run_id)
+        return draft(gated, model.bundle, risk, infer_ms, model.provider, run_id)
 
-    return [decide(p) for p in batch]
+    return [outcome(p) for p in prepared]
+
+
+def finalize(drafts: Iterable[Draft], pseudonymize: Callable[[str], str]) -> list[Decision]:
+    """The drafts' decisions with each Patient ID (0010,0020) replaced by its keyed pseudonym: the one place it is
+    done, in the process that holds the site secret (``triage.pseudonym``)."""
+    return [d.decision if d.patient_id is None else replace(d.decision, patient_pseudo_id=pseudonymize(d.patient_id))
+            for d in drafts]
+
+
+def score_prepared(model: Model, batch: Sequence[Prepared], pseudonymize: Callable[[str], str],
+                   run_id: str = "") -> list[Decision]:
+    """``score_batch`` then ``finalize``: decisions before the policy, for callers that hold the secret."""
+    return finalize(score_batch(batch, model, run_id), pseudonymize)
 
 
 def gate_outcome(prepared: Prepared, reason: str, score: float, threshold: float) -> Prepared:
@@ -198,26 +305,47 @@ def gate_outcome(prepared: Prepared, reason: str, score: float, threshold: float
         return replace(prepared, detail=f"{prepared.path}: View Position (0018,5101) is {view!r} and the header wins: "
                        f"scored, although {measured} and the image looks like a chest radiograph in another view")
     if reason == VIEW_OUT:
-        detail = (f"{prepared.path}: view_out_of_scope: {measured}: the image looks like a chest radiograph but not a "
-                  "frontal (PA/AP) one (a lateral or other view), and its header names no view, so its risk would mean "
-                  "nothing. Fix: send the frontal image of the study; if this is a frontal chest, set View Position "
-                  "(0018,5101) to PA or AP, and report the file to the model's maintainers")
-    else:
-        detail = (f"{prepared.path}: out_of_distribution: {measured}: the image is unlike the frontal chest radiographs "
-                  "the model was trained on (not a human chest radiograph, or a device or population the training "
-                  "data does not cover), so its risk would mean nothing. Fix: a person reads it; if it is a frontal "
-                  "human chest radiograph, report it to the model's maintainers")
-    return replace(prepared, model_input=None, reason=reason, detail=detail)
+        return routed(prepared, reason, f"{measured}: the image looks like a chest radiograph but not a frontal "
+                      "(PA/AP) one (a lateral or other view), and its header names no view, so its risk would mean "
+                      "nothing", "send the frontal image of the study; if this is a frontal chest, set View Position "
+                      "(0018,5101) to PA or AP, and report the file to the model's maintainers")
+    return routed(prepared, reason, f"{measured}: the image is unlike the frontal chest radiographs the model was "
+                  "trained on (not a human chest radiograph, or a device or population the training data does not "
+                  "cover), so its risk would mean nothing", "a person reads it; if it is a frontal human chest "
+                  "radiograph, report it to the model's maintainers")
 
 
 def _inference_failed(prepared: Prepared, problem: str) -> Prepared:
     """A scorable file the model could not score (ONNX Runtime failed on it, or a non-finite output): human review."""
-    detail = (f"{prepared.path}: inference_failed: {problem}. Fix: a person reads it; report this file and the "
-              "bundle to the model's maintainers")
-    return replace(prepared, model_input=None, reason="inference_failed", detail=detail)
+    return routed(prepared, "inference_failed", problem,
+                  "a person reads it; report this file and the bundle to the model's maintainers")
 
 
-def finalize(drafts: Iterable[Decision], flags: Flags, risks: dict[str, float]) -> list[Decision]:
+def routed(prepared: Prepared, reason: str, problem: str, fix: str) -> Prepared:
+    """A prepared file sent to human review after all (its model input dropped), in ``unscorable``'s words; it
+    keeps its sha256, tags and decode time."""
+    record = unscorable(prepared.path, reason, problem, fix)
+    return replace(prepared, model_input=None, reason=record.reason, detail=record.detail)
+
+
+Policy = Callable[[dict[str, float]], Flags]
+"""Study risks (study_uid -> risk) -> which studies are flagged: ``batch_top_k`` or a stream threshold."""
+
+
+def batch_top_k(flag_rate: float, min_risk: float = 0.0) -> Policy:
+    """The batch policy: the riskiest ``flag_rate`` of the studies, each at least ``min_risk``
+    (``triage.policy.flag_top_k``)."""
+    return lambda risks: flag_top_k(risks, flag_rate, min_risk)
+
+
+def decide(decisions: Sequence[Decision], policy: Policy) -> list[Decision]:
+    """Apply ``policy`` to the studies of ``decisions`` (study risk = max scored image risk): each decision stamped
+    with its study's risk and flag, the threshold and the policy in force."""
+    risks = scored_study_risks(decisions)
+    return stamp(decisions, policy(risks), risks)
+
+
+def stamp(drafts: Iterable[Decision], flags: Flags, risks: dict[str, float]) -> list[Decision]:
     """Stamp every draft with its study's risk and flag and the policy in force."""
     return [
         replace(d, study_risk=risks.get(d.study_uid), flagged=d.study_uid in flags.flagged,
@@ -233,7 +361,6 @@ def scored_study_risks(decisions: Iterable[Decision]) -> dict[str, float]:
 
 def triage_files(paths: Sequence[str], model: Model, pseudonymize: Callable[[str], str],
                  flag_rate: float, run_id: str = "") -> list[Decision]:
-    """Score ``paths`` and flag the riskiest ``flag_rate`` of their studies (batch mode)."""
-    drafts = score_prepared(model, [prepare(p, model.bundle.preprocessing, model.bundle.reduced_decode) for p in paths], pseudonymize, run_id)
-    risks = scored_study_risks(drafts)
-    return finalize(drafts, flag_top_k(risks, flag_rate), risks)
+    """Score ``paths`` and flag the riskiest ``flag_rate`` of their studies (batch mode): the steps in a row."""
+    prepared = [prepare(p, model.bundle.preprocessing, model.bundle.reduced_decode) for p in paths]
+    return decide(finalize(score_batch(prepared, model, run_id), pseudonymize), batch_top_k(flag_rate))

@@ -32,7 +32,8 @@ from triage.bundle import load_bundle, sha256_file
 from triage.errors import AuditError, TriageError
 from triage.heatmap import heatmap_input
 from triage.inference import load_model
-from triage.pipeline import SCORED, Prepared, finalize, prepare, score_prepared, scored_study_risks
+from triage.pipeline import SCORED, Policy, Prepared, decide, finalize, prepare, score_batch
+from triage.policy import Flags
 from triage.present import format_risk
 from triage.pseudonym import default_secret_path, load_or_create_secret, pseudonymize
 
@@ -51,6 +52,15 @@ from .stream import STARVATION_GUARD, SiteRecalibrator, StarvationGuard
 log = logging.getLogger("cxr_triage.workstation")
 RECOVERED_SITE = "inbox"
 
+
+
+def stream_policy(recalibrator: SiteRecalibrator, site: str, study_uid: str) -> Policy:
+    """The workstation's ``triage.pipeline.Policy`` for one study: flagged when its risk reaches the site's
+    threshold (``SiteRecalibrator.flags``); a study with no scored image is never flagged."""
+    def policy(risks: dict[str, float]) -> Flags:
+        flags = recalibrator.flags(site, study_uid, max(risks.values()) if risks else None)
+        return dataclasses.replace(flags, flagged=frozenset(risks) & flags.flagged)
+    return policy
 
 class Workstation:
     """Build with a validated ``Config``; ``run(stop)`` serves until ``stop`` is set."""
@@ -282,16 +292,14 @@ class Workstation:
     def decide_study(self, store: AuditStore, key: str, site: str) -> list[Decision]:
         """Score every instance of study ``key`` when any is new; append, report, notify. Returns what was appended."""
         files = sorted((self.config.studies_dir / key).glob("*.dcm"))
-        prepared = self._prepare_all([str(p) for p in files])  # hashes each file once
+        prepared = self._prepare_all([str(p) for p in files])  # reads and hashes each file once
         if all((p.path, p.sha256) in self._decided for p in prepared):
             return []  # a resend of what was already decided
-        drafts = score_prepared(self.model, prepared, self._pseudonymize, self._run_id)
-        risks = scored_study_risks(drafts)
-        study_uid = next((d.study_uid for d in drafts if d.study_uid), key)
-        study_risk = max(risks.values()) if risks else None
-        flags = self.recalibrator.flags(site, study_uid, study_risk)
+        decisions = finalize(score_batch(prepared, self.model, self._run_id), self._pseudonymize)
+        study_uid = next((d.study_uid for d in decisions if d.study_uid), key)
         final = [dataclasses.replace(d, supersedes=self._latest_by_path.get(d.path))
-                 for d in finalize(drafts, dataclasses.replace(flags, flagged=frozenset(risks) & flags.flagged), risks)]
+                 for d in decide(decisions, stream_policy(self.recalibrator, site, study_uid))]
+        study_risk = max((d.study_risk for d in final if d.study_risk is not None), default=None)
         ids = store.append_decisions(final)  # AuditError: nothing learned yet, the caller queues the study again
         self.recalibrator.learn(site, study_risk)
         for decision, record_id in zip(final, ids):
@@ -299,8 +307,8 @@ class Workstation:
             self._latest_by_path[decision.path] = record_id
         if key in self._received_at:
             self.latencies_ms.append((key, (time.monotonic() - self._received_at.pop(key)) * 1000))
-        if risks:
-            self.guard.track(study_uid, time.time(), bool(flags.flagged))
+        if study_risk is not None:
+            self.guard.track(study_uid, time.time(), any(d.flagged for d in final))
         self._study_sites.pop(key, None)
         self._save_state()
         self._log_decision(final, site)
@@ -313,7 +321,7 @@ class Workstation:
         spec, reduced = self.bundle.preprocessing, self.bundle.reduced_decode
         if self._decoder is None:
             return [prepare(p, spec, reduced) for p in paths]
-        prepared = list(self._decoder.map(prepare, paths, spec, reduced))
+        prepared = list(self._decoder.map(prepare, paths, spec, reduced))  # prepare: one read of each file
         for item in prepared:
             if item.reason in ("decode_failed", "decode_timeout") and "process" in item.detail:
                 log.error("%s", item.detail)
