@@ -29,6 +29,7 @@ from tests.processes import below, gone_within, group
 from tests.test_batch import write_pngs
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import open_store
+from triage.audit.pending import load_pending
 from triage.bundle import load_bundle
 from triage.errors import BundleError
 
@@ -129,7 +130,7 @@ def test_a_rerun_is_idempotent(cluster, studies, tiny, local_run, tmp_path):
     again = run_dask([str(studies)], load_bundle(tiny), db, out, scheduler=cluster.scheduler_address, progress=False)
     assert first.skipped == 0 and again.skipped == again.files == 52
     with open_store(db) as store:
-        assert len(store.decisions()) == 52 and store.load_pending(load_bundle(tiny).sha256) == {}
+        assert len(store.decisions()) == 52 and load_pending(store, load_bundle(tiny).sha256) == {}
     same_worklist(read_worklist(out), local_run)
 
 
