@@ -455,7 +455,7 @@ def dcmtk_decoded(source: Path, folder: Path) -> np.ndarray:
 
 
 def test_a_12_bit_jpeg_extended_test_file_decodes_as_dcmtk_does(tmp_path):
-    """pydicom's JPGExtended.dcm (12-bit, 1024 x 256) through ``triage.gdcm_jpeg12``."""
+    """pydicom's JPGExtended.dcm (12-bit, 1024 x 256) through ``triage.jpeg_turbo``."""
     source = Path(pydicom.data.get_testdata_file("JPGExtended.dcm"))
     ds = pydicom.dcmread(source)
     pixels = decode_pixels(ds, str(source))
@@ -470,7 +470,8 @@ def test_no_gpl_decoder_is_installed_and_each_compressed_syntax_has_a_permissive
     assert importlib.util.find_spec("libjpeg") is None, "pylibjpeg-libjpeg (GPL-3.0) is installed: pip uninstall it"
     for syntax, plugins in DECODING_PLUGINS.items():
         assert decoding_plugins(syntax), f"no installed plugin of {plugins} for {syntax.name}"
-    assert decoding_plugins(JPEGLossless) == ("gdcm",) and decoding_plugins(JPEGBaseline8Bit)[0] == "pillow"
+    assert decoding_plugins(JPEGLossless) == ("libjpeg-turbo",) and decoding_plugins(JPEGBaseline8Bit)[0] == "pillow"
+    assert importlib.util.find_spec("gdcm") is None, "python-gdcm aborts the process on some frames: not a decoder"
 
 
 @pytest.mark.parametrize("damage, reason", [("scrambled", "decode_failed"), ("cut", "truncated")])
@@ -486,7 +487,21 @@ def test_a_damaged_real_jpeg_is_refused_not_decoded_to_grey(shared_data, tmp_pat
     path = tmp_path / f"{damage}-jpeg.dcm"
     ds.save_as(path)
     error = expect_error(path, reason)
-    assert "JPEG Baseline" in error.detail and "pillow" in error.detail and "gdcm" in error.detail
+    assert "JPEG Baseline" in error.detail and "pillow" in error.detail
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "JPEG-LL.dcm"])
+def test_a_cut_12_bit_or_lossless_jpeg_frame_is_refused_not_filled_with_grey(tmp_path, name):
+    """libjpeg-turbo (``triage.jpeg_turbo``) only warns about a codestream that stops early; the plugin refuses a
+    frame without its EOI marker, so half an image never reaches the model."""
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file(name))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[:len(frame) * 2 // 3]])
+    path = tmp_path / f"cut-{name}"
+    ds.save_as(path)
+    with pytest.raises(BadInputError) as caught:
+        read_radiograph(path, min_side_px=1, scope=False)
+    assert caught.value.reason in ("decode_failed", "truncated") and "EOI" in caught.value.detail
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")

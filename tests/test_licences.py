@@ -75,7 +75,7 @@ def is_gpl_only(licence: str) -> bool:
 def test_the_cpu_install_pulls_no_gpl_package():
     closure, missing = runtime_closure(runtime_roots("cpu"))
     assert not missing, f"not installed, so its licence cannot be read: {missing}; run pip install -e '.[cpu]'"
-    assert {"pydicom", "pillow", "pyjpegls", "python-gdcm", "pylibjpeg-openjpeg", "onnxruntime"} <= closure.keys()
+    assert {"pydicom", "pillow", "pyjpegls", "imagecodecs", "pylibjpeg-openjpeg", "onnxruntime"} <= closure.keys()
     gpl = {name: licence_of(metadata) for name, metadata in closure.items() if is_gpl_only(licence_of(metadata))}
     assert not gpl, f"GPL-licensed runtime dependencies in an Apache-2.0 product: {gpl}"
     unknown = sorted(name for name, metadata in closure.items() if not licence_of(metadata))

@@ -8,8 +8,8 @@ found and what a person can do; never anything else.
 DICOM decoding is pydicom's: native (implicit/explicit VR little endian, explicit VR
 big endian), deflated and RLE need nothing extra; the compressed syntaxes use the plugins of
 ``DECODING_PLUGINS``, all under permissive licences: Pillow (8-bit JPEG, JPEG 2000), ``pyjpegls``
-(CharLS: JPEG-LS), ``python-gdcm`` (lossless JPEG; 12-bit JPEG Extended through
-``triage.gdcm_jpeg12``) and ``pylibjpeg`` with ``pylibjpeg-openjpeg`` (JPEG 2000, HTJ2K). Old ACR-NEMA files
+(CharLS: JPEG-LS), libjpeg-turbo 3 from ``imagecodecs`` (12-bit JPEG Extended and lossless JPEG, through
+``triage.jpeg_turbo``) and ``pylibjpeg`` with ``pylibjpeg-openjpeg`` (JPEG 2000, HTJ2K). Old ACR-NEMA files
 without preamble or file meta are read too, their Transfer Syntax UID (0002,0010)
 taken from how the data set is actually encoded. The scope checks of
 ``triage.scope`` run on the header before any pixel is decoded.
@@ -44,7 +44,7 @@ from pydicom.uid import (UID, HTJ2K, JPEG2000, DeflatedExplicitVRLittleEndian, E
                          JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless, JPEGLSTransferSyntaxes,
                          JPEGTransferSyntaxes, generate_uid)
 
-from . import gdcm_jpeg12
+from . import jpeg_turbo
 from .decode import CODECS, decode_reduced, j2k_codestream, j2k_siz
 from .errors import BadInputError, OutOfScopeError
 from .logs import quiet_libraries
@@ -52,7 +52,7 @@ from .radiograph import ImageMeta, Radiograph, is_valid_uid, uid_text
 from .scope import MAX_DECODED_BYTES, MIN_SIDE_PX, check_anatomy, check_image, check_modality, integer
 
 quiet_libraries()  # every process that reads a file: no tag values in warnings or logs (triage.logs)
-gdcm_jpeg12.register()  # 12-bit JPEG Extended, which pydicom's permissive plugins refuse
+jpeg_turbo.register()  # 12-bit JPEG Extended and lossless JPEG, which pydicom's permissive plugins refuse
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -74,12 +74,12 @@ CODESTREAM_SYNTAXES = frozenset(JPEG2000TransferSyntaxes + JPEGTransferSyntaxes 
 """Compressed syntaxes whose frames state their own size (checked before decoding)."""
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 DECODING_PLUGINS: dict[UID, tuple[str, ...]] = {
-    JPEGBaseline8Bit: ("pillow", "gdcm"),
-    JPEGExtended12Bit: ("pillow", "gdcm", gdcm_jpeg12.LABEL),  # the first two decode 8-bit samples only
-    JPEGLossless: ("gdcm",),
-    JPEGLosslessSV1: ("gdcm",),
-    JPEGLSLossless: ("pyjpegls", "gdcm"),
-    JPEGLSNearLossless: ("pyjpegls", "gdcm"),
+    JPEGBaseline8Bit: ("pillow",),  # strict about truncated data, where libjpeg-turbo fills with grey
+    JPEGExtended12Bit: ("pillow", jpeg_turbo.LABEL),  # Pillow decodes 8-bit samples only
+    JPEGLossless: (jpeg_turbo.LABEL,),
+    JPEGLosslessSV1: (jpeg_turbo.LABEL,),
+    JPEGLSLossless: ("pyjpegls",),
+    JPEGLSNearLossless: ("pyjpegls",),
     JPEG2000Lossless: ("pylibjpeg", "pillow"),
     JPEG2000: ("pylibjpeg", "pillow"),
     HTJ2KLossless: ("pylibjpeg",),
@@ -89,7 +89,7 @@ DECODING_PLUGINS: dict[UID, tuple[str, ...]] = {
 """The pydicom decoding plugins tried for each compressed Transfer Syntax UID (0002,0010), in order:
 the fastest first (``benchmarks/bench_decode.py --backends``), none under a GPL licence
 (tests/test_licences.py). Other syntaxes (native, deflated, RLE) use pydicom's own decoders."""
-PLUGIN_PACKAGES = {"pillow": "pillow", "gdcm": "python-gdcm", gdcm_jpeg12.LABEL: "python-gdcm", "pyjpegls": "pyjpegls",
+PLUGIN_PACKAGES = {"pillow": "pillow", jpeg_turbo.LABEL: "imagecodecs", "pyjpegls": "pyjpegls",
                    "pylibjpeg": "pylibjpeg and pylibjpeg-openjpeg"}
 """The PyPI distributions each plugin of ``DECODING_PLUGINS`` needs (all base dependencies of cxr-triage)."""
 
