@@ -319,7 +319,7 @@ def check_pixel_attributes(ds: Dataset, path: str) -> None:
 def check_display_attributes(ds: Dataset, path: str) -> None:
     """Rescale, window and LUT attributes that preprocessing reads are well formed, else ``unsupported_pixel_format``."""
     problems = [rescale_problem(ds), window_problem(ds),
-                lut_problem(ds, "ModalityLUTSequence", "Modality LUT Sequence (0028,3000)", (8, 16)),
+                lut_problem(ds, "ModalityLUTSequence", "Modality LUT Sequence (0028,3000)", (8, 16), exact_ow=True),
                 lut_problem(ds, "VOILUTSequence", "VOI LUT Sequence (0028,3010)", tuple(range(1, 17)))]
     problems = [p for p in problems if p]
     if problems:
@@ -360,8 +360,9 @@ def window_problem(ds: Dataset) -> str:
     return ""
 
 
-def lut_problem(ds: Dataset, keyword: str, name: str, bits_allowed: tuple[int, ...]) -> str:
-    """The first LUT item has a 3-value LUT Descriptor (0028,3002) and at least that many LUT Data (0028,3006) entries."""
+def lut_problem(ds: Dataset, keyword: str, name: str, bits_allowed: tuple[int, ...], exact_ow: bool = False) -> str:
+    """The first LUT item has a 3-value LUT Descriptor (0028,3002) and at least that many LUT Data (0028,3006) entries
+    (``exact_ow``: exactly that many when the data are OW bytes, as pydicom's ``apply_modality_lut`` unpacks them)."""
     items = ds.get(keyword)
     if items is None or (not isinstance(items, Sequence) and not items):
         return ""
@@ -377,8 +378,9 @@ def lut_problem(ds: Dataset, keyword: str, name: str, bits_allowed: tuple[int, .
     count, bits = values[0] or 65536, values[2]
     if bits not in bits_allowed:
         return f"{name}: LUT Descriptor (0028,3002) gives {bits} bits per entry, not {bits_allowed[0]}-{bits_allowed[-1]}"
-    entries = lut_entries(item.get("LUTData"))
-    if entries < count:
+    data = item.get("LUTData")
+    entries = lut_entries(data)
+    if entries < count or (exact_ow and isinstance(data, bytes) and len(data) != 2 * count):
         return f"{name}: LUT Data (0028,3006) holds {entries} entries, LUT Descriptor (0028,3002) declares {count}"
     return ""
 
