@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -50,3 +54,20 @@ def gone_within(pgid: int, seconds: float) -> list[int]:
 def hang(path: str) -> None:
     """A decode task that never returns, as a stuck codec would not."""
     time.sleep(3600)
+
+
+def kill_9_leaves_nothing(program: subprocess.Popen, started: Callable[[], bool], start_s: float = 60.0) -> None:
+    """Wait until ``started()`` (the program's children are up), SIGKILL the program (started with
+    ``start_new_session=True``), and assert that nothing of its process group is left within 5 s."""
+    try:
+        deadline = time.monotonic() + start_s
+        while not started() and program.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started(), f"the children of {program.args!r} did not start"
+        time.sleep(0.5)  # into the work
+        os.kill(program.pid, signal.SIGKILL)
+        program.wait(timeout=10)
+        assert gone_within(program.pid, 5.0) == []
+    finally:
+        for pid in group(program.pid):
+            os.kill(pid, signal.SIGKILL)

@@ -25,7 +25,7 @@ from deploy.cli import main
 from deploy.dask_engine import WorkerSetupError, local_cluster, partition, run_dask
 from tests.conftest import build_dataset
 from tests.pg import pg_server, pg_url  # noqa: F401 (fixtures)
-from tests.processes import below, gone_within, group
+from tests.processes import below, kill_9_leaves_nothing
 from tests.test_batch import write_pngs
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import open_store
@@ -316,15 +316,4 @@ def test_kill_9_of_a_dask_run_leaves_none_of_its_processes_behind(slow_folder, t
             str(tmp_path / "a.sqlite"), "--engine", "dask", "--workers", "2", "--decode-timeout", "600", "--device", "cpu"]
     client = subprocess.Popen([sys.executable, "-m", "deploy.cli", *argv], cwd=ROOT, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while len(below(client.pid, 3)) < 2 and client.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # a decode process under each worker's forkserver
-        assert len(below(client.pid, 3)) == 2, "the decode processes did not start"
-        time.sleep(0.5)  # into the decode
-        os.kill(client.pid, signal.SIGKILL)
-        client.wait(timeout=10)
-        assert gone_within(client.pid, 5.0) == []
-    finally:
-        for pid in group(client.pid):
-            os.kill(pid, signal.SIGKILL)
+    kill_9_leaves_nothing(client, lambda: len(below(client.pid, 3)) == 2)  # a decode process under each forkserver

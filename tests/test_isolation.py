@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import pytest
 from deploy.cli import main
 from deploy.isolation import crashed, timed_out
 from tests.conftest import build_dataset
-from tests.processes import gone_within, grandchildren, group
+from tests.processes import grandchildren, group, kill_9_leaves_nothing
 from tests.tiny_bundle import build_tiny_bundle
 from triage.audit import path_text
 from triage.ingest import MAX_FILE_BYTES
@@ -108,15 +107,5 @@ def test_a_killed_program_takes_its_forkserver_decode_processes_and_resource_tra
     script = ("from deploy.isolation import Decoder\nfrom tests.processes import hang\n"
               "with Decoder(2, None) as decoder:\n    list(decoder.map(hang, ['a', 'b', 'c']))\n")
     program = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(grandchildren(program.pid)) < 2 and program.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        started = group(program.pid)
-        assert len(started) >= 5, started  # the program, its forkserver and resource tracker, two decode processes
-        os.kill(program.pid, signal.SIGKILL)
-        program.wait(timeout=10)
-        assert gone_within(program.pid, 5.0) == []
-    finally:
-        for pid in group(program.pid):
-            os.kill(pid, signal.SIGKILL)
+    # the program, its forkserver and resource tracker, two decode processes
+    kill_9_leaves_nothing(program, lambda: len(grandchildren(program.pid)) >= 2 and len(group(program.pid)) >= 5)
