@@ -19,7 +19,8 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,23 +137,34 @@ def _prepare_unless_known(path: str) -> Prepared | Known:
     return prepare_file(path, _WORKER["spec"], _WORKER["reduced"], _WORKER["known"])
 
 
-def _prepared_stream(files: Sequence[str], spec: PreprocessSpec, reduced: frozenset[str], known: frozenset[tuple[str, str]],
-                     workers: int, decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> Iterator[Prepared | Known]:
-    """Prepare files in ``workers`` processes (at least one: never in this process), in order.
+def _decoder(workers: int, spec: PreprocessSpec, reduced: frozenset[str], known: frozenset[tuple[str, str]],
+             decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S) -> Decoder:
+    """``workers`` decode processes (at least one: never this process) for ``_prepare_unless_known``.
 
     A worker that dies (a crashing decoder, the OOM killer) or runs past ``decode_timeout_s``
     on one file costs no other file and stalls nothing (see ``deploy.isolation.Decoder``):
     the file goes to human review as ``decode_failed`` or ``decode_timeout``.
     """
-    with Decoder(max(workers, 1), decode_timeout_s, _init_worker, (spec, reduced, known)) as decoder:
-        yield from decoder.map(_prepare_unless_known, files)
+    return Decoder(max(workers, 1), decode_timeout_s, _init_worker, (spec, reduced, known))
 
 
-def _batches(stream: Iterable[Prepared | Known], size: int) -> Iterator[list[Prepared | Known]]:
+def model_threads(workers: int) -> int:
+    """ONNX Runtime's intra-op threads in this process: the cores that ``workers`` decode processes leave, at least
+    one. More threads than free cores wait on the ones a decoder holds (on 2 cores with 1 worker, ONNX Runtime's
+    own choice of 2 threads scored ~7% fewer files/s than 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - workers)
+
+
+def _batches(stream: Iterable[Prepared | Known], size: int,
+             next_is_ready: Callable[[], bool]) -> Iterator[list[Prepared | Known]]:
+    """The items of ``stream`` in order, in batches of at most ``size`` scorable files: a batch is cut as soon as
+    the next item is not ready yet (``next_is_ready``), so the model runs while the decoders work instead of
+    waiting for a full batch."""
     batch: list[Prepared | Known] = []
     for item in stream:
         batch.append(item)
-        if sum(isinstance(i, Prepared) and i.model_input is not None for i in batch) >= size:
+        if not next_is_ready() or sum(isinstance(i, Prepared) and i.model_input is not None for i in batch) >= size:
             yield batch
             batch = []
     if batch:
@@ -287,7 +299,8 @@ class Engine(Protocol):
 @dataclass(frozen=True)
 class LocalEngine:
     """Decode in ``workers`` processes of this machine (``deploy.isolation.Decoder``, at most ``decode_timeout_s``
-    a file), run the model here in batches of ``BATCH_SIZE``."""
+    a file), run the model here on the files decoded so far (batches of at most ``BATCH_SIZE``) with the cores
+    the decoders leave (``model_threads``)."""
 
     workers: int = 1
     device: str = "auto"
@@ -298,16 +311,20 @@ class LocalEngine:
     def score(self, files: Sequence[str], bundle: Bundle, known: frozenset[tuple[str, str]],
               run_id: str) -> Iterator[Scored]:
         check_timeout(self.decode_timeout_s)
-        model = load_model(bundle, self.device)
-        stream = _prepared_stream(files, bundle.preprocessing, bundle.reduced_decode, known, self.workers,
-                                  self.decode_timeout_s)
         disable = None if self.progress is None else not self.progress
-        with tqdm(total=len(files), unit="file", disable=disable, file=sys.stderr) as bar:
-            for items in _batches(stream, BATCH_SIZE):
+        decoder = _decoder(self.workers, bundle.preprocessing, bundle.reduced_decode, known, self.decode_timeout_s)
+        with decoder, ThreadPoolExecutor(1, thread_name_prefix="load-model") as loader, \
+                tqdm(total=len(files), unit="file", disable=disable, file=sys.stderr) as bar:
+            # loaded while the decode processes start and decode the first files
+            loading = loader.submit(load_model, bundle, self.device, model_threads(self.workers))
+            stream = decoder.map(_prepare_unless_known, files)
+            for items in _batches(stream, BATCH_SIZE, decoder.next_is_ready):
+                model = loading.result()
                 prepared = [item for item in items if isinstance(item, Prepared)]
                 yield Scored(score_batch(prepared, model, run_id),
                              [(item.path, item.sha256) for item in items if isinstance(item, Known)], model.provider)
                 bar.update(len(items))
+            loading.result()  # a model that cannot load fails the run, also when no file needed it
 
 
 def run_engine(paths: Sequence[str], bundle: Bundle, audit_db: Path | str, out: Path, engine: Engine,

@@ -181,6 +181,7 @@ class Decoder:
         self.workers, self.timeout_s = max(1, workers), timeout_s
         self.initializer, self.initargs = initializer, initargs
         self._pool: ProcessPoolExecutor | None = None
+        self._in_flight: deque[tuple[str, Future]] = deque()
 
     def __enter__(self) -> "Decoder":
         return self
@@ -194,9 +195,15 @@ class Decoder:
             kill(self._pool)
             self._pool = None
 
+    def next_is_ready(self) -> bool:
+        """True when the next result of the running ``map`` is already done, so taking it will not wait (a caller
+        can use the time it would wait, e.g. to run the model on the files it holds)."""
+        return bool(self._in_flight) and self._in_flight[0][1].done()
+
     def map(self, task: Callable[..., Any], paths: Iterable[str], *args: Any) -> Iterator[Any]:
         """``task(path, *args)`` for every path, in worker processes, yielded in order."""
         queued, in_flight = iter(paths), deque()
+        self._in_flight = in_flight
         while True:
             room = QUEUED_PER_WORKER * self.workers - len(in_flight)
             in_flight.extend((p, self._submit(task, p, *args)) for p in islice(queued, room))

@@ -494,3 +494,45 @@ def test_send_results_refuses_heatmap_destinations_it_cannot_honour(tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         main(["score", str(tmp_path), "--send-results", "PACS@127.0.0.1:104,heatmap"])
     assert exit_info.value.code == 2 and "sends each study's SR only, not heatmaps" in capsys.readouterr().err
+
+
+def test_a_new_file_is_hashed_once_from_the_bytes_read_once(make_dicom, tiny, monkeypatch):
+    """The decode task reads each file once and hashes those bytes once: a radiograph's sha256 costs ~5 ms a file,
+    which the batch scorer's throughput paid twice (prepare_file, then read_radiograph_bytes)."""
+    import hashlib
+
+    from triage.pipeline import prepare_file
+
+    path = make_dicom()
+    data = path.read_bytes()
+    real_sha256, hashed = hashlib.sha256, []
+
+    def counting_sha256(*args, **kwargs):
+        hashed.extend(a for a in args if a == data)
+        return real_sha256(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "sha256", counting_sha256)
+    prepared = prepare_file(str(path), load_bundle(tiny).preprocessing)
+    assert prepared.model_input is not None, prepared.detail
+    assert prepared.sha256 == real_sha256(data).hexdigest()
+    assert len(hashed) == 1
+
+
+def test_the_model_runs_on_the_files_ready_instead_of_waiting_for_a_full_batch():
+    """A batch is cut when the next decoded file is not ready yet, so ONNX Runtime runs while the decode processes
+    work (it used to wait for 16 files, leaving the model idle during decoding and the decoders idle after 4)."""
+    from deploy.batch import _batches
+    from triage.pipeline import Known, Prepared
+
+    scorable = [Prepared(f"{i}.dcm", f"{i:064x}", model_input=np.zeros((1, 4, 4), np.float32)) for i in range(5)]
+    stream = [scorable[0], scorable[1], Known("old.dcm", "0" * 64), scorable[2], scorable[3], scorable[4]]
+    ready = iter([True, False, True, True, True, False])  # after each item: is the next one decoded already?
+    batches = [[item.path for item in batch] for batch in _batches(stream, 2, lambda: next(ready))]
+    assert batches == [["0.dcm", "1.dcm"], ["old.dcm", "2.dcm", "3.dcm"], ["4.dcm"]]  # cut: not ready, full, end
+
+
+def test_onnx_runtime_threads_leave_the_decode_processes_their_cores():
+    from deploy.batch import model_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert [model_threads(w) for w in (0, 1, cores, cores + 3)] == [cores, max(1, cores - 1), 1, 1]

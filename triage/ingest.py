@@ -113,10 +113,11 @@ def read_radiograph(path: str | PathLike[str], *, min_side_px: int = MIN_SIDE_PX
                                  reduce_codecs=reduce_codecs, scope=scope)
 
 
-def read_radiograph_bytes(path: str, data: bytes, *, min_side_px: int = MIN_SIDE_PX,
+def read_radiograph_bytes(path: str, data: bytes, *, sha256: str | None = None, min_side_px: int = MIN_SIDE_PX,
                           reduce_to: tuple[int, int] | None = None, reduce_codecs: Collection[str] = tuple(CODECS),
                           scope: bool = True) -> Radiograph:
-    """``read_radiograph`` of the bytes ``data`` already read from ``path`` (the sha256 is theirs).
+    """``read_radiograph`` of the bytes ``data`` already read from ``path`` (the sha256 is theirs: pass ``sha256``,
+    their hex digest, when the caller has computed it, so a large file is not hashed twice; it is not checked).
 
     ``scope=False`` reads an image for a person to look at, whatever the model was made for:
     the model's scope checks (Modality (0008,0060), Body Part Examined (0018,0015), View
@@ -124,7 +125,7 @@ def read_radiograph_bytes(path: str, data: bytes, *, min_side_px: int = MIN_SIDE
     the image can be decoded and shown (one monochrome frame, the size limits, the pixel and
     display attributes, the codestream size) still runs.
     """
-    sha256 = hashlib.sha256(data).hexdigest()
+    sha256 = sha256 or hashlib.sha256(data).hexdigest()
     if is_dicom_part10(data):
         return read_dicom(path, data, sha256, min_side_px, reduce_to, reduce_codecs, scope)
     if data.startswith((PNG_MAGIC, JPEG_MAGIC)):

@@ -124,7 +124,7 @@ def prepare_file(name: str, spec: PreprocessSpec, reduced_decode: Collection[str
     digest = hashlib.sha256(data).hexdigest()
     if (name, digest) in known:
         return Known(name, digest)
-    return prepare_bytes(name, data, spec, reduced_decode, start)
+    return prepare_bytes(name, data, spec, reduced_decode, start, digest)
 
 
 def replace_path(error: BadInputError, name: str) -> BadInputError:
@@ -135,25 +135,28 @@ def replace_path(error: BadInputError, name: str) -> BadInputError:
 
 
 def prepare_bytes(name: str, data: bytes, spec: PreprocessSpec, reduced_decode: Collection[str] = (),
-                  start: float | None = None) -> Prepared:
+                  start: float | None = None, sha256: str | None = None) -> Prepared:
     """Check, decode and preprocess one file from its bytes; bad input becomes a human-review ``Prepared``.
 
     ``reduced_decode``: the codec families to decode at reduced resolution (a bundle's
     ``Bundle.reduced_decode``); other files are decoded at full size. ``start``: when reading began
-    (``time.perf_counter``), so ``decode_ms`` includes it.
+    (``time.perf_counter``), so ``decode_ms`` includes it. ``sha256``: the hex digest of ``data`` when the caller
+    has it (the bytes are hashed once per file, not once per use).
     """
     start = time.perf_counter() if start is None else start
+    sha256 = sha256 or hashlib.sha256(data).hexdigest()
     try:
-        radiograph = read_radiograph_bytes(name, data, reduce_to=decode_size(spec) if reduced_decode else None,
+        radiograph = read_radiograph_bytes(name, data, sha256=sha256,
+                                           reduce_to=decode_size(spec) if reduced_decode else None,
                                            reduce_codecs=reduced_decode)
         model_input = preprocess(radiograph, spec)
     except BadInputError as error:
-        return from_error(error, hashlib.sha256(data).hexdigest(), (time.perf_counter() - start) * 1000)
+        return from_error(error, sha256, (time.perf_counter() - start) * 1000)
     except Exception as error:  # noqa: BLE001 - one file must never stop a run: RecursionError, MemoryError, a bug
         first_line = f": {str(error).splitlines()[0][:200]}" if str(error) else ""
         return unscorable(name, "malformed_file", f"reading it raised {type(error).__name__}{first_line}",
                           "a person reads the study on the modality or PACS; ask the sender to re-export it "
-                          "(a damaged or crafted file)", hashlib.sha256(data).hexdigest(),
+                          "(a damaged or crafted file)", sha256,
                           decode_ms=(time.perf_counter() - start) * 1000)
     return Prepared(name, radiograph.sha256, radiograph.meta, model_input,
                     decode_ms=(time.perf_counter() - start) * 1000)
