@@ -2,7 +2,7 @@
 
 For each codec (uncompressed, JPEG 2000 lossless: pydicom-data's Philips chest CR
 RG1, 1955x1841, 15-bit), on N copies of the file:
-  decode-only   read_radiograph + preprocess, one process
+  decode-only   triage.pipeline.prepare (read, hash, decode, preprocess), one process
   model-only    ONNX Runtime on the preprocessed inputs, batch 16
   bound         files/s if each file cost exactly decode + model, one after the other
   end-to-end    ``cxr-triage score`` (hashing, workers, audit, worklist) with 1 and 2 workers
@@ -25,8 +25,7 @@ from deploy.batch import run_score
 from deploy.paths import default_bundle_dir
 from triage.bundle import load_bundle
 from triage.inference import load_model
-from triage.ingest import read_radiograph
-from triage.preprocess import preprocess
+from triage.pipeline import prepare
 
 CODECS = {"uncompressed": "RG1_UNCR.dcm", "jpeg2000-lossless": "RG1_J2KR.dcm"}
 
@@ -39,9 +38,11 @@ def copies(source: str, folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def decode_only(paths: list[Path], spec) -> tuple[float, list[np.ndarray]]:
+def decode_only(paths: list[Path], bundle) -> tuple[float, list[np.ndarray]]:
+    """What a decode process does per file (``triage.pipeline.prepare``: read, hash, decode at the bundle's
+    reduced size where it asks for one, preprocess), in this process."""
     start = time.perf_counter()
-    inputs = [preprocess(read_radiograph(p), spec) for p in paths]
+    inputs = [prepare(str(p), bundle.preprocessing, bundle.reduced_decode).model_input for p in paths]
     return (time.perf_counter() - start) * 1000 / len(paths), inputs
 
 
@@ -74,7 +75,7 @@ def main() -> None:
         scratch = Path(tmp)
         for codec, name in CODECS.items():
             paths = copies(get_testdata_file(name), scratch / codec, args.n)
-            decode_ms, inputs = decode_only(paths, bundle.preprocessing)
+            decode_ms, inputs = decode_only(paths, bundle)
             model_ms = model_only(model, inputs)
             bound = 1000 / (decode_ms + model_ms)
             one = end_to_end(paths, bundle, 1, scratch)
