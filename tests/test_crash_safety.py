@@ -145,8 +145,10 @@ def test_batch_scorer_killed_at_random_points_then_rerun_decides_each_file_once(
     for kind, point in plan:
         groups.append(start(argv, tmp_path / "score.log"))
         scorer = groups[-1]
-        if kind == "startup":
-            time.sleep(point)
+        if kind == "startup":  # during start-up, or at the first saved inference if start-up is quicker than that
+            deadline = time.monotonic() + point
+            while time.monotonic() < deadline and count(db, "pending_scores") == 0 and scorer.poll() is None:
+                time.sleep(0.01)
         else:
             wait_for(lambda: count(db, "pending_scores") >= point or scorer.poll() is not None, 120, f"{point} pending rows")
         kills.append((kind, point, count(db, "pending_scores"), count(db, "decisions"), scorer.poll()))
