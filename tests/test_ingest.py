@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import importlib.util
 import random
 import shutil
@@ -633,3 +634,12 @@ def test_scope_false_skips_only_the_scope_checks(make_dicom):
     cut = make_dicom("cut.dcm", transfer_syntax=JPEG2000Lossless)
     cut.write_bytes(cut.read_bytes()[:-200])
     expect_error(cut, "truncated", scope=False)
+
+
+def test_a_fifo_is_refused_at_once_not_waited_on(tmp_path):
+    """``read_radiograph`` (the dashboard's and training's path) opens like the batch scorer: a FIFO with no writer
+    is refused as file_unreadable instead of blocking the reader forever."""
+    fifo = tmp_path / "pipe.dcm"
+    os.mkfifo(fifo)
+    error = expect_error(fifo, "file_unreadable")
+    assert "not a regular file" in error.detail

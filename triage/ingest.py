@@ -20,11 +20,15 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
+import stat
 import struct
 import zlib
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -138,19 +142,59 @@ def read_radiograph_bytes(path: str, data: bytes, *, sha256: str | None = None, 
         "send DICOM files (or PNG/JPEG images); remove other files from the input folder")
 
 
-def read_bytes(path: str | PathLike[str]) -> bytes:
-    """The whole file; an unreadable path becomes a ``BadInputError``."""
+FILE_FIX = "check that the file exists and that this program may read it"
+TOO_LARGE_FIX = "check what this file is; a chest radiograph is well under 100 MiB"
+
+
+@contextmanager
+def open_bounded(path: str | PathLike[str], limit_bytes: int | None = None) -> Iterator[BinaryIO]:
+    """A regular file of at most ``limit_bytes`` (default ``MAX_FILE_BYTES``), opened for reading.
+
+    The size is checked before anything is read, so a 40 GB file costs a ``stat``; opening never waits (a FIFO
+    is refused, not read). Raises ``BadInputError`` (``file_unreadable``, ``too_large``); a reader that finds the
+    file grown past the limit raises ``too_large`` through ``check_within``.
+    """
+    limit = MAX_FILE_BYTES if limit_bytes is None else limit_bytes
     try:
-        size = Path(path).stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise BadInputError(
-                str(path), "too_large", f"the file is {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES / 2**20:.0f} MiB limit",
-                "check what this file is; a chest radiograph is well under 100 MiB")
-        return Path(path).read_bytes()
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
     except OSError as error:
-        raise BadInputError(
-            str(path), "file_unreadable", f"the file could not be read ({type(error).__name__}: {error.strerror or error})",
-            "check that the file exists and that this program may read it") from None
+        raise unreadable(path, error) from None
+    with open(handle, "rb") as stream:
+        try:
+            status = os.fstat(handle)
+        except OSError as error:
+            raise unreadable(path, error) from None
+        if not stat.S_ISREG(status.st_mode):
+            raise BadInputError(str(path), "file_unreadable", "not a regular file (a FIFO, device or folder)",
+                                "copy the image into a regular file")
+        check_within(path, status.st_size, limit)
+        yield stream
+
+
+def check_within(path: str | PathLike[str], size: int, limit_bytes: int | None = None) -> None:
+    """``too_large`` when ``size`` bytes are over ``limit_bytes`` (default ``MAX_FILE_BYTES``)."""
+    limit = MAX_FILE_BYTES if limit_bytes is None else limit_bytes
+    if size > limit:
+        raise BadInputError(str(path), "too_large", f"the file is {size / 2**20:.0f} MiB, over the "
+                            f"{limit / 2**20:.0f} MiB limit", TOO_LARGE_FIX)
+
+
+def unreadable(path: str | PathLike[str], error: OSError) -> BadInputError:
+    """The ``file_unreadable`` error for an ``OSError`` met opening or reading ``path``."""
+    return BadInputError(str(path), "file_unreadable", f"the file could not be read ({type(error).__name__}: "
+                         f"{error.strerror or error})", FILE_FIX)
+
+
+def read_bytes(path: str | PathLike[str], limit_bytes: int | None = None) -> bytes:
+    """The whole regular file, at most ``limit_bytes`` (``open_bounded``); ``BadInputError`` otherwise."""
+    limit = MAX_FILE_BYTES if limit_bytes is None else limit_bytes
+    with open_bounded(path, limit) as stream:
+        try:
+            data = stream.read(limit + 1)
+        except OSError as error:
+            raise unreadable(path, error) from None
+    check_within(path, len(data), limit)  # it grew while it was read
+    return data
 
 
 def is_dicom_part10(data: bytes) -> bool:

@@ -15,7 +15,6 @@ frame function) and is registered by ``triage.ingest`` with ``Decoder.add_plugin
 
 from __future__ import annotations
 
-import numpy as np
 from pydicom.pixels import get_decoder
 from pydicom.pixels.decoders.base import DecodeRunner
 from pydicom.uid import JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import stat
 import time
 from collections.abc import Callable, Collection, Container, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -30,7 +28,7 @@ from .bundle import Bundle
 from .decode import decode_size
 from .errors import BadInputError
 from .inference import InferenceError, Model, calibrated_risk
-from .ingest import MAX_FILE_BYTES, read_radiograph_bytes
+from .ingest import MAX_FILE_BYTES, check_within, open_bounded, read_bytes, read_radiograph_bytes
 from .ood import VIEW_OUT
 from .policy import Flags, flag_top_k, study_risks
 from .preprocess import PreprocessSpec, preprocess
@@ -39,7 +37,6 @@ from .scope import FRONTAL_VIEWS
 
 SCORED, HUMAN_REVIEW = "scored", "human_review"
 HASH_CHUNK_BYTES = 1 << 20
-FILE_FIX = "check that the file exists and that this program may read it"
 
 
 @dataclass(frozen=True)
@@ -79,35 +76,6 @@ def from_error(error: BadInputError, sha256: str = "", decode_ms: float = 0.0) -
     return Prepared(error.path, sha256, error.meta, reason=error.reason, detail=str(error), decode_ms=decode_ms)
 
 
-def read_file(path: str, limit_bytes: int | None = None) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit_bytes`` (default ``triage.ingest.MAX_FILE_BYTES``).
-
-    The size is checked before anything is read, so a 40 GB file costs a ``stat`` (``too_large``); a file that
-    grows past the limit while it is read is ``too_large`` too. Opening never waits (a FIFO is refused, not read).
-    Raises ``BadInputError`` (``too_large``, ``file_unreadable``).
-    """
-    limit = MAX_FILE_BYTES if limit_bytes is None else limit_bytes
-    too_large = f"the file is {{:.0f}} MiB, over the {limit / 2**20:.0f} MiB limit"
-    try:
-        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
-        with open(handle, "rb") as stream:
-            status = os.fstat(handle)
-            if not stat.S_ISREG(status.st_mode):
-                raise BadInputError(path, "file_unreadable", "not a regular file (a FIFO, device or folder)",
-                                    "copy the image into a regular file")
-            if status.st_size > limit:
-                raise BadInputError(path, "too_large", too_large.format(status.st_size / 2**20),
-                                    "check what this file is; a chest radiograph is well under 100 MiB")
-            data = stream.read(limit + 1)
-    except OSError as error:
-        raise BadInputError(path, "file_unreadable", f"the file could not be read ({type(error).__name__}: "
-                            f"{error.strerror or error})", FILE_FIX) from None
-    if len(data) > limit:
-        raise BadInputError(path, "too_large", too_large.format(len(data) / 2**20),
-                            "check what this file is; a chest radiograph is well under 100 MiB")
-    return data
-
-
 def prepare_file(name: str, spec: PreprocessSpec, reduced_decode: Collection[str] = (),
                  known: Container[tuple[str, str]] = frozenset(), path: str | None = None) -> Prepared | Known:
     """Read the file once: bytes -> sha256 -> ``Known`` when (``name``, sha256) is in ``known`` (already decided),
@@ -116,7 +84,7 @@ def prepare_file(name: str, spec: PreprocessSpec, reduced_decode: Collection[str
     works."""
     start = time.perf_counter()
     try:
-        data = read_file(os_path(name) if path is None else path)
+        data = read_bytes(os_path(name) if path is None else path)
     except BadInputError as error:
         if (name, "") in known:
             return Known(name, "")
@@ -170,28 +138,17 @@ def prepare(path: str, spec: PreprocessSpec, reduced_decode: Collection[str] = (
 
 
 def sha256_or_empty(path: str, limit_bytes: int | None = None) -> str:
-    """sha256 of a regular file of at most ``limit_bytes`` (default ``triage.ingest.MAX_FILE_BYTES``), or "" (the
-    file is still recorded) when it is larger, not a regular file, or cannot be read.
-
-    The size is checked before anything is read and at most ``limit_bytes`` are ever read (a file that grows past
-    the limit while it is hashed gets ""), so a 40 GB file costs a ``stat``, not minutes of reading.
-    """
-    limit = MAX_FILE_BYTES if limit_bytes is None else limit_bytes
+    """sha256 of a regular file of at most ``limit_bytes`` (default ``triage.ingest.MAX_FILE_BYTES``), streamed, or ""
+    (the file is still recorded) when ``open_bounded`` refuses it or it grows past the limit while it is hashed."""
+    digest, limit = hashlib.sha256(), MAX_FILE_BYTES if limit_bytes is None else limit_bytes
     try:
-        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not wait for a writer
-    except OSError:
-        return ""
-    with open(handle, "rb") as stream:
-        try:
-            status = os.fstat(handle)
-            if not stat.S_ISREG(status.st_mode) or status.st_size > limit:
-                return ""
-            digest = hashlib.sha256()
-            while chunk := stream.read(min(HASH_CHUNK_BYTES, limit + 1 - stream.tell())):
+        with open_bounded(path, limit) as stream:
+            while chunk := stream.read(min(HASH_CHUNK_BYTES, limit + 1 - stream.tell())):  # never past limit + 1
                 digest.update(chunk)
-            return "" if stream.tell() > limit else digest.hexdigest()
-        except OSError:
-            return ""
+                check_within(path, stream.tell(), limit)
+    except (BadInputError, OSError):
+        return ""
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
